@@ -1,0 +1,61 @@
+# BEM Fleet. `make run` and `make test` bootstrap .venv on first use.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt constraints.txt pyproject.toml | sha256sum | cut -c1-12)
+PROFILE ?= smoke
+PORT ?= 8080
+PYTEST_ARGS ?=
+
+.PHONY: install run stop test lint format typecheck pytest validate bench constraints clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt constraints.txt pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt -c constraints.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+## The main job: the fleet on the embedded Airflow (standalone, SQLite, LocalExecutor).
+run: $(STAMP)
+	$(BIN)/bem-fleet run --profile $(PROFILE) --port $(PORT)
+
+stop: $(STAMP)
+	$(BIN)/bem-fleet stop --port $(PORT)
+
+validate: $(STAMP)
+	$(BIN)/bem-fleet validate
+
+## The whole test suite: lint, types, unit, DAG integrity, end-to-end, integration.
+test: lint pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python bench/bem_vs_lora.py
+	$(BIN)/python bench/stats_bench.py
+
+## Regenerate constraints.txt from a clean install of requirements.txt.
+constraints:
+	rm -rf /tmp/bem-fleet-constraints && $(PYTHON) -m venv /tmp/bem-fleet-constraints
+	/tmp/bem-fleet-constraints/bin/pip install --quiet -r requirements.txt
+	( echo "# Fully pinned environment, generated from a clean install of requirements.txt (Python 3.11):"; \
+	  echo "#   make constraints"; \
+	  /tmp/bem-fleet-constraints/bin/pip freeze | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/' ) > constraints.txt
+
+clean:
+	rm -rf artifacts .airflow .pytest_cache .mypy_cache .ruff_cache

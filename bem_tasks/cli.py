@@ -1,0 +1,112 @@
+"""`bem-fleet`: the command line counterpart of the operational manual.
+
+Each sub-command runs the same library functions the DAGs run, without Airflow where it can.
+Heavy imports (torch, Airflow) happen inside the sub-command that needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from bem_tasks.config.loader import ConfigError, load_fleet, validate
+
+
+def _project_root() -> Path:
+    return Path.cwd() if (Path.cwd() / "configs").is_dir() else Path(__file__).resolve().parents[1]
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    problems = validate(args.config)
+    if problems:
+        print("\n".join(problems))
+        return 2
+    print("OK")
+    return 0
+
+
+def cmd_pools(args: argparse.Namespace) -> int:
+    from bem_tasks.fleet.pools import sync_pools
+
+    cfg = load_fleet(args.config)
+    actions = sync_pools(cfg, dry_run=args.dry_run)
+    print("\n".join(actions) if actions else "pools already in sync")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from bem_tasks.fleet.embedded import run_fleet
+
+    conf: dict[str, Any] = {"profile": args.profile}
+    if args.missions:
+        conf["missions"] = args.missions.split(",")
+    if args.seeds:
+        conf["seeds"] = [int(s) for s in args.seeds.split(",")]
+    return run_fleet(_project_root(), conf, port=args.port)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from bem_tasks.fleet.embedded import Embedded
+
+    Embedded(_project_root(), args.port).stop(print)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from bem_tasks.fleet.status import status
+
+    return status(
+        dag_id=args.dag_id, mission=args.mission, detailed=args.detailed, config=args.config
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bem-fleet", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn: Any, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--config", default=None, help="architecture YAML (default: configs/...)")
+        p.set_defaults(fn=fn)
+        return p
+
+    add("validate", cmd_validate, "check every config file; print OK or each problem")
+
+    pools = add("pools", cmd_pools, "Airflow pools: one per device class")
+    pools.add_argument("action", choices=["sync"])
+    pools.add_argument("--dry-run", action="store_true")
+
+    run = add("run", cmd_run, "run the fleet on the embedded Airflow (what `make run` does)")
+    run.add_argument("--profile", default="smoke")
+    run.add_argument("--missions", default="", help="comma-separated subset")
+    run.add_argument("--seeds", default="", help="comma-separated seeds")
+    run.add_argument("--port", type=int, default=8080)
+
+    stop = add("stop", cmd_stop, "stop the background embedded Airflow")
+    stop.add_argument("--port", type=int, default=8080)
+
+    status = add("status", cmd_status, "fleet status from the metadata DB and the artifacts")
+    status.add_argument("--summary", action="store_true", help="one line per run (default)")
+    status.add_argument("--mission", default=None)
+    status.add_argument("--detailed", action="store_true")
+    status.add_argument("--dag-id", default="bem_fleet")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.fn(args)
+    except ConfigError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Typed schema of the fleet configuration (pydantic v2).
+
+Every model forbids unknown keys so a typo is an error, not a silently ignored setting.
+Cross-object rules (dependencies, cycles, device classes, implementations) live in
+``bem_tasks.config.loader`` because they need several files at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- architecture
+
+
+class Tracking(Strict):
+    backend: Literal["wandb", "none"] = "wandb"
+    project: str = "bem_fleet_research"
+    mode: Literal["offline", "online", "disabled"] = "offline"
+
+
+class FleetSettings(Strict):
+    name: str = "bem_fleet"
+    artifact_root: str = "./artifacts"
+    schedule: str | None = "0 2 * * *"
+    default_profile: str = "smoke"
+    deployment_profile: str = "smoke"
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    retries: int = Field(2, ge=0)
+    retry_delay_s: PositiveFloat = 30
+    max_retry_delay_s: PositiveFloat = 600
+    tracking: Tracking = Tracking()
+
+
+class DeviceClass(Strict):
+    kind: Literal["cpu", "gpu"]
+    devices: int = Field(
+        description="Concurrent devices of this class; the Airflow pool gets this many slots."
+    )
+    hardware: str
+    memory_gb: PositiveFloat | None = None
+
+    @field_validator("devices")
+    @classmethod
+    def _at_least_one_slot(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(
+                f"a device class is an Airflow pool and needs at least 1 slot, got {v}"
+            )
+        return v
+
+
+class MissionRef(Strict):
+    title: str
+    enabled: bool = False
+    experiment: str
+    depends_on: list[str] = Field(default_factory=list)
+
+
+class Statistics(Strict):
+    confidence: float = Field(0.95, gt=0, lt=1)
+    n_resamples: PositiveInt = 10_000
+    fdr_alpha: float = Field(0.05, gt=0, lt=1)
+    power: float = Field(0.8, gt=0, lt=1)
+    gates: str = "configs/gates_bem2.yaml"
+
+
+class Architecture(Strict):
+    fleet: FleetSettings
+    device_classes: dict[str, DeviceClass] = Field(min_length=1)
+    missions: dict[str, MissionRef] = Field(min_length=1)
+    statistics: Statistics = Statistics()
+    # Overlays are validated after merging; here they are only required to be mappings.
+    profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- experiments
+
+
+class PhaseSpec(Strict):
+    device_class: str
+    gpus: int = Field(0, ge=0)
+    per_seed: bool = False
+    timeout_minutes: PositiveFloat = 120
+    retries: int | None = Field(None, ge=0)
+    doc: str = ""
+
+
+class TrainingSpec(Strict):
+    """Optimiser settings shared by every trainable phase."""
+
+    lr: PositiveFloat
+    steps: PositiveInt
+    batch_size: PositiveInt
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: PositiveFloat | None = 1.0
+    checkpoint_every: PositiveInt = 50
+    keep_checkpoints: PositiveInt = 2
+
+
+class ModelSpec(Strict):
+    """Tiny model from a transformers config (smoke) or a local directory (full)."""
+
+    family: Literal["gpt2", "llama", "mamba"] = "gpt2"
+    path: str | None = None  # a local from_pretrained directory; None builds from config
+    n_layer: PositiveInt = 2
+    n_embd: PositiveInt = 64
+    n_head: PositiveInt = 2
+    max_positions: PositiveInt = 256
+
+
+class BemSpec(Strict):
+    sites: list[str] = Field(default_factory=lambda: ["attn.c_proj", "mlp.c_proj"])
+    rank: PositiveInt = 4
+    alpha: PositiveFloat = 8.0
+    chunk_size: PositiveInt = 8
+    tau: float = Field(0.0, ge=0)
+    trust_budget: PositiveFloat = 1.0
+
+
+class GenericParams(Strict):
+    """Parameters of a mission that has no implementation yet: the common blocks only."""
+
+    model: ModelSpec = ModelSpec()
+    bem: BemSpec | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+    training: dict[str, TrainingSpec] = Field(default_factory=dict)
+    targets: dict[str, float] = Field(default_factory=dict)
+    # Mission-specific settings, typed by the mission's own schema once it is implemented.
+    mission: dict[str, Any] = Field(default_factory=dict)
+
+
+class Experiment(Strict):
+    mission: str
+    description: str = ""
+    phases: dict[str, PhaseSpec] = Field(min_length=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+    profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)

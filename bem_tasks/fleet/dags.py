@@ -1,0 +1,246 @@
+"""DAG factory: builds `bem_fleet` and one `bem_mission_<x>` DAG per implemented mission from config.
+
+This is the only part of ``bem_tasks`` that imports Airflow, and it imports nothing heavy: the
+phase work (torch, transformers) is imported inside the running task. Resource attributes (pool,
+pool_slots, queue) come from the deployment profile because they are fixed at parse time; the run's
+``profile`` param picks sizes (docs/decisions.md).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any
+
+import pendulum
+from airflow.sdk import DAG, Asset, Param, TaskGroup, get_current_context, task
+
+from bem_tasks.config.loader import FleetConfig, load_fleet
+
+FLEET_DAG_ID = "bem_fleet"
+START_DATE = pendulum.datetime(2026, 1, 1, tz="UTC")
+
+
+def mission_dag_id(mission: str) -> str:
+    return f"bem_{mission}"
+
+
+def mission_asset(mission: str) -> Asset:
+    return Asset(uri=f"bem://missions/{mission}/results", name=f"{mission}_results")
+
+
+def deployment_config(config_path: str | None = None) -> FleetConfig:
+    base = load_fleet(config_path)
+    profile = os.environ.get("BEM_FLEET_DEPLOYMENT_PROFILE") or base.arch.fleet.deployment_profile
+    return load_fleet(config_path, profile)
+
+
+def params_for(cfg: FleetConfig, missions_default: list[str]) -> dict[str, Param]:
+    return {
+        "profile": Param(
+            cfg.arch.fleet.default_profile,
+            enum=sorted(cfg.arch.profiles),
+            description="smoke: CPU, tiny models, minutes. full: GPU, real sizes.",
+        ),
+        "missions": Param(
+            missions_default,
+            type="array",
+            items={"type": "string", "enum": list(cfg.arch.missions)},
+            description="Missions to run (their dependencies are added). Only enabled ones.",
+        ),
+        "seeds": Param(
+            None,
+            type=["null", "array"],
+            items={"type": "integer"},
+            description="Training seeds; empty means the profile's seeds from config.",
+        ),
+    }
+
+
+def _default_args(cfg: FleetConfig) -> dict[str, Any]:
+    fleet = cfg.arch.fleet
+    return {
+        "owner": "bem-fleet",
+        "retries": fleet.retries,
+        "retry_delay": timedelta(seconds=fleet.retry_delay_s),
+        "retry_exponential_backoff": 2.0,
+        "max_retry_delay": timedelta(seconds=fleet.max_retry_delay_s),
+    }
+
+
+# ----------------------------------------------------------------------------- task callables
+
+
+def resolve_plan(cfg: FleetConfig, params: dict[str, Any]) -> dict[str, Any]:
+    """Check the trigger params and close the mission selection over dependencies."""
+    profile = params.get("profile") or cfg.arch.fleet.default_profile
+    if profile not in cfg.arch.profiles:
+        raise ValueError(
+            f"params.profile: unknown profile '{profile}' (known: {list(cfg.arch.profiles)})"
+        )
+    run_cfg = load_fleet(cfg.path, profile)
+    wanted = params.get("missions") or run_cfg.enabled_missions
+    not_enabled = [m for m in wanted if m not in run_cfg.enabled_missions]
+    if not_enabled:
+        raise ValueError(
+            f"params.missions: {not_enabled} not enabled in {cfg.path} "
+            f"(enabled: {run_cfg.enabled_missions or 'none'})"
+        )
+    seeds = params.get("seeds") or run_cfg.arch.fleet.seeds
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"params.seeds: duplicate seeds in {seeds}")
+    return {
+        "profile": profile,
+        "missions": run_cfg.topological_missions(wanted),
+        "seeds": [int(s) for s in seeds],
+    }
+
+
+def _run_phase(mission: str, phase: str, seed: int | None) -> dict:
+    from bem_tasks.fleet.phases import run_phase
+
+    ctx = get_current_context()
+    return run_phase(
+        mission,
+        phase,
+        profile=ctx["params"]["profile"],
+        dag_id=ctx["dag"].dag_id,
+        run_id=ctx["run_id"],
+        seed=seed,
+    )
+
+
+def _publish(mission: str) -> dict:
+    from bem_tasks.fleet.results import publish_mission_results
+
+    ctx = get_current_context()
+    summary = publish_mission_results(
+        mission, profile=ctx["params"]["profile"], dag_id=ctx["dag"].dag_id, run_id=ctx["run_id"]
+    )
+    ctx["outlet_events"][mission_asset(mission)].extra = {
+        "results": summary["results"],
+        "dag_id": ctx["dag"].dag_id,
+        "run_id": ctx["run_id"],
+        "profile": ctx["params"]["profile"],
+    }
+    return summary
+
+
+@task
+def plan() -> list[int]:
+    """Check the trigger params, log the plan, and hand the seeds to the mapped phases."""
+    cfg = load_fleet()
+    resolved = resolve_plan(cfg, get_current_context()["params"])
+    print(f"plan: {resolved}")
+    if not resolved["missions"]:
+        print(
+            "No mission is enabled in the fleet config: nothing to train. "
+            f"Enable an implemented mission in {cfg.path}."
+        )
+    seeds: list[int] = resolved["seeds"]
+    return seeds
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+def _mission_pipeline(cfg: FleetConfig, mission: str, seeds: Any) -> tuple[Any, Any]:
+    """One task per phase, chained in config order; per-seed phases are mapped over seeds."""
+    exp = cfg.experiments[mission]
+    classes = cfg.arch.device_classes
+    first = last = None
+    for phase, spec in exp.phases.items():
+        device = classes[spec.device_class]
+        operator_kwargs: dict[str, Any] = {
+            "task_id": phase,
+            "pool": spec.device_class,
+            "pool_slots": spec.gpus if device.kind == "gpu" else 1,
+            "queue": spec.device_class,
+            "execution_timeout": timedelta(minutes=spec.timeout_minutes),
+            "doc_md": f"**{mission}.{phase}** on `{spec.device_class}` "
+            f"({spec.gpus} GPU). {spec.doc}",
+        }
+        if spec.retries is not None:
+            operator_kwargs["retries"] = spec.retries
+
+        def run(seed: int | None = None, _phase: str = phase) -> dict:
+            return _run_phase(mission, _phase, seed)
+
+        phase_task = task(**operator_kwargs)(run)
+        node = phase_task.expand(seed=seeds) if spec.per_seed else phase_task()
+        if last is not None:
+            last >> node
+        first = first if first is not None else node
+        last = node
+
+    @task(task_id="publish_results", outlets=[mission_asset(mission)])
+    def publish_results() -> dict:
+        return _publish(mission)
+
+    publish = publish_results()
+    last >> publish
+    return first, publish
+
+
+def build_mission_dag(cfg: FleetConfig, mission: str) -> DAG:
+    ref = cfg.arch.missions[mission]
+    exp = cfg.experiments[mission]
+    with DAG(
+        dag_id=mission_dag_id(mission),
+        schedule=None,
+        start_date=START_DATE,
+        catchup=False,
+        max_active_runs=1,
+        params=params_for(cfg, [mission]),
+        default_args=_default_args(cfg),
+        tags=["bem-fleet", "mission", mission],
+        doc_md=f"# {mission}: {ref.title}\n\n{exp.description}\n\n"
+        f"Phases: {' → '.join(exp.phases)}. Emits `bem://missions/{mission}/results`.",
+    ) as dag:
+        seeds = plan()
+        first, _ = _mission_pipeline(cfg, mission, seeds)
+        seeds >> first
+    return dag
+
+
+def build_fleet_dag(cfg: FleetConfig) -> DAG:
+    enabled = cfg.topological_missions()
+    with DAG(
+        dag_id=FLEET_DAG_ID,
+        schedule=cfg.arch.fleet.schedule,
+        start_date=START_DATE,
+        catchup=False,
+        max_active_runs=1,
+        params=params_for(cfg, enabled),
+        default_args=_default_args(cfg),
+        tags=["bem-fleet", "fleet"],
+        doc_md="# BEM fleet\n\nRuns every enabled mission (or the `missions` param's subset and "
+        "their dependencies) in dependency order; each emits its results Asset, which "
+        "schedules statistical validation and promotion gating.\n\n"
+        f"Enabled: {', '.join(enabled) or 'none'}.",
+    ) as dag:
+        seeds = plan()
+        ends: dict[str, Any] = {}
+        for mission in enabled:
+            with TaskGroup(group_id=mission, tooltip=cfg.arch.missions[mission].title):
+
+                @task.short_circuit(task_id="selected")
+                def selected(_mission: str = mission) -> bool:
+                    return (
+                        _mission in resolve_plan(cfg, get_current_context()["params"])["missions"]
+                    )
+
+                gate = selected()
+                first, ends[mission] = _mission_pipeline(cfg, mission, seeds)
+                seeds >> gate >> first
+            for dep in cfg.arch.missions[mission].depends_on:
+                ends[dep] >> gate
+    return dag
+
+
+def build_all(config_path: str | None = None) -> dict[str, DAG]:
+    cfg = deployment_config(config_path)
+    dags = {FLEET_DAG_ID: build_fleet_dag(cfg)}
+    for mission in cfg.topological_missions():
+        dags[mission_dag_id(mission)] = build_mission_dag(cfg, mission)
+    return dags

@@ -1,0 +1,174 @@
+"""Run one mission phase: the bridge between a task (Airflow or CLI) and a phase function.
+
+A phase function is ``bem_tasks.missions.<mission>.<phase>(ctx: PhaseContext) -> dict`` returning
+its headline metrics. This module does everything around it: load the config for the run's
+profile, find the run-scoped output folder, skip work that is already complete, lease devices,
+write ``metrics.json`` and the manifest, and return small JSON for XCom.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from bem_tasks.config.loader import FleetConfig, load_fleet
+from bem_tasks.fleet.runs import RunLayout, is_complete, write_manifest
+from bem_tasks.io import atomic_write_json
+from bem_tasks.missions.registry import IMPLEMENTED
+
+log = logging.getLogger("bem_fleet.phase")
+
+
+@dataclass
+class PhaseContext:
+    """Everything a phase function may use. It reads inputs only through ``input_dir``."""
+
+    mission: str
+    phase: str
+    seed: int | None
+    cfg: FleetConfig
+    out_dir: Path
+    layout: RunLayout | None = None
+    inputs: dict[str, Path] = field(default_factory=dict)
+    device: str = "cpu"
+    log: logging.Logger = log
+
+    @property
+    def profile(self) -> str:
+        return self.cfg.profile
+
+    @property
+    def params(self) -> BaseModel:
+        return self.cfg.params[self.mission]
+
+    def input_dir(self, phase: str, seed: int | None = None) -> Path:
+        """Output folder of an earlier phase of this mission (explicit inputs win)."""
+        if phase in self.inputs:
+            return self.inputs[phase]
+        if self.layout is None:
+            raise FileNotFoundError(
+                f"{self.mission}.{self.phase}: needs the output of phase '{phase}'; "
+                f"pass it explicitly (e.g. --checkpoint) when running outside a DAG run"
+            )
+        path = self.layout.phase_dir(self.mission, phase, seed)
+        if not (path / "manifest.json").exists():
+            raise FileNotFoundError(
+                f"{self.mission}.{self.phase}: output of phase '{phase}' (seed {seed}) is missing "
+                f"or incomplete at {path}; run that phase first"
+            )
+        return path
+
+
+def phase_function(mission: str, phase: str) -> Any:
+    impl = IMPLEMENTED.get(mission)
+    if impl is None or phase not in impl.phases:
+        raise KeyError(f"no implementation of {mission}.{phase}")
+    return getattr(importlib.import_module(impl.module), phase)
+
+
+def execute(ctx: PhaseContext, *, config_hash: str, extra: dict[str, Any] | None = None) -> dict:
+    """Run the phase function in ``ctx.out_dir`` unless a matching complete result is there."""
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = ctx.out_dir / "metrics.json"
+    if is_complete(ctx.out_dir, config_hash, ctx.seed):
+        ctx.log.info(
+            "%s.%s seed=%s already complete in %s: reusing it",
+            ctx.mission,
+            ctx.phase,
+            ctx.seed,
+            ctx.out_dir,
+        )
+        metrics = json.loads(metrics_path.read_text())
+        return _xcom(ctx, metrics, reused=True)
+    started = time.monotonic()
+    ctx.log.info(
+        "%s.%s seed=%s profile=%s -> %s", ctx.mission, ctx.phase, ctx.seed, ctx.profile, ctx.out_dir
+    )
+    metrics = phase_function(ctx.mission, ctx.phase)(ctx) or {}
+    duration = time.monotonic() - started
+    atomic_write_json(metrics_path, metrics)
+    write_manifest(
+        ctx.out_dir,
+        config_hash=config_hash,
+        seed=ctx.seed,
+        extra={
+            "mission": ctx.mission,
+            "phase": ctx.phase,
+            "profile": ctx.profile,
+            "duration_s": round(duration, 3),
+            **(extra or {}),
+        },
+    )
+    return _xcom(ctx, metrics, reused=False)
+
+
+def _xcom(ctx: PhaseContext, metrics: dict, *, reused: bool) -> dict:
+    headline = {k: v for k, v in metrics.items() if isinstance(v, int | float | str | bool)}
+    return {
+        "mission": ctx.mission,
+        "phase": ctx.phase,
+        "seed": ctx.seed,
+        "dir": str(ctx.out_dir),
+        "metrics": headline,
+        "reused": reused,
+    }
+
+
+def run_phase(
+    mission: str,
+    phase: str,
+    *,
+    profile: str,
+    dag_id: str,
+    run_id: str,
+    seed: int | None = None,
+    config_path: str | None = None,
+) -> dict:
+    """Entry point of a phase task: config, run folder, device lease, execution, manifest."""
+    from bem_tasks.fleet.lease import gpu_lease
+
+    cfg = load_fleet(config_path, profile)
+    spec = cfg.experiments[mission].phases[phase]
+    layout = RunLayout(cfg.artifact_root, dag_id, run_id)
+    out_dir = layout.phase_dir(mission, phase, seed if spec.per_seed else None)
+    device_class = cfg.arch.device_classes[spec.device_class]
+    holder = f"{mission}.{phase}[seed={seed}]"
+    with gpu_lease(
+        spec.device_class, spec.gpus, devices=device_class.devices, holder=holder
+    ) as lease:
+        device = "cuda" if spec.gpus and _cuda_available() else "cpu"
+        ctx = PhaseContext(
+            mission,
+            phase,
+            seed if spec.per_seed else None,
+            cfg,
+            out_dir,
+            layout=layout,
+            device=device,
+        )
+        return execute(
+            ctx,
+            config_hash=cfg.mission_hash(mission),
+            extra={
+                "lease": lease.to_manifest(),
+                "worker": {
+                    "host": socket.gethostname(),
+                    "queues": os.environ.get("BEM_FLEET_WORKER_QUEUES", ""),
+                },
+            },
+        )
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())

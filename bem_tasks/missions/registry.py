@@ -1,0 +1,20 @@
+"""Which missions have an implementation, and with which phases.
+
+Kept free of heavy imports: the DAG files and `bem-fleet validate` read it at parse time.
+A mission may be `enabled: true` in config only if it is listed here, and its experiment file must
+declare exactly these phases (in this order: it is the order the DAG chains them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MissionImpl:
+    module: str  # imported only inside a running task
+    phases: tuple[str, ...]
+    params_model: str  # "module:Class", a pydantic model for the experiment's `params`
+
+
+IMPLEMENTED: dict[str, MissionImpl] = {}

@@ -1,0 +1,189 @@
+"""DAG integrity: the DAG files import cleanly, fast, without torch, and carry what ops needs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DAGS = ROOT / "dags"
+
+
+def dagbag(config: Path, monkeypatch: pytest.MonkeyPatch):
+    from airflow.dag_processing.dagbag import DagBag
+
+    monkeypatch.setenv("BEM_FLEET_CONFIG", str(config))
+    return DagBag(str(DAGS))
+
+
+@pytest.fixture
+def toy_bag(project: Path, toy_mission: str, monkeypatch: pytest.MonkeyPatch):
+    bag = dagbag(project / "configs" / "bem_fleet_architecture.yml", monkeypatch)
+    assert bag.import_errors == {}
+    return bag
+
+
+def test_shipped_config_imports_without_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    bag = dagbag(ROOT / "configs" / "bem_fleet_architecture.yml", monkeypatch)
+    assert bag.import_errors == {}
+    assert "bem_fleet" in bag.dags
+
+
+def test_parses_under_a_second_without_importing_torch() -> None:
+    code = (
+        "import sys, time, runpy\n"
+        "import airflow.sdk, pendulum, pydantic, yaml\n"  # Airflow itself is not ours to time
+        "t = time.perf_counter()\n"
+        f"runpy.run_path({str(DAGS / 'bem_fleet.py')!r})\n"
+        "print(time.perf_counter() - t, 'torch' in sys.modules, 'transformers' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout.split()
+    seconds, torch_loaded, transformers_loaded = float(out[-3]), out[-2], out[-1]
+    assert torch_loaded == "False" and transformers_loaded == "False"
+    assert seconds < 1.0, f"parsing took {seconds:.2f}s"
+
+
+def test_fleet_dag_schedule_and_params(toy_bag) -> None:
+    dag = toy_bag.dags["bem_fleet"]
+    assert dag.timetable.expression == "0 2 * * *"
+    assert dag.catchup is False
+    assert dag.max_active_runs == 1
+    assert set(dag.params) == {"profile", "missions", "seeds"}
+    assert dag.params["profile"] == "smoke"
+    assert dag.params["missions"] == ["mission_toy"]
+    assert dag.tags == {"bem-fleet", "fleet"} or set(dag.tags) == {"bem-fleet", "fleet"}
+    assert dag.doc_md
+
+
+def test_mission_dag_has_one_task_per_phase_in_order(toy_bag) -> None:
+    dag = toy_bag.dags["bem_mission_toy"]
+    assert set(dag.task_ids) == {"plan", "prepare", "fit", "evaluate", "publish_results"}
+    assert dag.get_task("fit").upstream_task_ids == {"prepare", "plan"}
+    assert dag.get_task("evaluate").upstream_task_ids == {"fit", "plan"}
+    assert dag.get_task("publish_results").upstream_task_ids == {"evaluate"}
+    assert set(dag.params) == {"profile", "missions", "seeds"}
+    assert dag.timetable.__class__.__name__ == "NullTimetable"
+
+
+def test_final_task_emits_the_mission_asset(toy_bag) -> None:
+    for dag_id, task_id in (
+        ("bem_mission_toy", "publish_results"),
+        ("bem_fleet", "mission_toy.publish_results"),
+    ):
+        outlets = toy_bag.dags[dag_id].get_task(task_id).outlets
+        assert [o.uri for o in outlets] == ["bem://missions/mission_toy/results"]
+
+
+def test_every_task_has_a_configured_pool_retries_and_backoff(toy_bag, project: Path) -> None:
+    arch = yaml.safe_load((project / "configs" / "bem_fleet_architecture.yml").read_text())
+    pools = set(arch["device_classes"]) | {"default_pool"}
+    for dag in toy_bag.dags.values():
+        for t in dag.tasks:
+            assert t.pool in pools, f"{dag.dag_id}.{t.task_id} uses unknown pool {t.pool}"
+            assert t.retries >= 1, f"{dag.dag_id}.{t.task_id} has no retries"
+            assert t.retry_exponential_backoff == 2.0
+            assert "bem-fleet" in dag.tags
+
+
+def test_phase_tasks_get_pool_slots_and_queue_from_device_class(
+    project: Path, toy_mission: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BEM_FLEET_DEPLOYMENT_PROFILE", "full")
+    bag = dagbag(project / "configs" / "bem_fleet_architecture.yml", monkeypatch)
+    dag = bag.dags["bem_mission_toy"]
+    fit, evaluate, prepare = (dag.get_task(t) for t in ("fit", "evaluate", "prepare"))
+    assert (fit.pool, fit.pool_slots, fit.queue) == ("h100_80gb", 2, "h100_80gb")
+    assert (evaluate.pool, evaluate.pool_slots, evaluate.queue) == (
+        "rtx4090_24gb",
+        1,
+        "rtx4090_24gb",
+    )
+    assert (prepare.pool, prepare.pool_slots, prepare.queue) == ("cpu", 1, "cpu")
+    assert evaluate.retries == 1  # the phase's own retries override the fleet default
+
+
+def test_per_seed_phases_are_mapped(toy_bag) -> None:
+    from airflow.sdk.definitions.mappedoperator import MappedOperator
+
+    dag = toy_bag.dags["bem_mission_toy"]
+    assert isinstance(dag.get_task("fit"), MappedOperator)
+    assert isinstance(dag.get_task("evaluate"), MappedOperator)
+    assert not isinstance(dag.get_task("prepare"), MappedOperator)
+
+
+def test_mission_dependencies_are_dag_dependencies(
+    project: Path, toy_mission: str, monkeypatch: pytest.MonkeyPatch, edit_yaml
+) -> None:
+    from bem_tasks.missions import registry
+
+    # a second toy mission that depends on the first
+    monkeypatch.setitem(registry.IMPLEMENTED, "mission_toy2", registry.IMPLEMENTED["mission_toy"])
+    (project / "experiments" / "mission_toy2.yml").write_text(
+        (project / "experiments" / "mission_toy.yml")
+        .read_text()
+        .replace("mission_toy", "mission_toy2")
+    )
+
+    def add(d: dict) -> None:
+        d["missions"]["mission_toy2"] = {
+            "title": "Toy 2",
+            "enabled": True,
+            "experiment": "experiments/mission_toy2.yml",
+            "depends_on": ["mission_toy"],
+        }
+
+    edit_yaml(project / "configs" / "bem_fleet_architecture.yml", add)
+    bag = dagbag(project / "configs" / "bem_fleet_architecture.yml", monkeypatch)
+    assert bag.import_errors == {}
+    fleet = bag.dags["bem_fleet"]
+    assert (
+        "mission_toy.publish_results" in fleet.get_task("mission_toy2.selected").upstream_task_ids
+    )
+    # no cycles: a topological sort covers every task
+    assert len(fleet.topological_sort()) == len(fleet.tasks)
+
+
+def test_bad_config_is_an_import_error_with_the_message(
+    project: Path, monkeypatch: pytest.MonkeyPatch, edit_yaml
+) -> None:
+    edit_yaml(
+        project / "configs" / "bem_fleet_architecture.yml",
+        lambda d: d["missions"]["mission_b"].update(depends_on=["mission_x"]),
+    )
+    bag = dagbag(project / "configs" / "bem_fleet_architecture.yml", monkeypatch)
+    (error,) = bag.import_errors.values()
+    assert "missions.mission_b.depends_on.0: unknown mission 'mission_x'" in error
+    # the message is the point, not a stack trace from inside the loader
+    assert "loader.py" not in error
+    assert bag.dags == {}
+
+
+def test_no_enabled_mission_gives_a_fleet_that_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bem_tasks.config.loader import load_fleet
+
+    cfg = load_fleet(ROOT / "configs" / "bem_fleet_architecture.yml")
+    if cfg.enabled_missions:
+        pytest.skip("a mission is enabled in the shipped config")  # pragma: no cover
+    bag = dagbag(ROOT / "configs" / "bem_fleet_architecture.yml", monkeypatch)
+    assert bag.dags["bem_fleet"].task_ids == ["plan"]
+
+
+def test_plan_closes_the_selection_over_dependencies(project: Path, toy_mission: str) -> None:
+    from bem_tasks.config.loader import load_fleet
+    from bem_tasks.fleet.dags import resolve_plan
+
+    cfg = load_fleet(project / "configs" / "bem_fleet_architecture.yml")
+    plan = resolve_plan(cfg, {"profile": "full", "missions": ["mission_toy"], "seeds": None})
+    assert plan == {"profile": "full", "missions": ["mission_toy"], "seeds": [0, 1, 2, 3, 4]}
+    with pytest.raises(ValueError, match="params.missions: \\['mission_c'\\] not enabled"):
+        resolve_plan(cfg, {"profile": "smoke", "missions": ["mission_c"], "seeds": None})
+    with pytest.raises(ValueError, match="duplicate seeds"):
+        resolve_plan(cfg, {"profile": "smoke", "missions": [], "seeds": [1, 1]})
+    assert json.dumps(plan)

@@ -1,0 +1,92 @@
+"""The phase runner: run-scoped folders, manifests, idempotent reruns, explicit inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bem_tasks.config.loader import load_fleet
+from bem_tasks.fleet.phases import PhaseContext, execute, run_phase
+from bem_tasks.fleet.results import publish_mission_results
+from bem_tasks.fleet.runs import RunLayout, verify_manifest
+
+
+@pytest.fixture
+def toy_env(project: Path, toy_mission: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    monkeypatch.setenv("BEM_FLEET_CONFIG", str(project / "configs" / "bem_fleet_architecture.yml"))
+    monkeypatch.setenv("BEM_FLEET_ARTIFACT_ROOT", str(tmp_path / "artifacts"))
+    monkeypatch.setenv("BEM_FLEET_LOCK_DIR", str(tmp_path / "locks"))
+    return tmp_path / "artifacts"
+
+
+def test_phases_chain_through_the_run_layout(toy_env: Path) -> None:
+    kw = {
+        "profile": "smoke",
+        "dag_id": "bem_mission_toy",
+        "run_id": "manual__2026-01-01T00:00:00+00:00",
+    }
+    prep = run_phase("mission_toy", "prepare", **kw, seed=3)
+    assert prep["seed"] is None  # not a per-seed phase: the seed is ignored
+    fits = [run_phase("mission_toy", "fit", **kw, seed=s) for s in (0, 1)]
+    evals = [run_phase("mission_toy", "evaluate", **kw, seed=s) for s in (0, 1)]
+    assert [f["metrics"]["mean"] for f in fits] == [4.5, 4.5]  # mean of 0..9 (smoke n=10)
+    assert [e["metrics"]["seed"] for e in evals] == [0, 1]
+
+    layout = RunLayout(toy_env, "bem_mission_toy", kw["run_id"])
+    fit_dir = layout.phase_dir("mission_toy", "fit", 1)
+    assert Path(fits[1]["dir"]) == fit_dir
+    assert (
+        fit_dir
+        == toy_env
+        / "bem_mission_toy"
+        / "manual__2026-01-01T00_00_00_00_00"
+        / "mission_toy"
+        / "fit"
+        / "seed_1"
+    )
+    manifest = json.loads((fit_dir / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"model.json", "metrics.json"}
+    assert manifest["seed"] == 1 and manifest["status"] == "complete"
+    assert manifest["lease"]["device_class"] == "cpu" and manifest["lease"]["indices"] == []
+    assert {"config_hash", "git_sha", "packages", "duration_s"} <= set(manifest)
+    assert verify_manifest(fit_dir) == []
+
+    summary = publish_mission_results(
+        "mission_toy", profile="smoke", dag_id="bem_mission_toy", run_id=kw["run_id"]
+    )
+    results = json.loads(Path(summary["results"]).read_text())
+    assert results["final_phase"] == "evaluate"
+    assert sorted(results["phases"]["evaluate"]) == ["seed_0", "seed_1"]
+
+
+def test_rerun_reuses_complete_output_and_redoes_tampered_output(toy_env: Path) -> None:
+    kw = {"profile": "smoke", "dag_id": "d", "run_id": "r"}
+    run_phase("mission_toy", "prepare", **kw)
+    first = run_phase("mission_toy", "fit", **kw, seed=0)
+    again = run_phase("mission_toy", "fit", **kw, seed=0)
+    assert (first["reused"], again["reused"]) == (False, True)
+    model = Path(first["dir"]) / "model.json"
+    model.write_text('{"mean": 99}')
+    assert verify_manifest(Path(first["dir"])) == [f"{model}: sha256 differs from the manifest"]
+    redone = run_phase("mission_toy", "fit", **kw, seed=0)
+    assert redone["reused"] is False
+    assert json.loads(model.read_text())["mean"] == 4.5
+
+
+def test_missing_upstream_names_the_phase(toy_env: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="output of phase 'prepare' .* is missing"):
+        run_phase("mission_toy", "fit", profile="smoke", dag_id="d", run_id="r2", seed=0)
+
+
+def test_explicit_inputs_run_a_phase_without_a_dag_run(toy_env: Path, tmp_path: Path) -> None:
+    cfg = load_fleet(None, "smoke")
+    prep_dir = tmp_path / "prep"
+    execute(PhaseContext("mission_toy", "prepare", None, cfg, prep_dir), config_hash="h")
+    ctx = PhaseContext("mission_toy", "fit", 7, cfg, tmp_path / "fit", inputs={"prepare": prep_dir})
+    out = execute(ctx, config_hash="h")
+    assert out["metrics"]["mean"] == 4.5
+    no_inputs = PhaseContext("mission_toy", "fit", 7, cfg, tmp_path / "fit2")
+    with pytest.raises(FileNotFoundError, match="pass it explicitly"):
+        execute(no_inputs, config_hash="h")
