@@ -7,6 +7,7 @@ Heavy imports (torch, Airflow) happen inside the sub-command that needs them.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,90 @@ def cmd_status(args: argparse.Namespace) -> int:
     )
 
 
+def _explicit_inputs(
+    phases: list[str], phase: str, seed: int, checkpoint: str | None, inputs_from: str | None
+) -> dict[str, Path]:
+    """Earlier phases' folders: from a run's mission folder, the previous one from --checkpoint."""
+    earlier = phases[: phases.index(phase)]
+    inputs: dict[str, Path] = {}
+    if inputs_from:
+        root = Path(inputs_from)
+        for q in earlier:
+            for cand in (root / q / f"seed_{seed}", root / q):
+                if (cand / "manifest.json").exists():
+                    inputs[q] = cand
+                    break
+    if checkpoint and earlier:
+        path = Path(checkpoint)
+        inputs[earlier[-1]] = path if path.is_dir() else path.parent
+    return inputs
+
+
+def _run_phase_standalone(
+    mission: str,
+    phase: str,
+    *,
+    output: str,
+    checkpoint: str | None,
+    inputs_from: str | None,
+    seed: int,
+    profile: str | None,
+    config: str | None,
+) -> int:
+    from bem_tasks.fleet.phases import PhaseContext, execute
+
+    cfg = load_fleet(config, profile)
+    if mission not in cfg.experiments:
+        raise ValueError(f"unknown mission '{mission}' (known: {', '.join(cfg.experiments)})")
+    phases = list(cfg.experiments[mission].phases)
+    if phase not in phases:
+        raise ValueError(f"{mission} has no phase '{phase}' (phases: {', '.join(phases)})")
+    if mission not in cfg.enabled_missions:
+        raise ValueError(f"{mission} is not enabled (no implementation or enabled: false)")
+    spec = cfg.experiments[mission].phases[phase]
+    ctx = PhaseContext(
+        mission,
+        phase,
+        seed if spec.per_seed else None,
+        cfg,
+        Path(output),
+        inputs=_explicit_inputs(phases, phase, seed, checkpoint, inputs_from),
+    )
+    result = execute(ctx, config_hash=cfg.mission_hash(mission))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    return _run_phase_standalone(
+        args.mission,
+        args.phase,
+        output=args.output,
+        checkpoint=args.checkpoint,
+        inputs_from=args.inputs_from,
+        seed=args.seed,
+        profile=args.profile,
+        config=args.config,
+    )
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    cfg = load_fleet(args.config, args.profile)
+    if args.mission not in cfg.experiments:
+        raise ValueError(f"unknown mission '{args.mission}'")
+    final = list(cfg.experiments[args.mission].phases)[-1]
+    return _run_phase_standalone(
+        args.mission,
+        final,
+        output=args.output,
+        checkpoint=args.model,
+        inputs_from=args.inputs_from,
+        seed=args.seed,
+        profile=args.profile,
+        config=args.config,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bem-fleet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +177,27 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--mission", default=None)
     status.add_argument("--detailed", action="store_true")
     status.add_argument("--dag-id", default="bem_fleet")
+
+    def phase_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--output", required=True, help="folder for this phase's artifacts")
+        p.add_argument(
+            "--inputs-from",
+            default=None,
+            help="a run's mission folder (<artifacts>/<dag>/<run>/<mission>) holding earlier phases",
+        )
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--profile", default=None, help="smoke or full (default: config's)")
+
+    train = add("train", cmd_train, "run one mission phase without Airflow")
+    train.add_argument("mission")
+    train.add_argument("--phase", required=True)
+    train.add_argument("--checkpoint", default=None, help="output folder of the previous phase")
+    phase_args(train)
+
+    evaluate = add("evaluate", cmd_evaluate, "run a mission's evaluation phase without Airflow")
+    evaluate.add_argument("--mission", required=True)
+    evaluate.add_argument("--model", required=True, help="output folder of the trained model")
+    phase_args(evaluate)
     return parser
 
 

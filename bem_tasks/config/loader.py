@@ -216,6 +216,11 @@ class FleetConfig:
         return self.resolve(root)
 
     @property
+    def orchestration_class(self) -> str:
+        """The CPU device class that runs orchestration tasks (plan, publishing, statistics)."""
+        return next(n for n, d in self.arch.device_classes.items() if d.kind == "cpu")
+
+    @property
     def enabled_missions(self) -> list[str]:
         return [m for m, ref in self.arch.missions.items() if ref.enabled]
 
@@ -288,6 +293,11 @@ def _load(path: Path, profile: str | None, problems: list[str]) -> FleetConfig |
             problems.append(
                 f"{path}:profiles: profile '{name}' is missing (need {PROFILES_REQUIRED})"
             )
+    if not any(d.kind == "cpu" for d in base.device_classes.values()):
+        problems.append(
+            f"{path}:device_classes: need at least one class of kind 'cpu' "
+            "(orchestration tasks run there)"
+        )
     for key in ("default_profile", "deployment_profile"):
         wanted = getattr(base.fleet, key)
         if wanted not in base.profiles:

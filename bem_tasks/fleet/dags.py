@@ -59,8 +59,12 @@ def params_for(cfg: FleetConfig, missions_default: list[str]) -> dict[str, Param
 
 def _default_args(cfg: FleetConfig) -> dict[str, Any]:
     fleet = cfg.arch.fleet
+    # Orchestration tasks (plan, gates, publishing) run on the CPU class so that every task has
+    # a pool and a queue that some worker serves.
     return {
         "owner": "bem-fleet",
+        "pool": cfg.orchestration_class,
+        "queue": cfg.orchestration_class,
         "retries": fleet.retries,
         "retry_delay": timedelta(seconds=fleet.retry_delay_s),
         "retry_exponential_backoff": 2.0,

@@ -83,10 +83,11 @@ def test_final_task_emits_the_mission_asset(toy_bag) -> None:
 
 def test_every_task_has_a_configured_pool_retries_and_backoff(toy_bag, project: Path) -> None:
     arch = yaml.safe_load((project / "configs" / "bem_fleet_architecture.yml").read_text())
-    pools = set(arch["device_classes"]) | {"default_pool"}
+    pools = set(arch["device_classes"])
     for dag in toy_bag.dags.values():
         for t in dag.tasks:
             assert t.pool in pools, f"{dag.dag_id}.{t.task_id} uses unknown pool {t.pool}"
+            assert t.queue == t.pool, f"{dag.dag_id}.{t.task_id}: queue {t.queue} != pool"
             assert t.retries >= 1, f"{dag.dag_id}.{t.task_id} has no retries"
             assert t.retry_exponential_backoff == 2.0
             assert "bem-fleet" in dag.tags
