@@ -1,0 +1,1 @@
+"""Deterministic synthetic suites, one module per mission (A..E)."""

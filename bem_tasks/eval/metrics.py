@@ -1,0 +1,145 @@
+"""Answer and generation metrics: SQuAD exact match / F1, and BLEU / chrF through sacrebleu.
+
+Scale: per-example ``exact_match`` and ``f1`` are in [0, 1] as in the official SQuAD script;
+``squad_scores`` and ``em_f1_points`` report points (0..100), like the official totals and like
+sacrebleu, so per-example records in points average straight to the corpus figure and a gate
+threshold such as "+1.5 EM" means the same thing everywhere.
+
+Every sacrebleu score comes with sacrebleu's signature string (tokenizer, smoothing, number of
+references, version) so a reported BLEU/chrF can be reproduced exactly.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sacrebleu.metrics import BLEU, CHRF
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
+_PUNCT = frozenset(string.punctuation)
+
+
+def normalize_answer(s: str) -> str:
+    """Official SQuAD v1.1 normalisation: lower case, drop punctuation, drop the articles
+    a/an/the, collapse whitespace (applied in that order, as the official script does)."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in _PUNCT)
+    s = _ARTICLES.sub(" ", s)
+    return " ".join(s.split())
+
+
+def exact_match(prediction: str, ground_truth: str) -> float:
+    """1.0 if the normalised strings are equal, else 0.0."""
+    return float(normalize_answer(prediction) == normalize_answer(ground_truth))
+
+
+def f1_score(prediction: str, ground_truth: str) -> float:
+    """Token-multiset F1 between the normalised strings (``collections.Counter`` overlap).
+
+    Empty answers follow the SQuAD v2.0 convention: if either side normalises to no tokens, F1
+    is 1.0 when both are empty and 0.0 otherwise (the v1.1 script would give 0.0 for two empty
+    strings, which would punish a correct empty answer).
+    """
+    pred = normalize_answer(prediction).split()
+    gold = normalize_answer(ground_truth).split()
+    if not pred or not gold:
+        return float(pred == gold)
+    common = Counter(pred) & Counter(gold)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision = same / len(pred)
+    recall = same / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _as_list(refs: str | Sequence[str]) -> list[str]:
+    out = [refs] if isinstance(refs, str) else list(refs)
+    if not out:
+        raise ValueError("each example needs at least one reference")
+    return out
+
+
+def em_f1_points(prediction: str, references: str | Sequence[str]) -> tuple[float, float]:
+    """Per-example (EM, F1) in points (0..100), the max over the references as in SQuAD."""
+    refs = _as_list(references)
+    em = max(exact_match(prediction, r) for r in refs)
+    f1 = max(f1_score(prediction, r) for r in refs)
+    return 100.0 * em, 100.0 * f1
+
+
+@dataclass(frozen=True)
+class SquadScores:
+    exact_match: float  # points, 0..100
+    f1: float  # points, 0..100
+    n: int
+
+
+def squad_scores(
+    predictions: Sequence[str], references: Sequence[str | Sequence[str]]
+) -> SquadScores:
+    """Corpus EM and F1 in points: the mean of ``em_f1_points`` over examples."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not predictions:
+        raise ValueError("no examples to score")
+    pairs = [em_f1_points(p, r) for p, r in zip(predictions, references, strict=True)]
+    n = len(pairs)
+    return SquadScores(
+        exact_match=sum(e for e, _ in pairs) / n, f1=sum(f for _, f in pairs) / n, n=n
+    )
+
+
+@dataclass(frozen=True)
+class MetricScore:
+    score: float  # points, 0..100, as sacrebleu reports it
+    signature: str  # sacrebleu's signature, e.g. "nrefs:1|case:mixed|eff:no|tok:13a|..."
+
+
+def _ref_streams(hyps: Sequence[str], refs: Sequence[str | Sequence[str]]) -> list[list[str]]:
+    """Per-hypothesis references -> sacrebleu's reference streams (one list per ref index)."""
+    if isinstance(hyps, str) or isinstance(refs, str):
+        raise TypeError("pass lists of strings, not a single string")
+    if len(hyps) != len(refs):
+        raise ValueError(f"{len(hyps)} hypotheses for {len(refs)} references")
+    if not hyps:
+        raise ValueError("no hypotheses to score")
+    per = [_as_list(r) for r in refs]
+    n_refs = len(per[0])
+    if any(len(r) != n_refs for r in per):
+        raise ValueError("every hypothesis needs the same number of references")
+    return [[r[i] for r in per] for i in range(n_refs)]
+
+
+def corpus_bleu(hyps: Sequence[str], refs: Sequence[str | Sequence[str]]) -> MetricScore:
+    """sacrebleu corpus BLEU (defaults: 13a tokenizer, exp smoothing). ``refs[i]`` is the
+    reference (or list of references) for ``hyps[i]``."""
+    metric = BLEU()
+    score = metric.corpus_score(list(hyps), _ref_streams(hyps, refs)).score
+    return MetricScore(float(score), str(metric.get_signature()))
+
+
+def corpus_chrf(
+    hyps: Sequence[str], refs: Sequence[str | Sequence[str]], *, word_order: int = 0
+) -> MetricScore:
+    """sacrebleu corpus chrF (``word_order=2`` gives chrF++)."""
+    metric = CHRF(word_order=word_order)
+    score = metric.corpus_score(list(hyps), _ref_streams(hyps, refs)).score
+    return MetricScore(float(score), str(metric.get_signature()))
+
+
+def sentence_bleu(hyp: str, refs: str | Sequence[str]) -> MetricScore:
+    """sacrebleu sentence BLEU with effective order (what sacrebleu recommends per sentence)."""
+    metric = BLEU(effective_order=True)
+    score = metric.sentence_score(hyp, _as_list(refs)).score
+    return MetricScore(float(score), str(metric.get_signature()))
+
+
+def sentence_chrf(hyp: str, refs: str | Sequence[str], *, word_order: int = 0) -> MetricScore:
+    metric = CHRF(word_order=word_order)
+    score = metric.sentence_score(hyp, _as_list(refs)).score
+    return MetricScore(float(score), str(metric.get_signature()))
