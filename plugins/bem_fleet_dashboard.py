@@ -1,0 +1,46 @@
+"""Airflow plugin: the BEM Fleet dashboard, a page in the Airflow UI at /bem-fleet/.
+
+The api-server mounts this FastAPI app without Airflow's login in front of it, so every route
+depends on Airflow's own `get_user` (bearer token or the UI's `_token` cookie).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from airflow.api_fastapi.core_api.security import get_user
+from airflow.plugins_manager import AirflowPlugin
+from fastapi import Depends, FastAPI
+from fastapi.responses import HTMLResponse
+
+from bem_tasks.fleet.dashboard import fleet_overview, render_html
+
+
+def _artifact_root() -> Path:
+    if root := os.environ.get("BEM_FLEET_ARTIFACT_ROOT"):
+        return Path(root)
+    from bem_tasks.config.loader import load_fleet
+
+    return load_fleet().artifact_root
+
+
+app = FastAPI(title="BEM Fleet dashboard", dependencies=[Depends(get_user)])
+
+
+@app.get("/", response_class=HTMLResponse)
+def page() -> str:
+    return render_html(fleet_overview(_artifact_root()))
+
+
+@app.get("/api/overview")
+def overview() -> dict:
+    return fleet_overview(_artifact_root())
+
+
+class BemFleetPlugin(AirflowPlugin):
+    name = "bem_fleet"
+    fastapi_apps = [{"app": app, "url_prefix": "/bem-fleet", "name": "BEM Fleet dashboard"}]
+    external_views = [
+        {"name": "BEM Fleet", "href": "/bem-fleet/", "destination": "nav", "url_route": "bem-fleet"}
+    ]

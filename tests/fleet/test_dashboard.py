@@ -1,0 +1,56 @@
+"""The dashboard plugin: refuses callers without an Airflow token, shows runs from artifacts."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from bem_tasks.fleet.runs import write_manifest
+from bem_tasks.io import atomic_write_json
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_plugin():
+    spec = importlib.util.spec_from_file_location(
+        "bem_fleet_dashboard", ROOT / "plugins" / "bem_fleet_dashboard.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_requires_an_airflow_token(tmp_path: Path, monkeypatch) -> None:
+    from airflow.api_fastapi.app import init_auth_manager
+
+    init_auth_manager()  # what the api-server does before mounting plugins
+    monkeypatch.setenv("BEM_FLEET_ARTIFACT_ROOT", str(tmp_path))
+    client = TestClient(load_plugin().app)
+    assert client.get("/").status_code == 401
+    assert client.get(
+        "/api/overview", headers={"Authorization": "Bearer not-a-jwt"}
+    ).status_code in (401, 403)
+
+
+def test_shows_phases_from_the_artifacts(tmp_path: Path, monkeypatch) -> None:
+    phase = tmp_path / "bem_fleet" / "run1" / "mission_a" / "evaluate" / "seed_0"
+    atomic_write_json(phase / "metrics.json", {"router_em": 42.0})
+    write_manifest(
+        phase,
+        config_hash="h",
+        seed=0,
+        extra={"mission": "mission_a", "phase": "evaluate", "duration_s": 1.5},
+    )
+    monkeypatch.setenv("BEM_FLEET_ARTIFACT_ROOT", str(tmp_path))
+    plugin = load_plugin()
+    plugin.app.dependency_overrides[plugin.get_user] = lambda: "admin"
+    client = TestClient(plugin.app)
+    data = client.get("/api/overview").json()
+    (run,) = data["runs"]
+    assert run["run_id"] == "run1"
+    assert run["phases"][0]["headline"] == "router_em=42"
+    page = client.get("/").text
+    assert "mission_a" in page and "router_em=42" in page
+    assert plugin.BemFleetPlugin.fastapi_apps[0]["url_prefix"] == "/bem-fleet"
