@@ -182,6 +182,7 @@ def _mission_pipeline(cfg: FleetConfig, mission: str, seeds: Any) -> tuple[Any, 
         return _publish(mission)
 
     publish = publish_results()
+    assert last is not None, f"{mission}: an experiment has at least one phase"
     last >> publish
     return first, publish
 

@@ -50,7 +50,7 @@ def sync_pools(cfg: FleetConfig, *, dry_run: bool = False) -> list[str]:
                 spec.name, spec.slots, spec.description, include_deferred=False
             )
     for name, pool in existing.items():
-        if name not in wanted and (pool.description or "").startswith(MARKER):
+        if name is not None and name not in wanted and (pool.description or "").startswith(MARKER):
             actions.append(f"delete pool {name} (no longer in config)")
             if not dry_run:
                 Pool.delete_pool(name)

@@ -1,0 +1,247 @@
+"""The statistical analysis of a set of paired metrics: CIs, p-values, BH-FDR and effect sizes.
+
+``analyze`` takes one :class:`MetricData` (or a mapping with the same keys) per metric, mission
+and slice, and returns one JSON-serialisable dict per input, in the input order (written as
+``statistical_results.json``). See :data:`RESULT_KEYS` for what each dict holds.
+
+Multiplicity: p-values are adjusted with Benjamini-Hochberg within each family, a family being
+``(mission, slice, family)``: the families declared in the gates config (e.g. performance, system,
+safety), kept apart per slice so that report-only slices never dilute the gatekeeping one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from bem_tasks.stats.bootstrap import (
+    PairedStatistic,
+    as_examples,
+    bootstrap_many,
+    parse_statistic,
+)
+from bem_tasks.stats.multitest import bh_adjust
+
+RESULT_KEYS = (
+    "mission",  # identifiers, as given
+    "metric",
+    "slice",
+    "family",
+    "statistic",  # "mean", "median" or "pNN": T in T(candidate) -/÷ T(baseline)
+    "relative",  # True: estimate = T(candidate) / T(baseline) - 1; False: T(candidate) - T(baseline)
+    "higher_is_better",
+    "n",  # examples (the resampled clusters)
+    "n_seeds",
+    "estimate",  # the statistic; ci_low/ci_high is its BCa interval at `confidence`
+    "ci_low",
+    "ci_high",
+    "confidence",
+    "null_value",  # what p_value tests (two-sided), 0 unless a gate asks for its threshold
+    "p_value",  # BCa test inversion: p < 1 - confidence exactly when the CI excludes null_value
+    "p_adjusted",  # Benjamini-Hochberg within (mission, slice, family)
+    "family_size",  # hypotheses in that family
+    "significant",  # p_adjusted < alpha
+    "favours",  # "candidate"/"baseline" when the CI excludes no change (0), else "neither"
+    "se",  # bootstrap standard error of the estimate
+    "mean_diff",  # mean(candidate) - mean(baseline), per-example seed means
+    "sd_diff",  # sd (ddof=1) of the per-example differences
+    "effect_size_dz",  # mean_diff / sd_diff (None when sd_diff is 0)
+    "relative_change",  # mean(candidate) / mean(baseline) - 1 (None when the baseline mean is 0)
+    "baseline_mean",
+    "candidate_mean",
+    "baseline_value",  # T(baseline) and T(candidate): equal to the means when statistic is "mean"
+    "candidate_value",
+    "degenerate",  # every resample gave the same value (e.g. constant differences)
+    "method",  # "fast" or "scipy" (see bem_tasks.stats.bootstrap)
+    "n_resamples",
+    "seed",
+    "alpha",
+)
+
+
+_REQUIRED = ("mission", "metric", "slice", "family", "candidate", "baseline")
+
+
+@dataclass(frozen=True)
+class MetricData:
+    """One paired comparison: candidate and baseline values on the same examples.
+
+    ``candidate`` and ``baseline`` are ``(examples,)`` or ``(examples, seeds)`` with the same
+    shape, row ``i`` being the same example in both. ``null_value`` is what the p-value tests;
+    a gate's threshold when the comparison backs a gate (see ``bem_tasks.gates.analysis_specs``).
+    """
+
+    mission: str
+    metric: str
+    slice: str
+    family: str
+    candidate: ArrayLike
+    baseline: ArrayLike
+    higher_is_better: bool = True
+    relative: bool = False
+    statistic: str = "mean"
+    null_value: float = 0.0
+
+    @classmethod
+    def from_mapping(cls, m: Mapping[str, Any], where: str = "metric") -> MetricData:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(m) - names)
+        if unknown:
+            raise ValueError(
+                f"{where}: unknown key(s) {unknown}; expected keys from {sorted(names)}"
+            )
+        missing = [k for k in _REQUIRED if k not in m]
+        if missing:
+            raise ValueError(f"{where}: missing required key(s) {missing}")
+        return cls(**dict(m))
+
+    def label(self) -> str:
+        return f"{self.mission}/{self.metric}[{self.slice}]"
+
+
+def _prepare(md: MetricData) -> tuple[PairedStatistic, np.ndarray, np.ndarray, int]:
+    where = md.label()
+    for key in ("mission", "metric", "slice", "family"):
+        if not isinstance(getattr(md, key), str) or not getattr(md, key):
+            raise ValueError(f"{where}: {key} must be a non-empty string")
+    shape_c, shape_b = np.shape(md.candidate), np.shape(md.baseline)
+    if shape_c != shape_b:
+        raise ValueError(
+            f"{where}: candidate and baseline must have the same shape (examples x seeds), "
+            f"got {shape_c} and {shape_b}"
+        )
+    c = as_examples(md.candidate, f"{where} candidate")
+    b = as_examples(md.baseline, f"{where} baseline")
+    n_seeds = int(shape_c[1]) if len(shape_c) == 2 else 1
+    try:
+        q = parse_statistic(md.statistic)
+        stat = PairedStatistic(c, b, q=q, relative=md.relative)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    if not math.isfinite(md.null_value):
+        raise ValueError(f"{where}: null_value must be finite, got {md.null_value}")
+    return stat, c, b, n_seeds
+
+
+def _num(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def analyze(
+    metrics: Sequence[MetricData | Mapping[str, Any]],
+    *,
+    confidence: float = 0.95,
+    n_resamples: int = 10_000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    method: str = "fast",
+) -> list[dict[str, Any]]:
+    """Paired BCa analysis of every metric, BH-adjusted within families; one dict per input.
+
+    Metrics with the same number of examples share one set of bootstrap draws (made from
+    ``seed``), which is what scipy does per metric with a fixed seed, drawn once.
+    """
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    items = [
+        m if isinstance(m, MetricData) else MetricData.from_mapping(m, f"metrics[{i}]")
+        for i, m in enumerate(metrics)
+    ]
+    prepared = [_prepare(md) for md in items]
+    seen: dict[tuple[Any, ...], int] = {}
+    for i, md in enumerate(items):
+        key = (md.mission, md.metric, md.slice, md.relative, md.statistic, md.null_value)
+        if key in seen:
+            raise ValueError(
+                f"metrics[{i}] {md.label()}: the same comparison is already metrics[{seen[key]}]"
+            )
+        seen[key] = i
+
+    # Group by number of examples: one set of draws per group.
+    groups: dict[int, list[int]] = {}
+    for i, (stat, *_rest) in enumerate(prepared):
+        groups.setdefault(stat.n, []).append(i)
+    boot: list[Any] = [None] * len(items)
+    for idxs in groups.values():
+        res = bootstrap_many(
+            [prepared[i][0] for i in idxs],
+            confidence=confidence,
+            n_resamples=n_resamples,
+            seed=seed,
+            method=method,
+            null_values=[items[i].null_value for i in idxs],
+        )
+        for i, r in zip(idxs, res, strict=True):
+            boot[i] = r
+
+    families: dict[tuple[str, str, str], list[int]] = {}
+    for i, md in enumerate(items):
+        families.setdefault((md.mission, md.slice, md.family), []).append(i)
+    p_adj = [1.0] * len(items)
+    fam_size = [0] * len(items)
+    for idxs in families.values():
+        adjusted = bh_adjust([boot[i].p_value for i in idxs])
+        for i, p in zip(idxs, adjusted, strict=True):
+            p_adj[i] = float(p)
+            fam_size[i] = len(idxs)
+
+    out: list[dict[str, Any]] = []
+    for i, md in enumerate(items):
+        stat, c, b, n_seeds = prepared[i]
+        r = boot[i]
+        diff = c - b
+        sd = float(np.std(diff, ddof=1))
+        mean_c, mean_b = float(np.mean(c)), float(np.mean(b))
+        mean_diff = float(diff[0]) if np.all(diff == diff[0]) else float(np.mean(diff))
+        significant = p_adj[i] < alpha
+        # Descriptive: which system the CI says is better, against "no change" (not the null).
+        if r.low > 0 or r.high < 0:
+            favours = "candidate" if (r.low > 0) == md.higher_is_better else "baseline"
+        else:
+            favours = "neither"
+        q = stat.q
+        tc = mean_c if q is None else float(np.quantile(c, q))
+        tb = mean_b if q is None else float(np.quantile(b, q))
+        out.append(
+            {
+                "mission": md.mission,
+                "metric": md.metric,
+                "slice": md.slice,
+                "family": md.family,
+                "statistic": md.statistic,
+                "relative": bool(md.relative),
+                "higher_is_better": bool(md.higher_is_better),
+                "n": int(r.n),
+                "n_seeds": n_seeds,
+                "estimate": float(r.estimate),
+                "ci_low": float(r.low),
+                "ci_high": float(r.high),
+                "confidence": float(confidence),
+                "null_value": float(md.null_value),
+                "p_value": float(r.p_value),
+                "p_adjusted": p_adj[i],
+                "family_size": fam_size[i],
+                "significant": bool(significant),
+                "favours": favours,
+                "se": float(r.se),
+                "mean_diff": mean_diff,
+                "sd_diff": sd,
+                "effect_size_dz": _num(mean_diff / sd) if sd > 0 else None,
+                "relative_change": _num(mean_c / mean_b - 1.0) if mean_b != 0 else None,
+                "baseline_mean": mean_b,
+                "candidate_mean": mean_c,
+                "baseline_value": tb,
+                "candidate_value": tc,
+                "degenerate": bool(r.degenerate),
+                "method": method,
+                "n_resamples": int(n_resamples),
+                "seed": int(seed),
+                "alpha": float(alpha),
+            }
+        )
+    return out

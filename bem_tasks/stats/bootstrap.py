@@ -1,0 +1,557 @@
+"""Paired, example-level bootstrap: BCa confidence intervals and the p-values that match them.
+
+The unit of resampling is the example. Arrays are ``(examples,)`` or ``(examples, seeds)``; with
+several seeds each example is first reduced to its mean over seeds and the examples are then
+resampled as whole clusters (a cluster bootstrap). The statistic of a resample is therefore the
+mean over the resampled rows of the per-example seed means. Inference is about the population of
+examples given the trained seeds: seed-to-seed variation is averaged inside each example, it is
+not resampled (there are too few seeds for that), and a t-test on seed means is never used.
+
+Two ways to compute the same BCa interval (Efron & Tibshirani 1993, 14.3 and 15.4):
+
+* ``method="scipy"`` calls :func:`scipy.stats.bootstrap` with ``method="BCa"``: the reference.
+* ``method="fast"`` (the default) reproduces scipy's formulas for the statistics used here (mean,
+  ratio of means, quantiles, and their differences or ratios). Resamples come from the same
+  generator call as scipy's (``np.random.default_rng(seed).integers(0, n, (n_resamples, n))``)
+  and are turned into per-row counts; one matrix product of the counts gives the bootstrap sums
+  of every statistic that shares the examples (quantiles read the resample's order statistic off
+  cumulative counts near the target rank). The acceleration uses the closed-form jackknife (the
+  leave-one-out mean is ``(S - x_i) / (n - 1)``, leave-one-out quantiles are read off the sorted
+  sample) and the bias correction the bootstrap distribution, as scipy does. When
+  ``n_resamples * n <= CHUNK_ELEMENTS`` the draws are scipy's own and the interval equals scipy's
+  to rounding. Larger problems are drawn in chunks from the same generator; numpy usually
+  continues the very same stream across chunks (the benchmark's intervals match scipy's to
+  1e-16), but its rejection sampler does not guarantee it, so the documented guarantee is
+  agreement within Monte Carlo error. The tests check both. Two deliberate differences in the
+  bias correction (see ``bias_correction``): bootstrap values within rounding distance of the
+  estimate count as ties (scipy lets the summation order decide, which moves intervals of 0/1
+  metrics by a lattice step), and where scipy returns NaN because the estimate lies outside the
+  whole bootstrap distribution, the percentile is clipped to ``[1/(2B), 1 - 1/(2B)]``.
+
+p-values invert the same interval: ``p`` is the smallest ``1 - confidence`` at which the BCa
+interval excludes ``null_value`` (two-sided). So ``p < 1 - confidence`` exactly when the interval
+at that confidence excludes the null, and a decision never disagrees with the interval it reports.
+p-values are floored at ``1 / (n_resamples + 1)``: the bootstrap cannot resolve smaller ones.
+
+Constant data give a degenerate interval ``(c, c)`` and no error.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+from scipy.special import ndtr, ndtri
+
+FloatArray = NDArray[np.float64]
+
+# Resample rows are generated this many (row x example) cells at a time: the count matrix stays
+# small enough for the cache and memory stays flat however many resamples are asked for.
+CHUNK_ELEMENTS = 1 << 18
+MIN_RESAMPLES = 100
+METHODS = ("fast", "scipy")
+
+
+@dataclass(frozen=True)
+class BootstrapResult:
+    """One statistic's bootstrap summary. ``se`` is the bootstrap standard error."""
+
+    estimate: float
+    low: float
+    high: float
+    p_value: float
+    null_value: float
+    se: float
+    z0: float
+    acceleration: float
+    n: int
+    n_resamples: int
+    confidence: float
+    degenerate: bool
+
+
+def parse_statistic(name: str) -> float | None:
+    """``"mean"`` -> None; ``"median"`` -> 0.5; ``"p95"`` -> 0.95 (any percentile in (0, 100))."""
+    if name == "mean":
+        return None
+    if name == "median":
+        return 0.5
+    m = re.fullmatch(r"p(\d{1,2}(?:\.\d+)?)", name)
+    if m and 0.0 < float(m.group(1)) < 100.0:
+        return float(m.group(1)) / 100.0
+    raise ValueError(
+        f"statistic must be 'mean', 'median' or a percentile such as 'p95', got {name!r}"
+    )
+
+
+def as_examples(values: ArrayLike, name: str = "diffs") -> FloatArray:
+    """Validate ``(examples,)`` or ``(examples, seeds)`` data; return per-example (seed-mean) values."""
+    try:
+        arr = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name}: expected an array of numbers ({exc})") from None
+    if arr.ndim not in (1, 2):
+        raise ValueError(
+            f"{name}: expected a 1-D array (examples) or a 2-D array (examples x seeds), "
+            f"got shape {arr.shape}"
+        )
+    if arr.ndim == 2 and arr.shape[1] == 0:
+        raise ValueError(
+            f"{name}: a 2-D array needs at least one seed column, got shape {arr.shape}"
+        )
+    if arr.shape[0] < 2:
+        raise ValueError(f"{name}: need at least 2 examples, got {arr.shape[0]}")
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"{name}: {int(bad.sum())} value(s) are NaN or infinite (first at index {first}); "
+            "every example needs a finite value for every seed"
+        )
+    return arr.mean(axis=1) if arr.ndim == 2 else arr
+
+
+def _check_options(confidence: float, n_resamples: int, method: str) -> None:
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if int(n_resamples) != n_resamples or n_resamples < MIN_RESAMPLES:
+        raise ValueError(f"n_resamples must be an integer >= {MIN_RESAMPLES}, got {n_resamples}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+class PairedStatistic:
+    """``T(candidate) - T(baseline)``, or ``T(candidate) / T(baseline) - 1`` when ``relative``.
+
+    ``T`` is the mean (``q is None``) or the ``q`` quantile (numpy's linear interpolation) of the
+    per-example values. With ``baseline=None`` the candidate array holds paired differences and
+    the statistic is ``T(diffs)``. Both arrays are resampled with the same example indices.
+    """
+
+    def __init__(
+        self,
+        candidate: FloatArray,
+        baseline: FloatArray | None = None,
+        *,
+        q: float | None = None,
+        relative: bool = False,
+    ) -> None:
+        if baseline is not None and baseline.shape != candidate.shape:
+            raise ValueError(
+                f"candidate and baseline must be paired on the same examples, got {candidate.shape[0]} "
+                f"and {baseline.shape[0]} examples"
+            )
+        if relative and baseline is None:
+            raise ValueError("a relative change needs the baseline values, not only differences")
+        self.q = q
+        self.relative = relative
+        self.n = int(candidate.shape[0])
+        if baseline is not None and q is None and not relative:
+            # mean(c) - mean(b) == mean(c - b): one column, and the same numbers as scipy on diffs.
+            self.cols: list[FloatArray] = [candidate - baseline]
+        elif baseline is None:
+            self.cols = [candidate]
+        else:
+            self.cols = [candidate, baseline]
+        if relative:
+            tb = self._t(self.cols[1])
+            if not tb > 0:
+                raise ValueError(
+                    f"a relative change needs a positive baseline {self.describe_t()}, got {tb}"
+                )
+        self.qcols = [] if q is None else [_QuantileColumn(c, q) for c in self.cols]
+        # Columns whose count-weighted sums a resample needs: the values for a mean, the
+        # "sorted below the window" indicator for a quantile.
+        self.linear: list[FloatArray] = self.cols if q is None else [qc.below for qc in self.qcols]
+
+    def describe_t(self) -> str:
+        return "mean" if self.q is None else f"quantile {self.q:g}"
+
+    def _t(self, x: FloatArray) -> float:
+        if self.q is None:
+            # Constant data give their constant exactly (the mean's rounding would not).
+            return float(x[0]) if np.all(x == x[0]) else float(np.mean(x))
+        return float(np.quantile(x, self.q))
+
+    def _combine(self, values: Sequence[FloatArray | float]) -> FloatArray:
+        if len(values) == 1:
+            return np.asarray(values[0], dtype=np.float64)
+        tc, tb = (np.asarray(v, dtype=np.float64) for v in values)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return tc / tb - 1.0 if self.relative else tc - tb
+
+    def estimate(self) -> float:
+        return float(self._combine([self._t(c) for c in self.cols]))
+
+    def jackknife(self) -> FloatArray:
+        """Leave-one-out values of the statistic, in closed form."""
+        parts: list[FloatArray] = []
+        for x in self.cols:
+            if self.q is None:
+                parts.append((x.sum() - x) / (self.n - 1))
+            else:
+                parts.append(_loo_quantile(x, self.q))
+        return self._combine(parts)
+
+    def from_counts(self, counts: FloatArray, sums: list[FloatArray]) -> FloatArray:
+        """Bootstrap values for resamples given as per-example counts (``sums``: counts @ linear)."""
+        if self.q is None:
+            return self._combine([v / self.n for v in sums])
+        return self._combine([qc.rows(counts, v) for qc, v in zip(self.qcols, sums, strict=True)])
+
+    def scipy_call(self) -> tuple[tuple[FloatArray, ...], object, bool]:
+        q = self.q
+
+        def t(x: FloatArray, axis: int) -> FloatArray:
+            return np.mean(x, axis=axis) if q is None else np.quantile(x, q, axis=axis)
+
+        if len(self.cols) == 1:
+            return (self.cols[0],), lambda x, axis=-1: t(x, axis), False
+
+        def stat(c: FloatArray, b: FloatArray, axis: int = -1) -> FloatArray:
+            return self._combine([t(c, axis), t(b, axis)])
+
+        return (self.cols[0], self.cols[1]), stat, True
+
+
+def _loo_quantile(x: FloatArray, q: float) -> FloatArray:
+    """Quantile (numpy 'linear') of ``x`` with each element left out in turn, in O(n log n)."""
+    n = x.shape[0]
+    order = np.argsort(x, kind="stable")
+    s = x[order]
+    h = q * (n - 2)  # position in the remaining n - 1 sorted values
+    k0 = int(np.floor(h))
+    k1 = min(k0 + 1, n - 2)
+    frac = h - k0
+    r = np.arange(n)  # sorted position of the removed element
+    # Removing sorted position r shifts every later position down by one.
+    v0 = s[k0 + (k0 >= r)]
+    v1 = s[k1 + (k1 >= r)]
+    out = np.empty(n)
+    out[order] = v0 + frac * (v1 - v0)
+    return out
+
+
+class _QuantileColumn:
+    """The q-quantile (numpy 'linear') of resamples given as counts over ``x``.
+
+    The k-th smallest resampled value is ``s[j]`` (``s`` sorted) for the first ``j`` whose
+    cumulative count exceeds ``k``. That count is binomial around ``k``, so only a window of
+    sorted positions ``[lo, hi)`` a few binomial sds around ``k`` is scanned; the count below the
+    window comes from the shared matrix product (``below``). Rows whose ``k`` falls outside the
+    window (never seen in practice at 10 sd) are recomputed over all positions.
+    """
+
+    def __init__(self, x: FloatArray, q: float) -> None:
+        n = x.shape[0]
+        self.order = np.argsort(x, kind="stable")
+        self.s = x[self.order]
+        h = q * (n - 1)
+        self.k0 = int(np.floor(h))
+        self.k1 = min(self.k0 + 1, n - 1)
+        self.frac = h - self.k0
+        margin = int(10 * np.sqrt(n * q * (1 - q))) + 2
+        self.lo = max(0, self.k0 - margin)
+        self.hi = min(n, self.k1 + margin + 1)
+        self.window = self.order[self.lo : self.hi]
+        self.below = np.zeros(n)
+        self.below[self.order[: self.lo]] = 1.0
+
+    def rows(self, counts: FloatArray, below: FloatArray) -> FloatArray:
+        cum = below[:, None] + np.cumsum(counts[:, self.window], axis=1)
+        j0 = self.lo + np.count_nonzero(cum <= self.k0, axis=1)
+        j1 = self.lo + np.count_nonzero(cum <= self.k1, axis=1)
+        outside = (below > self.k0) | (cum[:, -1] <= self.k1)
+        if outside.any():
+            full = np.cumsum(counts[outside][:, self.order], axis=1)
+            j0[outside] = np.count_nonzero(full <= self.k0, axis=1)
+            j1[outside] = np.count_nonzero(full <= self.k1, axis=1)
+        v0, v1 = self.s[j0], self.s[j1]
+        return v0 + self.frac * (v1 - v0)
+
+
+def resample_counts(n: int, n_resamples: int, seed: int) -> Iterator[FloatArray]:
+    """Blocks of bootstrap resamples as ``(rows, n)`` count matrices, scipy's draws in order."""
+    rng = np.random.default_rng(seed)
+    rows = max(1, min(n_resamples, CHUNK_ELEMENTS // n))
+    for start in range(0, n_resamples, rows):
+        b = min(rows, n_resamples - start)
+        idx = rng.integers(0, n, (b, n))
+        idx += (np.arange(b, dtype=idx.dtype) * n)[:, None]
+        yield np.bincount(idx.ravel(), minlength=b * n).reshape(b, n).astype(np.float64)
+
+
+def bootstrap_distributions(
+    stats: Sequence[PairedStatistic], n_resamples: int, seed: int
+) -> list[FloatArray]:
+    """Bootstrap distributions of several statistics over the same examples and the same draws.
+
+    Sharing the draws is what calling scipy once per statistic with the same seed does too (it
+    regenerates the identical index matrix each time); here the draws are made once.
+    """
+    if not stats:
+        return []
+    n = stats[0].n
+    if any(s.n != n for s in stats):
+        raise ValueError("statistics sharing bootstrap draws must have the same number of examples")
+    x = np.column_stack([c for s in stats for c in s.linear])
+    out = [np.empty(n_resamples) for _ in stats]
+    pos = 0
+    for counts in resample_counts(n, n_resamples, seed):
+        b = counts.shape[0]
+        sums = counts @ x  # one matrix product serves every statistic
+        col = 0
+        for i, s in enumerate(stats):
+            k = len(s.linear)
+            out[i][pos : pos + b] = s.from_counts(counts, [sums[:, col + j] for j in range(k)])
+            col += k
+        pos += b
+    return out
+
+
+def acceleration(jack: FloatArray) -> float:
+    """BCa acceleration from jackknife values (scipy's formula; 0 when the jackknife is flat)."""
+    u = jack.mean() - jack
+    den = float(np.sum(u**2))
+    if den == 0.0:
+        return 0.0
+    return float(np.sum(u**3) / den**1.5 / 6.0)
+
+
+def bias_correction(theta_b_sorted: FloatArray, theta_hat: float, *, scipy_rule: bool) -> float:
+    """z0 from the mid-rank of the estimate in the bootstrap distribution.
+
+    ``scipy_rule=True`` is scipy's exact comparison. Otherwise values within rounding distance
+    (1e-9 of the scale) of the estimate count as ties, as they would in exact arithmetic: with
+    lattice data such as 0/1 EM many resamples have exactly the original mean, and whether the
+    summation order rounds them below or above it should not move the interval. The percentile
+    is also clipped to ``[1/(2B), 1 - 1/(2B)]`` where scipy would return NaN.
+    """
+    s = theta_b_sorted
+    b = s.shape[0]
+    tol = 0.0 if scipy_rule else 1e-9 * max(abs(theta_hat), float(s[-1] - s[0]))
+    below = np.searchsorted(s, theta_hat - tol, side="left")
+    at_or_below = np.searchsorted(s, theta_hat + tol, side="right")
+    pct = (below + at_or_below) / (2.0 * b)
+    if not scipy_rule:
+        pct = min(max(pct, 0.5 / b), 1.0 - 0.5 / b)
+    return float(ndtri(pct))
+
+
+def bca_levels(z0: float, a: float, confidence: float) -> tuple[float, float]:
+    """Quantile levels of the BCa interval's ends (scipy's ``_bca_interval``)."""
+    z_alpha = float(ndtri((1.0 - confidence) / 2.0))
+    num1 = z0 + z_alpha
+    num2 = z0 - z_alpha
+    return float(ndtr(z0 + num1 / (1 - a * num1))), float(ndtr(z0 + num2 / (1 - a * num2)))
+
+
+def _tail_for_level(level: float, z0: float, a: float) -> float:
+    """Inverse of the BCa map: the tail probability whose adjusted quantile level is ``level``."""
+    if level <= 0.0:
+        return 0.0
+    if level >= 1.0:
+        return 1.0
+    v = float(ndtri(level)) - z0
+    if 1.0 + a * v <= 0.0:
+        # Outside what the BCa map can reach: below its range when a > 0, above when a < 0.
+        return 0.0 if a > 0 else 1.0
+    u = v / (1.0 + a * v)
+    return float(ndtr(u - z0))
+
+
+def bca_pvalue(theta_b_sorted: FloatArray, z0: float, a: float, null_value: float) -> float:
+    """Two-sided p-value: the smallest 1 - confidence whose BCa interval excludes the null."""
+    s = theta_b_sorted
+    b = s.shape[0]
+    # Largest quantile level whose value is <= null, and smallest whose value is >= null
+    # (inverse of numpy's linear quantile: position h = level * (b - 1)).
+    j_hi = int(np.searchsorted(s, null_value, side="right"))
+    if j_hi == 0:
+        level_hi = -1.0
+    elif j_hi == b:
+        level_hi = 1.0
+    else:
+        lo_v, hi_v = s[j_hi - 1], s[j_hi]
+        level_hi = (j_hi - 1 + (null_value - lo_v) / (hi_v - lo_v)) / (b - 1)
+    j_lo = int(np.searchsorted(s, null_value, side="left"))
+    if j_lo == b:
+        level_lo = 2.0
+    elif j_lo == 0:
+        level_lo = 0.0
+    else:
+        lo_v, hi_v = s[j_lo - 1], s[j_lo]
+        level_lo = (j_lo - 1 + (null_value - lo_v) / (hi_v - lo_v)) / (b - 1)
+    # Excluded from below when the lower end's level exceeds level_hi; from above when the upper
+    # end's level is under level_lo.
+    tail = min(_tail_for_level(level_hi, z0, a), 1.0 - _tail_for_level(level_lo, z0, a))
+    return float(min(1.0, max(2.0 * tail, 1.0 / (b + 1))))
+
+
+def _finish(
+    stat: PairedStatistic,
+    theta_b: FloatArray,
+    *,
+    confidence: float,
+    null_value: float,
+    scipy_ci: tuple[float, float] | None = None,
+) -> BootstrapResult:
+    theta_hat = stat.estimate()
+    b = theta_b.shape[0]
+    if not np.all(np.isfinite(theta_b)):
+        bad = int(np.count_nonzero(~np.isfinite(theta_b)))
+        raise ValueError(
+            f"the statistic is undefined in {bad} of {b} resamples (the baseline "
+            f"{stat.describe_t()} is 0 there); use an absolute comparison for this metric"
+        )
+    s = np.sort(theta_b)
+    se = float(np.std(theta_b, ddof=1))
+    # Every resample gave the same value up to rounding (relative to the values' own scale).
+    span = float(s[-1] - s[0])
+    if span <= 1e-12 * max(abs(theta_hat), abs(float(s[0])), abs(float(s[-1]))):
+        p = 1.0 if np.isclose(theta_hat, null_value, rtol=1e-12, atol=1e-15) else 1.0 / (b + 1)
+        return BootstrapResult(
+            theta_hat, theta_hat, theta_hat, p, null_value, 0.0, 0.0, 0.0, stat.n, b,
+            confidence, True,
+        )  # fmt: skip
+    a = acceleration(stat.jackknife())
+    z0 = bias_correction(s, theta_hat, scipy_rule=scipy_ci is not None)
+    if scipy_ci is None:
+        lv, hv = bca_levels(z0, a, confidence)
+        low, high = (float(v) for v in np.quantile(s, [lv, hv]))
+    else:
+        low, high = scipy_ci
+    p = bca_pvalue(s, z0, a, null_value)
+    return BootstrapResult(
+        theta_hat, low, high, p, null_value, se, z0, a, stat.n, b, confidence, False
+    )
+
+
+def bootstrap_many(
+    stats: Sequence[PairedStatistic],
+    *,
+    confidence: float = 0.95,
+    n_resamples: int = 10_000,
+    seed: int = 0,
+    method: str = "fast",
+    null_values: Sequence[float] | None = None,
+) -> list[BootstrapResult]:
+    """BCa results for statistics over the same examples (``fast`` shares one set of draws)."""
+    _check_options(confidence, n_resamples, method)
+    nulls = list(null_values) if null_values is not None else [0.0] * len(stats)
+    if len(nulls) != len(stats):
+        raise ValueError("null_values needs one value per statistic")
+    if method == "fast":
+        dists = bootstrap_distributions(stats, n_resamples, seed)
+        return [
+            _finish(s, d, confidence=confidence, null_value=nv)
+            for s, d, nv in zip(stats, dists, nulls, strict=True)
+        ]
+    return [
+        _scipy_one(s, confidence=confidence, n_resamples=n_resamples, seed=seed, null_value=nv)
+        for s, nv in zip(stats, nulls, strict=True)
+    ]
+
+
+def _scipy_one(
+    stat: PairedStatistic, *, confidence: float, n_resamples: int, seed: int, null_value: float
+) -> BootstrapResult:
+    from scipy import stats as sps
+
+    data, fn, paired = stat.scipy_call()
+    with warnings.catch_warnings():
+        # Constant data make scipy warn and return NaN; that case is handled just below.
+        warnings.simplefilter("ignore", sps.DegenerateDataWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = sps.bootstrap(
+            data,
+            fn,
+            n_resamples=n_resamples,
+            rng=seed,
+            method="BCa",
+            confidence_level=confidence,
+            paired=paired,
+            vectorized=True,
+        )
+    theta_b = np.asarray(res.bootstrap_distribution, dtype=np.float64)
+    low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    if np.isnan(low) or np.isnan(high):
+        result = _finish(stat, theta_b, confidence=confidence, null_value=null_value)
+        if result.degenerate:
+            return result
+        raise ValueError(
+            "scipy.stats.bootstrap could not compute a BCa interval (the estimate lies outside "
+            "the bootstrap distribution or the jackknife is flat); use method='fast'"
+        )
+    return _finish(
+        stat, theta_b, confidence=confidence, null_value=null_value, scipy_ci=(low, high)
+    )
+
+
+def paired_bootstrap(
+    candidate: ArrayLike,
+    baseline: ArrayLike | None = None,
+    *,
+    statistic: str = "mean",
+    relative: bool = False,
+    null_value: float = 0.0,
+    confidence: float = 0.95,
+    n_resamples: int = 10_000,
+    seed: int = 0,
+    method: str = "fast",
+) -> BootstrapResult:
+    """BCa interval and p-value for one paired comparison.
+
+    ``candidate``/``baseline`` are ``(examples,)`` or ``(examples, seeds)`` arrays of the same
+    shape; with ``baseline=None`` ``candidate`` holds paired differences. The statistic is
+    ``T(candidate) - T(baseline)`` (``relative=False``) or ``T(candidate) / T(baseline) - 1``,
+    with ``T`` the mean or a quantile (``statistic="p95"``); ``null_value`` is the value the
+    p-value tests (two-sided).
+    """
+    c = as_examples(candidate, "candidate" if baseline is not None else "diffs")
+    b = None if baseline is None else as_examples(baseline, "baseline")
+    if baseline is not None:
+        shape_c, shape_b = np.asarray(candidate).shape, np.asarray(baseline).shape
+        if shape_c != shape_b:
+            raise ValueError(
+                "candidate and baseline must have the same shape (examples x seeds), got "
+                f"{shape_c} and {shape_b}"
+            )
+    stat = PairedStatistic(c, b, q=parse_statistic(statistic), relative=relative)
+    return bootstrap_many(
+        [stat],
+        confidence=confidence,
+        n_resamples=n_resamples,
+        seed=seed,
+        method=method,
+        null_values=[null_value],
+    )[0]
+
+
+def paired_bca(
+    diffs: ArrayLike,
+    *,
+    confidence: float = 0.95,
+    n_resamples: int = 10_000,
+    seed: int = 0,
+    method: str = "fast",
+) -> tuple[float, float]:
+    """BCa confidence interval ``(low, high)`` of the mean paired difference.
+
+    ``diffs`` is a 1-D array of per-example differences (candidate - baseline) or a 2-D
+    ``examples x seeds`` array: each example is reduced to its mean over seeds and examples are
+    resampled as clusters, so the statistic is the mean over resampled rows of the per-example
+    seed means. ``method="scipy"`` is :func:`scipy.stats.bootstrap` (``method="BCa"``,
+    ``rng=seed``); ``method="fast"`` reproduces it (same draws when ``n_resamples * n <=
+    CHUNK_ELEMENTS``, otherwise equal within Monte Carlo error; see the module docstring).
+    Constant differences give ``(c, c)``. Raises ValueError on NaN/inf, fewer than 2 examples or
+    a shape other than 1-D/2-D.
+    """
+    r = paired_bootstrap(
+        diffs, None, confidence=confidence, n_resamples=n_resamples, seed=seed, method=method
+    )
+    return r.low, r.high

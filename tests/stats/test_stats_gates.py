@@ -1,0 +1,346 @@
+"""Promotion gates: the shipped config, gate logic on hand-made results, report, registry."""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from bem_tasks.gates import (
+    Decision,
+    Gate,
+    GatesConfig,
+    MissionGates,
+    analysis_specs,
+    evaluate_gates,
+    load_gates,
+    promote,
+    render_report_md,
+)
+from bem_tasks.stats import analyze
+from bem_tasks.stats.power import achieved_power, n_for_margin
+
+ROOT = Path(__file__).resolve().parents[2]
+GATES_FILE = ROOT / "configs" / "gates_bem2.yaml"
+
+
+# ---------------------------------------------------------------- the shipped gates file
+
+
+def test_shipped_gates_cover_every_mission_target() -> None:
+    cfg = load_gates(GATES_FILE)
+    assert sorted(cfg.missions) == [f"mission_{m}" for m in "abcde"]
+    names = {m: {g.name: g for g in mg.gates} for m, mg in cfg.missions.items()}
+    a = names["mission_a"]
+    assert {g.metric for g in a.values()} == {
+        "em",
+        "f1",
+        "latency_ms",
+        "plan_length",
+        "kv_hit_ratio",
+    }
+    # em / f1 are per-example points (0..100), so +1.5 points is 1.5
+    assert (a["em_gain"].kind, a["em_gain"].op, a["em_gain"].threshold) == (
+        "superiority",
+        ">=",
+        1.5,
+    )
+    assert a["f1_gain"].threshold == 1.5
+    for p in ("p50", "p95"):
+        g = a[f"latency_{p}"]
+        assert (g.kind, g.relative, g.statistic, g.op, g.threshold) == (
+            "non_inferiority", True, p, "<=", 0.15
+        )  # fmt: skip
+    assert (a["plan_length"].kind, a["plan_length"].op, a["plan_length"].threshold) == (
+        "absolute",
+        "<=",
+        3,
+    )
+    kv = a["kv_hit_ratio"]  # router's KV-hit >= 1.0x the baseline's
+    assert (kv.kind, kv.relative, kv.op, kv.threshold) == ("non_inferiority", True, ">=", 0.0)
+    assert cfg.missions["mission_a"].candidate == "router"
+    assert cfg.missions["mission_a"].baseline == "baseline"
+    b = names["mission_b"]
+    assert (b["time_to_fix"].op, b["time_to_fix"].threshold) == ("<=", 1000)
+    assert (b["aggregate_improvement"].relative, b["aggregate_improvement"].threshold) == (
+        True,
+        0.01,
+    )
+    assert (b["rollback_count"].op, b["rollback_count"].threshold) == ("<=", 0)
+    c = names["mission_c"]
+    assert (c["violation_reduction"].relative, c["violation_reduction"].threshold) == (True, -0.30)
+    assert c["em_drop"].threshold == c["f1_drop"].threshold == -1.0
+    assert (c["latency"].threshold, c["orthogonality"].threshold) == (0.10, 0.95)
+    d = names["mission_d"]
+    assert (d["rrs_up"].op, d["ldc_down"].op) == (">", "<")
+    assert d["bleu_loss"].threshold == d["chrf_loss"].threshold == -5.0
+    e = names["mission_e"]
+    assert (e["beyond_window"].kind, e["beyond_window"].op, e["beyond_window"].threshold) == (
+        "superiority", ">", 0.0
+    )  # fmt: skip
+    assert (e["perplexity_spike"].threshold, e["latency"].threshold) == (1.2, 0.15)
+    for mg in cfg.missions.values():
+        for g in mg.gates:
+            assert g.slice == "slice_b"  # the gatekeeper slice
+
+
+def test_analysis_specs_test_the_gate_thresholds() -> None:
+    cfg = load_gates(GATES_FILE)
+    specs = analysis_specs(cfg, "mission_a")
+    by = {(s["metric"], s["statistic"]): s for s in specs}
+    assert set(by) == {
+        ("em", "mean"), ("f1", "mean"), ("latency_ms", "p50"), ("latency_ms", "p95"),
+        ("kv_hit_ratio", "mean"),
+    }  # fmt: skip
+    assert by[("em", "mean")]["null_value"] == 1.5
+    assert by[("kv_hit_ratio", "mean")]["relative"] is True
+    assert by[("latency_ms", "p95")] == {
+        "mission": "mission_a", "metric": "latency_ms", "slice": "slice_b", "family": "system",
+        "relative": True, "statistic": "p95", "higher_is_better": False, "null_value": 0.15,
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="no gates for mission 'nope'"):
+        analysis_specs(cfg, "nope")
+
+
+# ---------------------------------------------------------------- gate logic on fixtures
+
+
+def _cfg(*gates: Gate) -> GatesConfig:
+    mg = MissionGates(
+        candidate="cand", baseline="base", families=["performance", "system"], gates=list(gates)
+    )
+    return GatesConfig(missions={"m": mg})
+
+
+SUP = Gate(
+    name="em_gain", metric="em", kind="superiority", op=">=", threshold=0.015, family="performance"
+)
+NI = Gate(
+    name="latency", metric="latency_ms", kind="non_inferiority", op="<=", threshold=0.15,
+    relative=True, family="system",
+)  # fmt: skip
+ABS = Gate(
+    name="plan",
+    metric="plan_length",
+    kind="absolute",
+    op="<=",
+    threshold=3,
+    statistic="max",
+    family="performance",
+)
+
+
+def _res(
+    gate: Gate, est: float, lo: float, hi: float, p_adj: float, *, n: int = 200, se: float = 0.01,
+    family_size: int = 2,
+) -> dict[str, Any]:  # fmt: skip
+    return {
+        "mission": "m", "metric": gate.metric, "slice": gate.slice, "family": gate.family,
+        "statistic": gate.statistic, "relative": gate.relative, "estimate": est, "ci_low": lo,
+        "ci_high": hi, "confidence": 0.95, "null_value": gate.threshold, "p_value": p_adj / 2,
+        "p_adjusted": p_adj, "family_size": family_size, "n": n, "se": se,
+    }  # fmt: skip
+
+
+def test_superiority_pass_fail_and_underpowered() -> None:
+    cfg = _cfg(SUP)
+    ok = evaluate_gates("m", cfg, [_res(SUP, 0.05, 0.03, 0.07, 0.001)])
+    assert ok.decision == "PROMOTED" and ok.gates[0].status == "passed"
+    assert "lies above the threshold 0.015" in ok.gates[0].reason
+
+    bad = evaluate_gates("m", cfg, [_res(SUP, -0.02, -0.03, 0.01, 0.001)])
+    assert bad.decision == "REJECTED" and bad.gates[0].status == "failed"
+    assert "entirely below" in bad.gates[0].reason
+
+    est, se, n = 0.02, 0.01, 200
+    unsure = evaluate_gates("m", cfg, [_res(SUP, est, 0.001, 0.039, 0.6, n=n, se=se)])
+    o = unsure.gates[0]
+    assert unsure.decision == "INSUFFICIENT_EVIDENCE" and o.status == "underpowered"
+    sd_unit, delta = se * math.sqrt(n), est - 0.015
+    assert o.n_needed == n_for_margin(sd_unit, delta, power=0.8, alpha=0.05 / 2)
+    assert o.achieved_power == pytest.approx(achieved_power(delta / sd_unit, n, 0.05 / 2))
+    assert "straddles the threshold" in o.reason and f"about {o.n_needed} examples" in o.reason
+    assert o.n_needed is not None and o.n_needed > n
+
+
+def test_ci_clear_of_threshold_but_not_significant_after_bh_is_underpowered() -> None:
+    d = evaluate_gates("m", _cfg(SUP), [_res(SUP, 0.05, 0.016, 0.08, 0.07)])
+    assert d.gates[0].status == "underpowered"
+    assert "BH-adjusted p = 0.07 >= 0.05" in d.gates[0].reason
+
+
+def test_non_inferiority_boundary_and_strictness() -> None:
+    at_margin = evaluate_gates("m", _cfg(NI), [_res(NI, 0.10, 0.05, 0.15, 0.03)])
+    assert at_margin.gates[0].status == "passed"  # "<=" includes the margin itself
+    strict = NI.model_copy(update={"op": "<"})
+    on_strict = evaluate_gates("m", _cfg(strict), [_res(strict, 0.10, 0.05, 0.15, 0.03)])
+    assert on_strict.gates[0].status == "underpowered"  # "<" does not
+    over = evaluate_gates("m", _cfg(NI), [_res(NI, 0.22, 0.1501, 0.3, 0.001)])
+    assert over.gates[0].status == "failed"
+    assert "+15.00%" in over.gates[0].reason  # relative thresholds are shown in percent
+
+
+def test_estimate_on_failing_side_says_so() -> None:
+    d = evaluate_gates("m", _cfg(NI), [_res(NI, 0.17, 0.12, 0.22, 0.4)])
+    assert d.gates[0].status == "underpowered"
+    assert "on the failing side" in d.gates[0].reason
+
+
+def test_absolute_gates_and_missing_measurements() -> None:
+    cfg = _cfg(SUP, ABS)
+    res = [_res(SUP, 0.05, 0.03, 0.07, 0.001)]
+    ok = evaluate_gates("m", cfg, res, {"plan_length": np.array([1, 2, 3, 3])})
+    assert ok.decision == "PROMOTED"
+    assert (ok.gates[1].observed, ok.gates[1].n) == (3.0, 4)
+    too_long = evaluate_gates("m", cfg, res, {"plan_length": [[1, 2], [4, 3]]})
+    assert too_long.decision == "REJECTED" and too_long.gates[1].status == "failed"
+    assert "max(plan_length) = 4 violates <= 3" in too_long.gates[1].reason
+    assert evaluate_gates("m", cfg, res, {"plan_length": 2.5}).gates[1].status == "passed"
+    missing = evaluate_gates("m", cfg, [], {})
+    assert missing.decision == "INSUFFICIENT_EVIDENCE"
+    assert [o.status for o in missing.gates] == ["missing", "missing"]
+    assert "no property 'plan_length'" in missing.gates[1].reason
+    with pytest.raises(ValueError, match="NaN"):
+        evaluate_gates("m", cfg, res, {"plan_length": [1.0, float("nan")]})
+
+
+def test_one_failure_rejects_even_with_other_gates_unresolved() -> None:
+    cfg = _cfg(SUP, NI)
+    d = evaluate_gates("m", cfg, [_res(SUP, 0.02, 0.0, 0.04, 0.5), _res(NI, 0.3, 0.2, 0.4, 0.001)])
+    assert d.decision == "REJECTED"
+    assert d.summary == "failed: latency; not resolved: em_gain"
+
+
+def test_result_testing_another_null_is_an_error() -> None:
+    r = _res(SUP, 0.05, 0.03, 0.07, 0.001)
+    r["null_value"] = 0.0
+    with pytest.raises(ValueError, match="tested at the gate threshold 0.015.*analysis_specs"):
+        evaluate_gates("m", _cfg(SUP), [r])
+
+
+# ---------------------------------------------------------------- end to end on real statistics
+
+
+def _mission_a_data(
+    n: int, em_gain: float, slow: float, seed: int = 0, kv_gain: float = 0.4
+) -> dict[str, Any]:
+    """Per-example paired values in mission A's units: EM/F1 in points (0..100)."""
+    rng = np.random.default_rng(seed)
+    em_b = (rng.random((n, 2)) < 0.5).astype(float)
+    em_c = np.where(rng.random((n, 2)) < em_gain, 1.0, em_b)
+    f1_b = rng.random((n, 2))
+    f1_c = np.clip(f1_b + em_gain * 0.6 + rng.normal(0, 0.05, (n, 2)), 0, 1)
+    lat_b = rng.lognormal(3.0, 0.3, (n, 2))
+    lat_c = lat_b * rng.lognormal(slow, 0.05, (n, 2))
+    kv_b = rng.uniform(0.2, 0.4, (n, 2))
+    kv_c = np.clip(kv_b + kv_gain + rng.normal(0, 0.02, (n, 2)), 0, 1)
+    return {
+        "em": (100 * em_c, 100 * em_b),
+        "f1": (100 * f1_c, 100 * f1_b),
+        "latency_ms": (lat_c, lat_b),
+        "kv_hit_ratio": (kv_c, kv_b),
+    }
+
+
+def _run_mission_a(
+    data: dict[str, Any], props: dict[str, Any]
+) -> tuple[Decision, list[dict[str, Any]]]:
+    cfg = load_gates(GATES_FILE)
+    specs = analysis_specs(cfg, "mission_a")
+    for s in specs:
+        s["candidate"], s["baseline"] = data[s["metric"]]
+    results = analyze(specs, n_resamples=1000)
+    return evaluate_gates("mission_a", cfg, results, props), results
+
+
+def test_end_to_end_promoted_and_rejected() -> None:
+    props = {"plan_length": np.full(300, 3)}
+    good, results = _run_mission_a(_mission_a_data(300, em_gain=0.2, slow=0.01), props)
+    assert good.decision == "PROMOTED", render_report_md([good])
+    slow, _ = _run_mission_a(_mission_a_data(300, em_gain=0.2, slow=0.4), props)
+    assert slow.decision == "REJECTED"
+    assert {o.gate for o in slow.gates if o.status == "failed"} == {"latency_p50", "latency_p95"}
+    leaky, _ = _run_mission_a(_mission_a_data(300, 0.2, 0.01, kv_gain=-0.1), props)
+    assert leaky.decision == "REJECTED"
+    assert {o.gate for o in leaky.gates if o.status == "failed"} == {"kv_hit_ratio"}
+    too_long = {"plan_length": np.r_[np.full(299, 3), 4]}
+    assert _run_mission_a(_mission_a_data(300, 0.2, 0.01), too_long)[0].decision == "REJECTED"
+    json.dumps(good.to_json(), allow_nan=False)
+
+
+def test_report_lists_every_gate_and_reported_only_results(tmp_path: Path) -> None:
+    props = {"plan_length": np.full(100, 2)}
+    decision, results = _run_mission_a(_mission_a_data(100, em_gain=0.02, slow=0.0), props)
+    rng = np.random.default_rng(1)
+    extra = analyze(
+        [{"mission": "mission_a", "metric": "flip_rate", "slice": "slice_a", "family": "performance",
+          "candidate": rng.random(50), "baseline": rng.random(50)}],
+        n_resamples=200,
+    )  # fmt: skip
+    md = render_report_md([decision], results=results + extra)
+    assert md.startswith("# Promotion report")
+    assert f"## mission_a: {decision.decision}" in md
+    for o in decision.gates:
+        assert f"| {o.gate} |" in md
+    assert "## Reported only (no gate)" in md and "flip_rate" in md
+    assert "n needed" in md
+
+
+# ---------------------------------------------------------------- registry
+
+
+def _promoted(mission: str = "mission_a") -> Decision:
+    cfg = _cfg(SUP)
+    d = evaluate_gates("m", cfg, [_res(SUP, 0.05, 0.03, 0.07, 0.001)])
+    return d.model_copy(update={"mission": mission})
+
+
+def test_promote_records_current_and_history(tmp_path: Path) -> None:
+    reg = tmp_path / "registry" / "models.json"
+    e1 = promote(reg, "mission_a", "run1", "/models/a1", _promoted(), extra={"sha256": "abc"})
+    promote(reg, "mission_a", "run2", "/models/a2", _promoted())
+    promote(reg, "mission_a", "run2", "/models/a2b", _promoted())  # rerun of the same task
+    data = json.loads(reg.read_text())
+    slot = data["missions"]["mission_a"]
+    assert [e["run_id"] for e in slot["history"]] == ["run1", "run2"]
+    assert slot["current"]["model_path"] == "/models/a2b"
+    assert e1["sha256"] == "abc" and e1["gates"] == {"em_gain": "passed"}
+    assert not list(reg.parent.glob("*.tmp"))
+
+
+def test_promote_refuses_what_was_not_promoted(tmp_path: Path) -> None:
+    cfg = _cfg(SUP)
+    rejected = evaluate_gates("m", cfg, [_res(SUP, -0.02, -0.03, -0.01, 0.001)])
+    with pytest.raises(ValueError, match="was not promoted: REJECTED"):
+        promote(tmp_path / "r.json", "m", "run1", "/x", rejected)
+    with pytest.raises(ValueError, match="decision is for mission 'mission_a', not 'mission_b'"):
+        promote(tmp_path / "r.json", "mission_b", "run1", "/x", _promoted())
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ValueError, match="broken.json:1: the registry is not valid JSON"):
+        promote(tmp_path / "broken.json", "mission_a", "run1", "/x", _promoted())
+
+
+def _promote_many(args: tuple[str, int]) -> None:
+    reg, worker = args
+    for k in range(5):
+        promote(
+            reg,
+            f"mission_{'ab'[worker % 2]}",
+            f"w{worker}-r{k}",
+            f"/m/{worker}/{k}",
+            _promoted(f"mission_{'ab'[worker % 2]}"),
+        )
+
+
+def test_concurrent_promotions_lose_nothing(tmp_path: Path) -> None:
+    reg = str(tmp_path / "models.json")
+    with mp.get_context("fork").Pool(4) as pool:
+        pool.map(_promote_many, [(reg, w) for w in range(4)])
+    data = json.loads(Path(reg).read_text())
+    runs = sorted(e["run_id"] for slot in data["missions"].values() for e in slot["history"])
+    assert runs == sorted(f"w{w}-r{k}" for w in range(4) for k in range(5))
