@@ -147,6 +147,93 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_stats(args: argparse.Namespace) -> int:
+    from bem_tasks.fleet.promotion import latest, validate_results
+
+    cfg = load_fleet(args.config, args.profile)
+    if args.results:
+        paths = [Path(p) for p in args.results]
+    else:
+        run_dir = latest(cfg.artifact_root / "bem_fleet", "*/*/results.json").parent.parent
+        paths = sorted(run_dir.glob("*/results.json"))
+    stats = cfg.arch.statistics
+    doc = validate_results(
+        paths,
+        gates_path=cfg.resolve(args.gates or stats.gates),
+        out_path=Path(args.output),
+        confidence=stats.confidence,
+        n_resamples=args.samples or stats.n_resamples,
+        alpha=stats.fdr_alpha,
+    )
+    from bem_tasks.fleet.summary import format_table
+
+    rows = [
+        [r["mission"], r["metric"], r["slice"], r["family"], r["statistic"], r["n"],
+         _num(r["estimate"]), f"[{_num(r['ci_low'])}, {_num(r['ci_high'])}]", _num(r["p_adjusted"])]
+        for r in doc["results"]
+    ]  # fmt: skip
+    print(format_table(
+        ["mission", "metric", "slice", "family", "stat", "n", "estimate", "95% CI", "p_adj"], rows
+    ))  # fmt: skip
+    print(f"\nwrote {args.output}")
+    return 0
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def _gates_report(args: argparse.Namespace, missions: list[str] | None) -> dict:
+    from bem_tasks.fleet.promotion import gate_results, latest
+
+    cfg = load_fleet(args.config, args.profile)
+    stats_path = (
+        Path(args.stats)
+        if args.stats
+        else latest(
+            cfg.artifact_root / "bem_statistical_validation", "*/*/statistical_results.json"
+        )
+    )
+    out = Path(args.output) if args.output else stats_path.parent
+    return gate_results(
+        stats_path,
+        gates_path=cfg.resolve(args.gates or cfg.arch.statistics.gates),
+        out_dir=out,
+        registry_path=cfg.artifact_root / "registry.json",
+        alpha=cfg.arch.statistics.fdr_alpha,
+        power=cfg.arch.statistics.power,
+        missions=missions,
+        register=False,
+    )
+
+
+def cmd_gates(args: argparse.Namespace) -> int:
+    report = _gates_report(args, [args.mission])
+    print(report["markdown"])
+    (decision,) = report["decisions"]
+    return 0 if decision["decision"] == "PROMOTED" else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    report = _gates_report(args, None if args.all_missions else args.mission)
+    print(report["markdown"])
+    return 0
+
+
+def cmd_power(args: argparse.Namespace) -> int:
+    from bem_tasks.stats.power import achieved_power, required_n
+
+    alpha = args.alpha
+    n = required_n(args.effect_size, power=args.power, alpha=alpha)
+    print(
+        f"{args.mission}: a paired standardized effect d_z={args.effect_size} needs n={n} "
+        f"examples for power {args.power} at alpha={alpha} (two-sided paired t approximation)"
+    )
+    for have in (50, 100, 200, 500, 1000, 5000):
+        print(f"  n={have:<5} power={achieved_power(args.effect_size, have, alpha):.3f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bem-fleet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -198,6 +285,36 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--mission", required=True)
     evaluate.add_argument("--model", required=True, help="output folder of the trained model")
     phase_args(evaluate)
+
+    stats = add("stats", cmd_stats, "paired BCa CIs, p-values, BH-FDR of missions' results")
+    stats.add_argument("--results", nargs="*", help="results.json files (default: latest run)")
+    stats.add_argument("--output", default="statistical_results.json")
+    stats.add_argument("--gates", default=None)
+    stats.add_argument("--samples", type=int, default=None, help="bootstrap resamples")
+    stats.add_argument("--profile", default=None)
+
+    def report_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--gates", default=None, help="gates YAML (default: from config)")
+        p.add_argument("--stats", default=None, help="statistical_results.json (default: latest)")
+        p.add_argument("--output", default=None, help="folder for the report files")
+        p.add_argument("--profile", default=None)
+
+    gates = add("gates", cmd_gates, "check one mission's promotion gates (exit 0 iff PROMOTED)")
+    gates.add_argument("action", choices=["check"])
+    gates.add_argument("--mission", required=True)
+    report_args(gates)
+
+    report = add("report", cmd_report, "promotion report (markdown + JSON) for missions")
+    group = report.add_mutually_exclusive_group(required=True)
+    group.add_argument("--all-missions", action="store_true")
+    group.add_argument("--mission", action="append")
+    report_args(report)
+
+    power = add("power", cmd_power, "examples needed for a paired effect size (statsmodels)")
+    power.add_argument("--mission", required=True)
+    power.add_argument("--effect-size", type=float, required=True)
+    power.add_argument("--power", type=float, default=0.8)
+    power.add_argument("--alpha", type=float, default=0.05)
     return parser
 
 

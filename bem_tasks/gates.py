@@ -29,7 +29,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -42,9 +41,7 @@ from pydantic import (
 
 from bem_tasks.config.loader import ConfigError, load_yaml
 from bem_tasks.io import atomic_write_json
-from bem_tasks.stats.bootstrap import parse_statistic
-from bem_tasks.stats.plots import plot_forest
-from bem_tasks.stats.power import achieved_power, n_for_margin
+from bem_tasks.stats.statistic import parse_statistic
 
 Op = Literal[">=", "<=", ">", "<"]
 Kind = Literal["superiority", "non_inferiority", "absolute"]
@@ -68,7 +65,6 @@ __all__ = [
     "analysis_specs",
     "evaluate_gates",
     "load_gates",
-    "plot_forest",
     "promote",
     "render_report_md",
 ]
@@ -327,6 +323,8 @@ def _find_result(
 
 
 def _comparative(g: Gate, r: Mapping[str, Any], alpha: float, power: float) -> GateOutcome:
+    from bem_tasks.stats.power import achieved_power, n_for_margin  # scipy: not at config load
+
     est, lo, hi = float(r["estimate"]), float(r["ci_low"]), float(r["ci_high"])
     p_adj, n, se = float(r["p_adjusted"]), int(r["n"]), float(r["se"])
     m = max(1, int(r.get("family_size", 1)))
@@ -385,6 +383,8 @@ def _comparative(g: Gate, r: Mapping[str, Any], alpha: float, power: float) -> G
 
 
 def _reduce_property(g: Gate, value: Any) -> float:
+    import numpy as np  # lazily: DAG files load the gates config at parse time
+
     arr = np.asarray(value, dtype=np.float64)
     if arr.size == 0:
         raise ValueError(f"property '{g.metric}' is empty")
@@ -409,6 +409,8 @@ def _reduce_property(g: Gate, value: Any) -> float:
 
 
 def _absolute(g: Gate, value: Any) -> GateOutcome:
+    import numpy as np
+
     observed = _reduce_property(g, value)
     ok = OPS[g.op](observed, g.threshold)
     what = g.metric if g.statistic == "value" else f"{g.statistic}({g.metric})"

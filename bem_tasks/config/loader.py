@@ -209,6 +209,15 @@ class FleetConfig:
     arch: Architecture
     experiments: dict[str, Experiment]
     params: dict[str, BaseModel] = field(default_factory=dict)
+    siblings: dict[str, FleetConfig] = field(default_factory=dict, repr=False, compare=False)
+
+    def for_profile(self, profile: str) -> FleetConfig:
+        """The same configuration under another profile (already validated, no reload)."""
+        if profile == self.profile:
+            return self
+        if profile not in self.siblings:
+            raise ConfigError([f"{self.path}:profiles: unknown profile '{profile}'"])
+        return self.siblings[profile]
 
     @property
     def artifact_root(self) -> Path:
@@ -393,16 +402,27 @@ def _load(path: Path, profile: str | None, problems: list[str]) -> FleetConfig |
     if problems:
         return None
     chosen = profile or base.fleet.default_profile
-    arch = archs[chosen]
+    return _fleet_config(path, root, chosen, archs, experiments_by_profile, params_by_profile)
+
+
+def _fleet_config(
+    path: Path,
+    root: Path,
+    profile: str,
+    archs: dict[str, BaseModel],
+    experiments: dict[str, dict[str, Experiment]],
+    params: dict[str, dict[str, BaseModel]],
+) -> FleetConfig:
+    arch = archs[profile]
     assert isinstance(arch, Architecture)
-    return FleetConfig(
-        path=path,
-        root=root,
-        profile=chosen,
-        arch=arch,
-        experiments=experiments_by_profile[chosen],
-        params=params_by_profile[chosen],
-    )
+    cfg = FleetConfig(path, root, profile, arch, experiments[profile], params[profile])
+    # Every profile was validated anyway; keep them so a caller can switch without reloading.
+    cfg.siblings = {
+        p: FleetConfig(path, root, p, a, experiments[p], params[p])  # type: ignore[arg-type]
+        for p, a in archs.items()
+        if p
+    }
+    return cfg
 
 
 def _gate_problems(gates_path: Path, missions: list[str]) -> list[str]:

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pendulum
-from airflow.sdk import DAG, Asset, Param, TaskGroup, get_current_context, task
+from airflow.sdk import DAG, Asset, AssetAny, Param, TaskGroup, get_current_context, task
 
 from bem_tasks.config.loader import FleetConfig, load_fleet
 
 FLEET_DAG_ID = "bem_fleet"
+STATS_DAG_ID = "bem_statistical_validation"
+GATES_DAG_ID = "bem_promotion_gates"
+STATS_ASSET = Asset(uri="bem://statistics/results", name="statistical_results")
 START_DATE = pendulum.datetime(2026, 1, 1, tz="UTC")
 
 
@@ -32,7 +36,7 @@ def mission_asset(mission: str) -> Asset:
 def deployment_config(config_path: str | None = None) -> FleetConfig:
     base = load_fleet(config_path)
     profile = os.environ.get("BEM_FLEET_DEPLOYMENT_PROFILE") or base.arch.fleet.deployment_profile
-    return load_fleet(config_path, profile)
+    return base.for_profile(profile)
 
 
 def params_for(cfg: FleetConfig, missions_default: list[str]) -> dict[str, Param]:
@@ -243,9 +247,135 @@ def build_fleet_dag(cfg: FleetConfig) -> DAG:
     return dag
 
 
+def _validate(results: list[str]) -> dict:
+    from bem_tasks.fleet.promotion import validate_results
+    from bem_tasks.fleet.runs import RunLayout
+
+    ctx = get_current_context()
+    paths = list(results)
+    for asset, events in ctx["triggering_asset_events"].items():
+        paths += [e.extra["results"] for e in events if "results" in (e.extra or {})]
+        print(f"triggered by {asset.uri}: {len(events)} event(s)")
+    if not paths:
+        raise ValueError(
+            "nothing to validate: no triggering mission asset event and no `results` param "
+            "(paths to missions' results.json)"
+        )
+    cfg = load_fleet(None, ctx["params"]["profile"])
+    stats = cfg.arch.statistics
+    out = RunLayout(cfg.artifact_root, ctx["dag"].dag_id, ctx["run_id"]).run_dir
+    doc = validate_results(
+        [Path(p) for p in dict.fromkeys(paths)],
+        gates_path=cfg.resolve(stats.gates),
+        out_path=out / "statistical_results.json",
+        confidence=stats.confidence,
+        n_resamples=stats.n_resamples,
+        alpha=stats.fdr_alpha,
+    )
+    path = str(out / "statistical_results.json")
+    ctx["outlet_events"][STATS_ASSET].extra = {"statistical_results": path}
+    return {"statistical_results": path, "missions": sorted(doc["missions"])}
+
+
+def _gate(statistical_results: str | None) -> dict:
+    from bem_tasks.fleet.promotion import gate_results
+    from bem_tasks.fleet.runs import RunLayout
+
+    ctx = get_current_context()
+    path = statistical_results
+    for events in ctx["triggering_asset_events"].values():
+        for e in events:
+            path = (e.extra or {}).get("statistical_results", path)
+    if not path:
+        raise ValueError(
+            "nothing to gate: no triggering statistics asset event and no "
+            "`statistical_results` param"
+        )
+    cfg = load_fleet(None, ctx["params"]["profile"])
+    stats = cfg.arch.statistics
+    out = RunLayout(cfg.artifact_root, ctx["dag"].dag_id, ctx["run_id"]).run_dir
+    report = gate_results(
+        Path(path),
+        gates_path=cfg.resolve(stats.gates),
+        out_dir=out,
+        registry_path=cfg.artifact_root / "registry.json",
+        alpha=stats.fdr_alpha,
+        power=stats.power,
+    )
+    for d in report["decisions"]:
+        print(f"{d['mission']}: {d['decision']}")
+        for g in d["gates"]:
+            print(f"  {g['gate']:<24} {g['status']:<13} {g['reason']}")
+    return {
+        "report": str(out / "promotion_report.md"),
+        "decisions": {d["mission"]: d["decision"] for d in report["decisions"]},
+    }
+
+
+def build_statistics_dags(cfg: FleetConfig) -> dict[str, DAG]:
+    """Validation runs when any mission publishes results; gating when validation publishes."""
+    assets = [mission_asset(m) for m in cfg.topological_missions()]
+    profile = Param(cfg.arch.fleet.default_profile, enum=sorted(cfg.arch.profiles))
+    with DAG(
+        dag_id=STATS_DAG_ID,
+        schedule=AssetAny(*assets) if assets else None,
+        start_date=START_DATE,
+        catchup=False,
+        max_active_runs=1,
+        default_args=_default_args(cfg),
+        params={
+            "profile": profile,
+            "results": Param(
+                [],
+                type="array",
+                items={"type": "string"},
+                description="results.json paths to validate (manual runs; asset events add theirs)",
+            ),
+        },
+        tags=["bem-fleet", "statistics"],
+        doc_md="# Statistical validation\n\nPaired, example-level BCa bootstrap CIs (cluster "
+        "bootstrap over examples with several seeds), p-values consistent with the CIs and "
+        "Benjamini-Hochberg within the gates' families. Writes `statistical_results.json` and "
+        "emits `bem://statistics/results`.",
+    ) as stats_dag:
+
+        @task(task_id="validate", outlets=[STATS_ASSET])
+        def validate_task() -> dict:
+            return _validate(get_current_context()["params"]["results"])
+
+        validate_task()
+
+    with DAG(
+        dag_id=GATES_DAG_ID,
+        schedule=[STATS_ASSET],
+        start_date=START_DATE,
+        catchup=False,
+        max_active_runs=1,
+        default_args=_default_args(cfg),
+        params={
+            "profile": profile,
+            "statistical_results": Param(
+                None, type=["null", "string"], description="statistical_results.json (manual runs)"
+            ),
+        },
+        tags=["bem-fleet", "gates"],
+        doc_md="# Promotion gates\n\nApplies `configs/gates_bem2.yaml` to the statistical "
+        "results: PROMOTED only when every gate passes, else REJECTED or INSUFFICIENT_EVIDENCE "
+        "(with the sample size needed). Writes `promotion_report.json`/`.md`, forest plots, "
+        "and records promoted candidates in `<artifact_root>/registry.json`.",
+    ) as gates_dag:
+
+        @task(task_id="check_gates")
+        def check_gates() -> dict:
+            return _gate(get_current_context()["params"]["statistical_results"])
+
+        check_gates()
+    return {STATS_DAG_ID: stats_dag, GATES_DAG_ID: gates_dag}
+
+
 def build_all(config_path: str | None = None) -> dict[str, DAG]:
     cfg = deployment_config(config_path)
-    dags = {FLEET_DAG_ID: build_fleet_dag(cfg)}
+    dags = {FLEET_DAG_ID: build_fleet_dag(cfg), **build_statistics_dags(cfg)}
     for mission in cfg.topological_missions():
         dags[mission_dag_id(mission)] = build_mission_dag(cfg, mission)
     return dags

@@ -15,11 +15,30 @@ No Airflow here; matplotlib and statsmodels are imported only when used.
 
 from __future__ import annotations
 
-from bem_tasks.stats import power
-from bem_tasks.stats.analysis import RESULT_KEYS, MetricData, analyze
-from bem_tasks.stats.bootstrap import BootstrapResult, paired_bca, paired_bootstrap
-from bem_tasks.stats.multitest import bh_adjust
-from bem_tasks.stats.plots import plot_forest
+from importlib import import_module
+from typing import Any
+
+# Attributes load on first use: the gates config (read when a DAG file is parsed) needs only
+# `bem_tasks.stats.statistic`, not numpy and scipy.
+_WHERE = {
+    "RESULT_KEYS": "analysis",
+    "MetricData": "analysis",
+    "analyze": "analysis",
+    "BootstrapResult": "bootstrap",
+    "paired_bca": "bootstrap",
+    "paired_bootstrap": "bootstrap",
+    "bh_adjust": "multitest",
+    "plot_forest": "plots",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "power":
+        return import_module("bem_tasks.stats.power")
+    if name in _WHERE:
+        return getattr(import_module(f"bem_tasks.stats.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'bem_tasks.stats' has no attribute {name!r}")
+
 
 __all__ = [
     "RESULT_KEYS",

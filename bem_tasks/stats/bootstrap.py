@@ -38,7 +38,6 @@ Constant data give a degenerate interval ``(c, c)`` and no error.
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -46,6 +45,8 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy.special import ndtr, ndtri
+
+from bem_tasks.stats.statistic import parse_statistic
 
 FloatArray = NDArray[np.float64]
 
@@ -72,20 +73,6 @@ class BootstrapResult:
     n_resamples: int
     confidence: float
     degenerate: bool
-
-
-def parse_statistic(name: str) -> float | None:
-    """``"mean"`` -> None; ``"median"`` -> 0.5; ``"p95"`` -> 0.95 (any percentile in (0, 100))."""
-    if name == "mean":
-        return None
-    if name == "median":
-        return 0.5
-    m = re.fullmatch(r"p(\d{1,2}(?:\.\d+)?)", name)
-    if m and 0.0 < float(m.group(1)) < 100.0:
-        return float(m.group(1)) / 100.0
-    raise ValueError(
-        f"statistic must be 'mean', 'median' or a percentile such as 'p95', got {name!r}"
-    )
 
 
 def as_examples(values: ArrayLike, name: str = "diffs") -> FloatArray:

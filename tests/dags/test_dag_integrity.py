@@ -57,7 +57,7 @@ def test_fleet_dag_schedule_and_params(toy_bag) -> None:
     assert dag.max_active_runs == 1
     assert set(dag.params) == {"profile", "missions", "seeds"}
     assert dag.params["profile"] == "smoke"
-    assert dag.params["missions"] == ["mission_toy"]
+    assert "mission_toy" in dag.params["missions"]
     assert dag.tags == {"bem-fleet", "fleet"} or set(dag.tags) == {"bem-fleet", "fleet"}
     assert dag.doc_md
 
@@ -166,14 +166,18 @@ def test_bad_config_is_an_import_error_with_the_message(
     assert bag.dags == {}
 
 
-def test_no_enabled_mission_gives_a_fleet_that_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
-    from bem_tasks.config.loader import load_fleet
+def test_no_enabled_mission_gives_a_fleet_of_just_the_plan(
+    project: Path, monkeypatch: pytest.MonkeyPatch, edit_yaml
+) -> None:
+    def disable_all(d: dict) -> None:
+        for ref in d["missions"].values():
+            ref["enabled"] = False
 
-    cfg = load_fleet(ROOT / "configs" / "bem_fleet_architecture.yml")
-    if cfg.enabled_missions:
-        pytest.skip("a mission is enabled in the shipped config")  # pragma: no cover
-    bag = dagbag(ROOT / "configs" / "bem_fleet_architecture.yml", monkeypatch)
+    edit_yaml(project / "configs" / "bem_fleet_architecture.yml", disable_all)
+    bag = dagbag(project / "configs" / "bem_fleet_architecture.yml", monkeypatch)
+    assert bag.import_errors == {}
     assert bag.dags["bem_fleet"].task_ids == ["plan"]
+    assert bag.dags["bem_statistical_validation"].timetable.__class__.__name__ == "NullTimetable"
 
 
 def test_plan_closes_the_selection_over_dependencies(project: Path, toy_mission: str) -> None:
@@ -188,3 +192,12 @@ def test_plan_closes_the_selection_over_dependencies(project: Path, toy_mission:
     with pytest.raises(ValueError, match="duplicate seeds"):
         resolve_plan(cfg, {"profile": "smoke", "missions": [], "seeds": [1, 1]})
     assert json.dumps(plan)
+
+
+def test_statistics_dags_are_scheduled_on_assets(toy_bag) -> None:
+    stats = toy_bag.dags["bem_statistical_validation"]
+    gates = toy_bag.dags["bem_promotion_gates"]
+    assert "bem://missions/mission_toy/results" in repr(stats.timetable.asset_condition)
+    assert [o.uri for o in stats.get_task("validate").outlets] == ["bem://statistics/results"]
+    assert "bem://statistics/results" in repr(gates.timetable.asset_condition)
+    assert set(gates.params) == {"profile", "statistical_results"}
