@@ -22,6 +22,7 @@ from pydantic import BaseModel
 
 from bem_tasks.config.loader import FleetConfig, load_fleet
 from bem_tasks.fleet.runs import RunLayout, is_complete, write_manifest
+from bem_tasks.fleet.tracking import Tracker, open_tracker
 from bem_tasks.io import atomic_write_json
 from bem_tasks.missions.registry import IMPLEMENTED
 
@@ -41,6 +42,7 @@ class PhaseContext:
     inputs: dict[str, Path] = field(default_factory=dict)
     device: str = "cpu"
     log: logging.Logger = log
+    tracker: Tracker = field(default_factory=Tracker)
 
     @property
     def profile(self) -> str:
@@ -49,6 +51,10 @@ class PhaseContext:
     @property
     def params(self) -> BaseModel:
         return self.cfg.params[self.mission]
+
+    def track(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Record a point of a training curve (wandb; offline unless a key is set)."""
+        self.tracker.log(metrics, step=step)
 
     def input_dir(self, phase: str, seed: int | None = None) -> Path:
         """Output folder of an earlier phase of this mission (explicit inputs win)."""
@@ -93,7 +99,21 @@ def execute(ctx: PhaseContext, *, config_hash: str, extra: dict[str, Any] | None
     ctx.log.info(
         "%s.%s seed=%s profile=%s -> %s", ctx.mission, ctx.phase, ctx.seed, ctx.profile, ctx.out_dir
     )
-    metrics = phase_function(ctx.mission, ctx.phase)(ctx) or {}
+    # Tracking files go next to the phase folder, not into it: the manifest covers results only.
+    ctx.tracker = open_tracker(
+        ctx.cfg.arch.fleet.tracking,
+        name=f"{ctx.mission}.{ctx.phase}" + (f".seed{ctx.seed}" if ctx.seed is not None else ""),
+        group=f"{ctx.layout.dag_id}/{ctx.layout.run_id}" if ctx.layout else "standalone",
+        job_type=ctx.phase,
+        out_dir=ctx.out_dir.parent / f".tracking-{ctx.out_dir.name}",
+        config={"profile": ctx.profile, "seed": ctx.seed, "config_hash": config_hash},
+    )
+    try:
+        metrics = phase_function(ctx.mission, ctx.phase)(ctx) or {}
+    except BaseException:
+        ctx.tracker.finish({"status": "failed"})
+        raise
+    ctx.tracker.finish(metrics)
     duration = time.monotonic() - started
     atomic_write_json(metrics_path, metrics)
     write_manifest(

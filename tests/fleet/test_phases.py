@@ -90,3 +90,15 @@ def test_explicit_inputs_run_a_phase_without_a_dag_run(toy_env: Path, tmp_path: 
     no_inputs = PhaseContext("mission_toy", "fit", 7, cfg, tmp_path / "fit2")
     with pytest.raises(FileNotFoundError, match="pass it explicitly"):
         execute(no_inputs, config_hash="h")
+
+
+def test_each_phase_is_tracked_in_an_offline_wandb_run(toy_env: Path, monkeypatch) -> None:
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    out = run_phase("mission_toy", "prepare", profile="smoke", dag_id="d", run_id="r3")
+    phase_dir = Path(out["dir"])
+    (run_dir,) = (phase_dir.parent / ".tracking-prepare" / "wandb").glob("offline-run-*")
+    (records,) = run_dir.glob("run-*.wandb")  # wandb's binary log, uploadable with `wandb sync`
+    data = records.read_bytes()
+    assert b"config_hash" in data and b"mission_toy.prepare" in data
+    # tracking files stay out of the phase folder, so the manifest covers results only
+    assert not (phase_dir / "wandb").exists()
