@@ -17,4 +17,17 @@ class MissionImpl:
     params_model: str  # "module:Class", a pydantic model for the experiment's `params`
 
 
-IMPLEMENTED: dict[str, MissionImpl] = {}
+IMPLEMENTED: dict[str, MissionImpl] = {
+    "mission_a": MissionImpl(
+        module="bem_tasks.missions.mission_a",
+        phases=(
+            "prepare",
+            "pretrain_base",
+            "train_experts",
+            "behavioral_cloning",
+            "policy_gradient",
+            "evaluate",
+        ),
+        params_model="bem_tasks.missions.mission_a_params:MissionAParams",
+    ),
+}

@@ -29,12 +29,18 @@ def airflow_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "WANDB_MODE": "offline",
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
-    subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env, check=True, capture_output=True)
-    subprocess.run([str(BIN / "bem-fleet"), "pools", "sync"], env=env, check=True, capture_output=True)
+    subprocess.run(
+        [str(BIN / "airflow"), "db", "migrate"], env=env, check=True, capture_output=True
+    )
+    subprocess.run(
+        [str(BIN / "bem-fleet"), "pools", "sync"], env=env, check=True, capture_output=True
+    )
     return env
 
 
-def dags_test(env: dict[str, str], dag_id: str, conf: str, timeout: int = 900) -> subprocess.CompletedProcess:
+def dags_test(
+    env: dict[str, str], dag_id: str, conf: str, timeout: int = 900
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(BIN / "airflow"), "dags", "test", dag_id, "-c", conf],
         env=env,

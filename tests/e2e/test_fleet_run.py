@@ -1,22 +1,28 @@
-"""End to end: `airflow dags test bem_fleet` on the smoke profile with the shipped config."""
+"""End to end: `airflow dags test bem_fleet` on the smoke profile with the shipped config,
+then the statistics and gates DAGs on what it produced, then `bem-fleet status`."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from bem_tasks.config.loader import load_fleet
-from tests.e2e.conftest import ROOT, dags_test
+from tests.e2e.conftest import BIN, ROOT, dags_test
 
 pytestmark = pytest.mark.e2e
 
 
-def test_bem_fleet_smoke_run(airflow_env: dict[str, str]) -> None:
-    result = dags_test(airflow_env, "bem_fleet", '{"profile": "smoke"}')
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-5000:]
+@pytest.fixture(scope="module")
+def fleet_run(airflow_env: dict[str, str]) -> subprocess.CompletedProcess:
+    return dags_test(airflow_env, "bem_fleet", '{"profile": "smoke"}')
+
+
+def test_bem_fleet_smoke_run(fleet_run, airflow_env: dict[str, str]) -> None:
+    log = fleet_run.stdout + fleet_run.stderr
+    assert fleet_run.returncode == 0, log[-5000:]
     cfg = load_fleet(ROOT / "configs" / "bem_fleet_architecture.yml", "smoke")
     artifacts = Path(airflow_env["BEM_FLEET_ARTIFACT_ROOT"]) / "bem_fleet"
     if not cfg.enabled_missions:
@@ -30,3 +36,35 @@ def test_bem_fleet_smoke_run(airflow_env: dict[str, str]) -> None:
         assert sorted(results["phases"][final]) == [f"seed_{s}" for s in cfg.arch.fleet.seeds]
         for phase in cfg.experiments[mission].phases:
             assert phase in results["phases"], f"{mission}.{phase} left no complete output"
+
+
+def test_statistics_and_gates_dags_on_the_fleet_results(
+    fleet_run, airflow_env: dict[str, str]
+) -> None:
+    assert fleet_run.returncode == 0
+    root = Path(airflow_env["BEM_FLEET_ARTIFACT_ROOT"])
+    results = sorted(str(p) for p in root.glob("bem_fleet/*/*/results.json"))
+    assert results, "the fleet run published no mission results"
+    stats = dags_test(airflow_env, "bem_statistical_validation", json.dumps({"results": results}))
+    assert stats.returncode == 0, (stats.stdout + stats.stderr)[-5000:]
+    (stats_file,) = root.glob("bem_statistical_validation/*/statistical_results.json")
+    doc = json.loads(stats_file.read_text())
+    assert sorted(doc["missions"]) == sorted({Path(r).parent.name for r in results})
+    gates = dags_test(
+        airflow_env, "bem_promotion_gates", json.dumps({"statistical_results": str(stats_file)})
+    )
+    assert gates.returncode == 0, (gates.stdout + gates.stderr)[-5000:]
+    (report,) = root.glob("bem_promotion_gates/*/promotion_report.json")
+    decisions = json.loads(report.read_text())["decisions"]
+    assert {d["decision"] for d in decisions} <= {"PROMOTED", "REJECTED", "INSUFFICIENT_EVIDENCE"}
+    assert all(d["gates"] for d in decisions)
+
+
+def test_status_reads_the_run_from_the_metadata_db(fleet_run, airflow_env: dict[str, str]) -> None:
+    assert fleet_run.returncode == 0
+    status = subprocess.run(
+        [str(BIN / "bem-fleet"), "status", "--summary", "--detailed"],
+        env=airflow_env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "run_id" in status.stdout and "success" in status.stdout
+    assert "manual__" in status.stdout

@@ -1,0 +1,876 @@
+"""Mission A, Agentic Planner: a macro-policy router over skill experts vs one fused BEM.
+
+Phases (each ``fn(ctx) -> metrics``; inputs only through ``ctx.input_dir``):
+
+    prepare            Suite A train/dev/test JSONL, read back and validated
+    pretrain_base      tiny byte-level GPT-2 trained from scratch (smoke), or a local model (full)
+    train_experts      per seed: one BEM expert per skill under oracle routing + the fused baseline
+                       (K=1) at parameter parity with experts + macro-policy router
+    behavioral_cloning per seed: macro-policy cloned from the oracle plans (AR0)
+    policy_gradient    per seed: PPO on real decoded-answer reward in a KL trust region (AR1)
+    evaluate           per seed: router vs baseline on test (slice_b) and dev (slice_a)
+
+Evaluation definitions (per example, batch-1 greedy decoding with a K/V cache):
+
+    em, f1          SQuAD EM/F1 in points (0..100) of the answer ``extract_answer`` finds in the
+                    decoded text ("" when none parses)
+    plan_length     segments of the router's decision sequence (<= plan horizon); the fused
+                    baseline runs one adapter throughout: 1
+    flip_rate       expert switches / routing decisions (baseline: 0)
+    latency_ms      wall time of the whole decode (prefill + every step), both systems timed
+                    interleaved on the same device, alternating which goes first
+    kv_hit_ratio    share of the prompt's K/V head vectors in the decoding cache that are
+                    bit-identical to the frozen base model's for the same prompt: the part of
+                    the cache a server can share with the base model (router: 1.0 by
+                    construction, since prompt tokens get zero gates)
+    kv_hit_ratio_all  the same over every cached position, generated ones included
+                    (evaluate.kv_all_positions; costs a second base decode per example)
+
+Every training loop checkpoints with ``CheckpointManager`` under ``<phase dir>/ckpt/<loop>`` and
+resumes from the newest verified checkpoint, so a retried task continues where it stopped.
+Batches are a function of (seed, step), so a resumed run sees the same data as an unbroken one.
+See ``bem_tasks.missions.planner`` for the router, routed decoding and the KV-hit measurement.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from bem_tasks.config.schema import TrainingSpec
+from bem_tasks.core import (
+    CheckpointManager,
+    attach_bem,
+    bem_disabled,
+    bem_layers,
+    build_model,
+    count_bem_parameters,
+    load_model,
+    load_weights,
+    save_model,
+    save_weights,
+)
+from bem_tasks.core.tokenizer import ByteTokenizer
+from bem_tasks.data import check_disjoint, extract_answer, generate_compositional, write_jsonl
+from bem_tasks.data.suites.compositional import MAX_HORIZON, SKILLS, read_compositional
+from bem_tasks.eval import ExampleRecord, LatencyProfiler, em_f1_points, write_records
+from bem_tasks.eval.latency import summarize_latencies
+from bem_tasks.io import atomic_write_bytes, atomic_write_json, sha256_file
+from bem_tasks.missions.mission_a_params import MissionAParams
+from bem_tasks.missions.planner import (
+    Batch,
+    Decoded,
+    Example,
+    MacroRouter,
+    RolloutBatch,
+    RoutedDecoder,
+    TextCodec,
+    bc_loss,
+    closed_loop_accuracy,
+    encode_items,
+    expected_reward,
+    greedy_chooser,
+    kv_hit,
+    load_codec,
+    make_batch,
+    ppo_update,
+    reference_cache,
+    sampling_chooser,
+    set_gates,
+    skill_gates,
+    teacher_forced_chunks,
+)
+
+SPLITS = ("train", "dev", "test")
+SLICES = {"test": "slice_b", "dev": "slice_a"}  # slice_b gates, slice_a is reported
+SYSTEMS = ("router", "baseline")
+PARITY_TOLERANCE = 0.05
+
+
+# ============================================================================ helpers
+def _params(ctx: Any) -> MissionAParams:
+    p = ctx.params
+    if not isinstance(p, MissionAParams):
+        raise TypeError(f"mission_a expects MissionAParams, got {type(p).__name__}")
+    if p.runtime.threads:
+        torch.set_num_threads(p.runtime.threads)
+    return p
+
+
+def _progress(ctx: Any, loop: str, step: int, total: int, **values: float) -> None:
+    """Progress in the task log (about 10 lines per loop). Runs after a step's checkpoint."""
+    if step == total or step % max(total // 10, 1) == 0:
+        shown = " ".join(f"{k}={v:.4g}" for k, v in values.items())
+        ctx.log.info("%s.%s %s step %d/%d %s", ctx.mission, ctx.phase, loop, step, total, shown)
+
+
+def _step_rng(seed: int, step: int, salt: int) -> np.random.Generator:
+    return np.random.default_rng([seed, step, salt])
+
+
+def _fingerprint(*parts: Any) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _input_digest(ctx: Any, phase: str, seed: int | None, *names: str) -> list[str]:
+    """sha256 of an earlier phase's files (from its manifest when it lists them), so that a
+    checkpoint folder is never resumed on top of different inputs."""
+    d = ctx.input_dir(phase, seed)
+    listed: dict[str, Any] = {}
+    if (d / "manifest.json").is_file():
+        listed = json.loads((d / "manifest.json").read_text()).get("files", {})
+    return [
+        str(listed.get(n, {}).get("sha256") or sha256_file(d / n))
+        for n in names
+        if (d / n).is_file()
+    ]
+
+
+def _checkpoints(
+    directory: Path, keep: int, fingerprint: str, *, trainable_only: bool
+) -> CheckpointManager:
+    """A CheckpointManager whose folder only ever holds checkpoints of this exact setup."""
+    stamp = directory / "fingerprint.json"
+    if stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") != fingerprint:
+        shutil.rmtree(directory)  # left by a different config or seed: not ours to resume
+    atomic_write_json(stamp, {"fingerprint": fingerprint})
+    return CheckpointManager(directory, keep=keep, trainable_only=trainable_only)
+
+
+def _lr(spec: TrainingSpec, step: int) -> float:
+    """Linear warm-up, then linear decay to 10% of the peak at the last step."""
+    if step < spec.warmup_steps:
+        return spec.lr * (step + 1) / spec.warmup_steps
+    span = max(spec.steps - spec.warmup_steps, 1)
+    return spec.lr * (1.0 - 0.9 * (step - spec.warmup_steps) / span)
+
+
+def train_loop(
+    ctx: Any,
+    name: str,
+    model: nn.Module,
+    loss_fn: Callable[[int], torch.Tensor],
+    spec: TrainingSpec,
+    *,
+    fingerprint: str,
+    trainable_only: bool,
+) -> dict[str, Any]:
+    """AdamW on the model's trainable parameters with checkpoint/resume under ckpt/<name>."""
+    manager = _checkpoints(
+        ctx.out_dir / "ckpt" / name,
+        spec.keep_checkpoints,
+        fingerprint,
+        trainable_only=trainable_only,
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    loaded = manager.resume(model, opt)
+    start = loaded.step if loaded else 0
+    history: list[list[float]] = list(loaded.extra.get("history", [])) if loaded else []
+    if loaded:
+        ctx.log.info("%s: resumed %s from step %d (%s)", ctx.phase, name, start, loaded.path)
+    model.train()
+    for step in range(start, spec.steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr(spec, step)
+        loss = loss_fn(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if spec.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
+        opt.step()
+        history.append([step + 1, float(loss.detach())])
+        if (step + 1) % spec.checkpoint_every == 0 or step + 1 == spec.steps:
+            manager.save(step + 1, model, opt, extra={"history": history})
+        _progress(ctx, name, step + 1, spec.steps, loss=history[-1][1])
+    model.eval()
+    return {"history": history, "resumed_from": start, "final_loss": history[-1][1]}
+
+
+def _plot(
+    path: Path, series: Mapping[str, Sequence[Sequence[float]]], title: str, xlabel: str
+) -> None:
+    """One panel per series (x, y pairs) as a PNG (matplotlib Agg, atomic write)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(series), 1, figsize=(6, 2.4 * len(series)), squeeze=False)
+    for ax, (label, points) in zip(axes[:, 0], series.items(), strict=True):
+        if points:
+            xs, ys = zip(*[(p[0], p[1]) for p in points], strict=True)
+            ax.plot(xs, ys, marker="." if len(xs) < 30 else None)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel(xlabel)
+    axes[0, 0].set_title(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _read_split(ctx: Any, split: str) -> list[Any]:
+    return read_compositional(ctx.input_dir("prepare") / f"{split}.jsonl")
+
+
+def _dtype(p: MissionAParams) -> torch.dtype:
+    return torch.bfloat16 if p.runtime.dtype == "bfloat16" else torch.float32
+
+
+def _base_dir(ctx: Any) -> Path:
+    """Where the base model lives: saved by pretrain_base, or the local path it validated."""
+    out = ctx.input_dir("pretrain_base")
+    if (out / "model" / "config.json").is_file():
+        return Path(out / "model")
+    info = out / "base.json"
+    if not info.is_file():
+        raise FileNotFoundError(f"{out}: neither model/ nor base.json (run pretrain_base first)")
+    return Path(json.loads(info.read_text())["path"])
+
+
+def _base_digest(ctx: Any) -> list[str]:
+    return _input_digest(ctx, "prepare", None, "train.jsonl") + _input_digest(
+        ctx, "pretrain_base", None, "model/model.safetensors", "base.json"
+    )
+
+
+def _load_base(ctx: Any, p: MissionAParams) -> tuple[nn.Module, TextCodec]:
+    base_dir = _base_dir(ctx)
+    model = load_model(base_dir, dtype=_dtype(p), device=ctx.device)
+    model.eval()
+    for q in model.parameters():
+        q.requires_grad_(False)
+    return model, load_codec(base_dir)
+
+
+def _sites(p: MissionAParams) -> list[str]:
+    return list(p.bem.sites)
+
+
+def _attach_experts(model: nn.Module, p: MissionAParams, seed: int) -> None:
+    attach_bem(
+        model,
+        _sites(p),
+        num_experts=len(SKILLS),
+        rank=p.bem.rank,
+        alpha=p.bem.alpha,
+        chunk_size=p.bem.chunk_size,
+        tau=p.bem.tau,
+        trust_budget=p.bem.trust_budget,
+        seed=seed,
+    )
+    # Routing is external (oracle plan or macro-policy): each layer's own controller would be
+    # dead weight, so it is dropped and not counted in the parameter budget.
+    for _, layer in bem_layers(model):
+        layer.router = None
+
+
+def _attach_fused(model: nn.Module, p: MissionAParams, rank: int, seed: int) -> None:
+    attach_bem(
+        model,
+        _sites(p),
+        num_experts=1,
+        rank=rank,
+        alpha=p.bem.alpha,
+        chunk_size=p.bem.chunk_size,
+        trust_budget=p.bem.trust_budget,
+        seed=seed,
+    )
+
+
+def _new_router(model: nn.Module, p: MissionAParams, seed: int) -> MacroRouter:
+    d_model = int(model.get_input_embeddings().embedding_dim)  # type: ignore[operator]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        router = MacroRouter(d_model, horizon=p.router.plan_horizon, hidden=p.router.hidden)
+    return router.to(torch.float32)
+
+
+def _experts_system(ctx: Any, p: MissionAParams) -> tuple[nn.Module, TextCodec]:
+    model, codec = _load_base(ctx, p)
+    _attach_experts(model, p, ctx.seed or 0)
+    load_weights(
+        ctx.input_dir("train_experts", ctx.seed) / "experts.safetensors", model, trainable_only=True
+    )
+    model.eval()
+    return model, codec
+
+
+def _load_router(model: nn.Module, p: MissionAParams, path: Path) -> MacroRouter:
+    router = _new_router(model, p, 0)  # on the CPU: see RoutedDecoder
+    load_weights(path, router)
+    router.eval()
+    return router
+
+
+def _batch(examples: Sequence[Example], codec: TextCodec, seed: int, step: int, size: int) -> Batch:
+    idx = _step_rng(seed, step, 1).choice(
+        len(examples), size=min(size, len(examples)), replace=False
+    )
+    return make_batch([examples[i] for i in idx], codec.pad_id, loss_on_prompt=False)
+
+
+def _answer_scores(text: str, answer: str) -> tuple[float, float, bool]:
+    pred = extract_answer(text)
+    em, f1 = em_f1_points(pred if pred is not None else "", answer)
+    return em, f1, pred is not None
+
+
+# ============================================================================ phases
+def prepare(ctx: Any) -> dict[str, Any]:
+    """Write Suite A train/dev/test (JSONL) and read every row back through its validator."""
+    p = _params(ctx)
+    d = p.data
+    paths = generate_compositional(
+        ctx.out_dir,
+        seed=d.seed,
+        n_train=d.n_train,
+        n_dev=d.n_dev,
+        n_test=d.n_test,
+        n_keys=d.n_keys,
+        min_facts=d.min_facts,
+        max_facts=d.max_facts,
+        value_min=d.value_min,
+        value_max=d.value_max,
+        ops=d.ops,
+    )
+    splits = {name: read_compositional(path) for name, path in paths.items()}
+    check_disjoint({name: [it.key for it in rows] for name, rows in splits.items()})
+    metrics: dict[str, Any] = {}
+    for name in SPLITS:
+        rows = splits[name]
+        want = getattr(d, f"n_{name}")
+        if len(rows) != want:
+            raise ValueError(f"{paths[name]}: {len(rows)} rows, expected {want}")
+        metrics[f"n_{name}"] = len(rows)
+        metrics[f"{name}_mean_target_chars"] = sum(len(r.target) for r in rows) / len(rows)
+        metrics[f"{name}_max_plan_length"] = max(len(r.plan) for r in rows)
+    if max(metrics[f"{s}_max_plan_length"] for s in SPLITS) > MAX_HORIZON:
+        raise ValueError(f"an oracle plan exceeds the horizon {MAX_HORIZON}")
+    metrics["ops"] = {op: sum(r.op == op for r in splits["train"]) for op in d.ops}
+    return metrics
+
+
+def pretrain_base(ctx: Any) -> dict[str, Any]:
+    """Smoke: train the byte-level base LM on train prompts + targets. Full: validate the local
+    model directory named by model.path and record it (nothing heavy is copied)."""
+    p = _params(ctx)
+    if p.model.path:
+        return _record_local_base(ctx, p)
+    codec = TextCodec(ByteTokenizer())
+    train = encode_items(_read_split(ctx, "train"), codec)
+    dev = encode_items(_read_split(ctx, "dev"), codec)
+    model = build_model(
+        p.model.family,
+        seed=p.data.seed,
+        d_model=p.model.n_embd,
+        n_layers=p.model.n_layer,
+        n_heads=p.model.n_head,
+        max_positions=p.model.max_positions,
+    ).to(ctx.device)
+    longest = max(len(e.prompt) + len(e.target) for e in train + dev) + p.evaluate.max_new_tokens
+    if longest > p.model.max_positions:
+        raise ValueError(
+            f"params.model.max_positions={p.model.max_positions} is shorter than the longest "
+            f"prompt + generation ({longest} tokens)"
+        )
+    spec = p.training.pretrain_base
+
+    def loss_fn(step: int) -> torch.Tensor:
+        idx = _step_rng(p.data.seed, step, 0).choice(len(train), spec.batch_size, replace=False)
+        b = make_batch([train[i] for i in idx], codec.pad_id, loss_on_prompt=True).to(ctx.device)
+        out = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels)
+        return out.loss  # type: ignore[no-any-return]
+
+    fp = _fingerprint(p.model, p.data, spec, _input_digest(ctx, "prepare", None, "train.jsonl"))
+    run = train_loop(ctx, "base", model, loss_fn, spec, fingerprint=fp, trainable_only=False)
+    save_model(model, ctx.out_dir / "model", codec.tok)
+    _plot(ctx.out_dir / "loss.png", {"LM loss": run["history"]}, "pretrain_base", "step")
+    decoder = RoutedDecoder(
+        model, eos_id=codec.eos_id, max_new_tokens=p.evaluate.max_new_tokens, device=ctx.device
+    )
+    metrics: dict[str, Any] = {
+        "final_loss": run["final_loss"],
+        "resumed_from": run["resumed_from"],
+        "parameters": sum(q.numel() for q in model.parameters()),
+    }
+    # The base alone on the held-out splits: the floor both adapter systems start from.
+    for split, examples in (("dev", dev), ("test", encode_items(_read_split(ctx, "test"), codec))):
+        em = [_answer_scores(codec.decode(decoder(e.prompt).tokens), e.answer)[0] for e in examples]
+        metrics[f"base_{split}_em"] = sum(em) / len(em)
+    return metrics
+
+
+def _record_local_base(ctx: Any, p: MissionAParams) -> dict[str, Any]:
+    from transformers import AutoConfig
+
+    path = Path(str(p.model.path))
+    if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
+        raise FileNotFoundError(
+            f"params.model.path={path}: expected a local model directory with config.json and "
+            "*.safetensors (nothing is downloaded)"
+        )
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    if config.model_type != p.model.family:
+        raise ValueError(
+            f"params.model.family={p.model.family!r} but {path / 'config.json'} says "
+            f"model_type={config.model_type!r}"
+        )
+    codec = load_codec(path)
+    probe = codec.encode("k1=2|add k1 k1\n")
+    info = {
+        "path": str(path.resolve()),
+        "model_type": config.model_type,
+        "hidden_size": getattr(config, "hidden_size", None),
+        "num_hidden_layers": getattr(config, "num_hidden_layers", None),
+        "vocab_size": getattr(config, "vocab_size", None),
+        "tokenizer": "byte" if codec.is_bytes else type(codec.tok).__name__,
+    }
+    atomic_write_json(ctx.out_dir / "base.json", info)
+    return {"local_model": True, "model_type": config.model_type, "probe_tokens": len(probe)}
+
+
+def train_experts(ctx: Any) -> dict[str, Any]:
+    """One expert per skill under oracle routing, and the fused baseline at parameter parity."""
+    p = _params(ctx)
+    seed = int(ctx.seed or 0)
+    experts, codec = _load_base(ctx, p)
+    baseline = copy.deepcopy(experts)
+    _attach_experts(experts, p, seed)
+    router_params = sum(q.numel() for q in _new_router(experts, p, seed).parameters())
+    system_params = count_bem_parameters(experts) + router_params
+    per_rank = sum(layer.in_features + layer.out_features + 1 for _, layer in bem_layers(experts))
+    baseline_rank = max(1, round(system_params / per_rank))
+    _attach_fused(baseline, p, baseline_rank, seed)
+    baseline_params = count_bem_parameters(baseline)
+    parity = system_params / baseline_params
+    if abs(parity - 1.0) > PARITY_TOLERANCE:
+        raise ValueError(
+            f"parameter parity {parity:.3f} is outside 1 +/- {PARITY_TOLERANCE}: router system "
+            f"{system_params}, baseline rank {baseline_rank} gives {baseline_params}; one rank "
+            f"column costs {per_rank} (raise bem.rank or lower router.hidden)"
+        )
+
+    train = encode_items(_read_split(ctx, "train"), codec)
+    spec = p.training.train_experts
+
+    def expert_loss(step: int) -> torch.Tensor:
+        b = _batch(train, codec, seed, step, spec.batch_size).to(ctx.device)
+        set_gates(experts, skill_gates(b.skills))  # prompt/padding rows are zero: base K/V
+        try:
+            out = experts(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels)
+        finally:
+            set_gates(experts, None)
+        return out.loss  # type: ignore[no-any-return]
+
+    def baseline_loss(step: int) -> torch.Tensor:
+        b = _batch(train, codec, seed, step, spec.batch_size).to(ctx.device)
+        out = baseline(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels)
+        return out.loss  # type: ignore[no-any-return]
+
+    fp = _fingerprint(p.model, p.bem, p.data, p.router, spec, seed, _base_digest(ctx))
+    run_e = train_loop(
+        ctx, "experts", experts, expert_loss, spec, fingerprint=fp, trainable_only=True
+    )
+    run_b = train_loop(
+        ctx, "baseline", baseline, baseline_loss, spec, fingerprint=fp, trainable_only=True
+    )
+    save_weights(ctx.out_dir / "experts.safetensors", experts, trainable_only=True)
+    save_weights(ctx.out_dir / "baseline.safetensors", baseline, trainable_only=True)
+
+    dev = encode_items(_read_split(ctx, "dev"), codec)
+    with torch.no_grad():
+        b = make_batch(dev, codec.pad_id, loss_on_prompt=False).to(ctx.device)
+        set_gates(experts, skill_gates(b.skills))
+        try:
+            dev_e = float(
+                experts(
+                    input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels
+                ).loss
+            )
+        finally:
+            set_gates(experts, None)
+        dev_b = float(
+            baseline(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels).loss
+        )
+        with bem_disabled(baseline):
+            dev_base = float(
+                baseline(
+                    input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels
+                ).loss
+            )
+    parity_info = {
+        "experts_params": count_bem_parameters(experts),
+        "router_params": router_params,
+        "router_system_params": system_params,
+        "baseline_params": baseline_params,
+        "baseline_rank": baseline_rank,
+        "expert_rank": p.bem.rank,
+        "param_parity": parity,
+    }
+    atomic_write_json(ctx.out_dir / "systems.json", parity_info)
+    _plot(
+        ctx.out_dir / "loss.png",
+        {"experts (oracle routing)": run_e["history"], "fused baseline": run_b["history"]},
+        f"train_experts seed {seed}",
+        "step",
+    )
+    return {
+        **parity_info,
+        "experts_final_loss": run_e["final_loss"],
+        "baseline_final_loss": run_b["final_loss"],
+        "dev_loss_experts_oracle": dev_e,
+        "dev_loss_baseline": dev_b,
+        "dev_loss_base": dev_base,
+        "resumed_from_experts": run_e["resumed_from"],
+        "resumed_from_baseline": run_b["resumed_from"],
+    }
+
+
+def behavioral_cloning(ctx: Any) -> dict[str, Any]:
+    """AR0: clone the oracle plans (chunk-majority skill) into the macro-policy router."""
+    p = _params(ctx)
+    seed = int(ctx.seed or 0)
+    model, codec = _experts_system(ctx, p)
+    train_items = _read_split(ctx, "train")[: p.router.bc_examples]
+    chunk = p.bem.chunk_size
+    kw = {"chunk": chunk, "pad_id": codec.pad_id, "device": ctx.device}
+    train = teacher_forced_chunks(model, encode_items(train_items, codec), **kw)
+    dev = teacher_forced_chunks(model, encode_items(_read_split(ctx, "dev"), codec), **kw)
+    router = _new_router(model, p, seed)
+    spec = p.training.behavioral_cloning
+    tau, penalty = p.bem.tau, p.router.step_penalty
+
+    def loss_fn(step: int) -> torch.Tensor:
+        idx = _step_rng(seed, step, 2).choice(
+            len(train), min(spec.batch_size, len(train)), replace=False
+        )
+        loss, _ = bc_loss(router, train, torch.as_tensor(idx), tau=tau, step_penalty=penalty)
+        return loss
+
+    experts_digest = _input_digest(ctx, "train_experts", ctx.seed, "experts.safetensors")
+    fp = _fingerprint(p.bem, p.data, p.router, spec, seed, _base_digest(ctx), experts_digest)
+    run = train_loop(ctx, "router", router, loss_fn, spec, fingerprint=fp, trainable_only=False)
+    save_weights(ctx.out_dir / "router.safetensors", router)
+    atomic_write_json(ctx.out_dir / "router.json", router.config())
+    acc_dev = closed_loop_accuracy(router, dev, chunk, tau=tau)
+    acc_train = closed_loop_accuracy(router, train, chunk, tau=tau)
+    _plot(
+        ctx.out_dir / "loss.png",
+        {"BC loss": run["history"]},
+        f"behavioral_cloning seed {seed}",
+        "step",
+    )
+    return {
+        "bc_dev_token_accuracy": acc_dev["token_accuracy"],
+        "bc_dev_chunk_accuracy": acc_dev["chunk_accuracy"],
+        "bc_dev_chunk_ceiling": acc_dev["chunk_ceiling"],
+        "bc_dev_plan_length": acc_dev["plan_length"],
+        "bc_train_token_accuracy": acc_train["token_accuracy"],
+        "final_loss": run["final_loss"],
+        "chunks_train": len(train),
+        "resumed_from": run["resumed_from"],
+    }
+
+
+def rollout_reward(
+    decoded: Decoded, text: str, answer: str, p: MissionAParams
+) -> tuple[float, dict]:
+    """Task reward of one decoded answer minus the plan's switch and step penalties."""
+    em, f1, valid = _answer_scores(text, answer)
+    reward = (
+        (em + f1) / 200.0
+        + p.policy_gradient.format_bonus * valid
+        - p.router.switch_penalty * decoded.switches
+        - p.router.step_penalty * decoded.plan_length
+    )
+    return reward, {"em": em, "f1": f1, "valid": float(valid)}
+
+
+def collect_rollouts(
+    decoder: RoutedDecoder,
+    examples: Sequence[Example],
+    codec: TextCodec,
+    p: MissionAParams,
+    generator: torch.Generator,
+) -> tuple[RolloutBatch, list[dict]]:
+    """Decode each example greedily with sampled routing; score the real decoded answers."""
+    choose = sampling_chooser(p.bem.tau, p.router.plan_horizon, generator)
+    rollouts, rewards, info = [], [], []
+    for e in examples:
+        dec = decoder(e.prompt, choose)
+        r, scores = rollout_reward(dec, codec.decode(dec.tokens), e.answer, p)
+        rollouts.append(dec)
+        rewards.append(r)
+        info.append({**scores, "reward": r, "plan_length": dec.plan_length})
+    return RolloutBatch.from_rollouts(rollouts, rewards), info
+
+
+def policy_gradient(ctx: Any) -> dict[str, Any]:
+    """AR1: PPO from the BC policy on decoded-answer reward, inside KL(BC || policy) <= bound."""
+    p = _params(ctx)
+    seed = int(ctx.seed or 0)
+    model, codec = _experts_system(ctx, p)
+    bc_path = ctx.input_dir("behavioral_cloning", ctx.seed) / "router.safetensors"
+    router = _load_router(model, p, bc_path)
+    reference = _load_router(model, p, bc_path)
+    for q in reference.parameters():
+        q.requires_grad_(False)
+    train = encode_items(_read_split(ctx, "train"), codec)
+    spec = p.training.policy_gradient
+    pg = p.policy_gradient
+    decoder = RoutedDecoder(
+        model,
+        eos_id=codec.eos_id,
+        max_new_tokens=p.evaluate.max_new_tokens,
+        device=ctx.device,
+        router=router,
+        chunk=p.bem.chunk_size,
+    )
+    opt = torch.optim.Adam(router.parameters(), lr=spec.lr)
+    fp = _fingerprint(
+        p.bem,
+        p.data,
+        p.router,
+        pg,
+        spec,
+        seed,
+        _base_digest(ctx),
+        _input_digest(ctx, "train_experts", ctx.seed, "experts.safetensors"),
+        _input_digest(ctx, "behavioral_cloning", ctx.seed, "router.safetensors"),
+    )
+    manager = _checkpoints(
+        ctx.out_dir / "ckpt" / "router", spec.keep_checkpoints, fp, trainable_only=False
+    )
+    loaded = manager.resume(router, opt)
+    start = loaded.step if loaded else 0
+    log: list[dict[str, Any]] = list(loaded.extra.get("log", [])) if loaded else []
+    stopped = bool(loaded.extra.get("stopped")) if loaded else False
+    if loaded:
+        ctx.log.info("policy_gradient: resumed from update %d (stopped=%s)", start, stopped)
+    for update in range(start, spec.steps):
+        if stopped:
+            break
+        idx = _step_rng(seed, update, 3).choice(
+            len(train), min(spec.batch_size, len(train)), replace=False
+        )
+        gen = torch.Generator().manual_seed(int(_step_rng(seed, update, 4).integers(2**62)))
+        router.eval()
+        batch, info = collect_rollouts(decoder, [train[i] for i in idx], codec, p, gen)
+        before = expected_reward(router, batch, p.bem.tau)
+        stats = ppo_update(
+            router,
+            reference,
+            opt,
+            batch,
+            tau=p.bem.tau,
+            clip=pg.ppo_clip,
+            epochs=pg.ppo_epochs,
+            kl_bound=pg.kl_bound,
+            kl_coef=pg.kl_coef,
+            entropy_coef=pg.entropy_coef,
+            grad_clip=spec.grad_clip,
+        )
+        stopped = stats.early_stopped
+        log.append(
+            {
+                "update": update + 1,
+                "reward": float(batch.rewards.mean()),
+                "em": sum(i["em"] for i in info) / len(info),
+                "valid": sum(i["valid"] for i in info) / len(info),
+                "plan_length": sum(i["plan_length"] for i in info) / len(info),
+                "expected_reward_before": before,
+                "expected_reward_after": expected_reward(router, batch, p.bem.tau),
+                "kl": stats.kl,
+                "entropy": stats.entropy,
+                "clip_fraction": stats.clip_fraction,
+                "epochs": stats.epochs,
+                "early_stopped": stats.early_stopped,
+            }
+        )
+        if (update + 1) % spec.checkpoint_every == 0 or update + 1 == spec.steps or stopped:
+            manager.save(update + 1, router, opt, extra={"log": log, "stopped": stopped})
+        _progress(ctx, "ppo", update + 1, spec.steps, reward=log[-1]["reward"], kl=stats.kl)
+    save_weights(ctx.out_dir / "router.safetensors", router)
+    atomic_write_json(ctx.out_dir / "router.json", router.config())
+    write_jsonl(ctx.out_dir / "updates.jsonl", log)
+    _plot(
+        ctx.out_dir / "updates.png",
+        {
+            k: [(row["update"], row[k]) for row in log]
+            for k in ("reward", "kl", "entropy", "expected_reward_after")
+        },
+        f"policy_gradient seed {seed} (kl_bound {pg.kl_bound})",
+        "PPO update",
+    )
+    return {
+        "updates": len(log),
+        "early_stopped": stopped,
+        "final_kl": log[-1]["kl"],
+        "final_entropy": log[-1]["entropy"],
+        "first_reward": log[0]["reward"],
+        "last_reward": log[-1]["reward"],
+        "kl_bound": pg.kl_bound,
+        "resumed_from": start,
+    }
+
+
+def evaluate(ctx: Any) -> dict[str, Any]:
+    """Router system vs fused baseline: decoded EM/F1, plan length, flip rate, latency, KV hits."""
+    p = _params(ctx)
+    seed = int(ctx.seed or 0)
+    router_model, codec = _experts_system(ctx, p)
+    router = _load_router(
+        router_model, p, ctx.input_dir("policy_gradient", ctx.seed) / "router.safetensors"
+    )
+    experts_dir = ctx.input_dir("train_experts", ctx.seed)
+    systems_info = json.loads((experts_dir / "systems.json").read_text())
+    baseline_model, _ = _load_base(ctx, p)
+    _attach_fused(baseline_model, p, int(systems_info["baseline_rank"]), seed)
+    load_weights(experts_dir / "baseline.safetensors", baseline_model, trainable_only=True)
+    baseline_model.eval()
+
+    common = {
+        "eos_id": codec.eos_id,
+        "max_new_tokens": p.evaluate.max_new_tokens,
+        "device": ctx.device,
+    }
+    decoders = {
+        "router": RoutedDecoder(router_model, router=router, chunk=p.bem.chunk_size, **common),
+        "baseline": RoutedDecoder(baseline_model, **common),
+    }
+    choose = greedy_chooser(p.bem.tau, p.router.plan_horizon)
+    all_positions = p.evaluate.kv_all_positions
+    splits = {s: encode_items(_read_split(ctx, s), codec) for s in SLICES}
+    for e in splits["dev"][: p.evaluate.latency_warmup]:  # untimed warm-up of both systems
+        for name in SYSTEMS:
+            decoders[name](e.prompt, choose)
+
+    records: list[ExampleRecord] = []
+    outputs: list[dict[str, Any]] = []
+    per_split: dict[str, dict[str, list[dict[str, float]]]] = {}
+    for split, examples in splits.items():
+        rows: dict[str, list[dict[str, float]]] = {s: [] for s in SYSTEMS}
+        profilers = {s: LatencyProfiler(device=ctx.device) for s in SYSTEMS}
+        for i, e in enumerate(examples):
+            order = SYSTEMS if i % 2 == 0 else SYSTEMS[::-1]  # interleaved, alternating first
+            decoded: dict[str, Decoded] = {}
+            for name in order:
+                with profilers[name].measure():
+                    decoded[name] = decoders[name](e.prompt, choose)
+            if not all_positions:  # the base's prompt cache serves both systems
+                with bem_disabled(router_model):
+                    prompt_ref = reference_cache(router_model, e.prompt, device=ctx.device)
+            for name in SYSTEMS:
+                dec = decoded[name]
+                text = codec.decode(dec.tokens)
+                em, f1, valid = _answer_scores(text, e.answer)
+                if all_positions:
+                    with bem_disabled(router_model):  # the frozen base model
+                        ref = reference_cache(router_model, e.prompt, dec.fed, device=ctx.device)
+                    hit = kv_hit(dec, len(e.prompt), ref)
+                else:
+                    hit = kv_hit(dec, len(e.prompt), prompt_ref)
+                m = {
+                    "em": em,
+                    "f1": f1,
+                    "valid": float(valid),
+                    "latency_ms": profilers[name].samples_ms[i],
+                    "plan_length": float(dec.plan_length if name == "router" else 1),
+                    "flip_rate": dec.flip_rate,
+                    "kv_hit_ratio": hit.prompt_ratio,
+                    "generated_tokens": float(len(dec.tokens)),
+                }
+                if all_positions:
+                    m["kv_hit_ratio_all"] = hit.all_ratio
+                rows[name].append(m)
+                records.append(ExampleRecord(e.id, name, seed, m, (SLICES[split],)))
+                outputs.append(
+                    {
+                        "id": e.id,
+                        "split": split,
+                        "system": name,
+                        "output": text,
+                        "answer": e.answer,
+                        "decisions": dec.decisions,
+                    }
+                )
+        per_split[split] = rows
+        ctx.log.info("evaluate: %s done (%d examples)", split, len(examples))
+    write_records(ctx.out_dir / "records.jsonl", records)
+    write_jsonl(ctx.out_dir / "outputs.jsonl", outputs)
+
+    summary = {
+        split: {s: _summarise(rows[s]) for s in SYSTEMS} for split, rows in per_split.items()
+    }
+    test = summary["test"]
+    metrics: dict[str, Any] = {
+        "router": test["router"],
+        "baseline": test["baseline"],
+        "dev": summary["dev"],
+        "param_parity": systems_info["param_parity"],
+        "n_test": len(splits["test"]),
+        "n_dev": len(splits["dev"]),
+    }
+    for s in SYSTEMS:
+        for k, v in test[s].items():
+            metrics[f"{s}_{k}"] = v
+    r, b = test["router"], test["baseline"]
+    metrics["em_gain"] = r["em"] - b["em"]
+    metrics["f1_gain"] = r["f1"] - b["f1"]
+    metrics["latency_overhead_p50"] = r["latency_p50_ms"] / b["latency_p50_ms"] - 1.0
+    metrics["latency_overhead_p95"] = r["latency_p95_ms"] / b["latency_p95_ms"] - 1.0
+    metrics["kv_hit_gain"] = r["kv_hit_ratio"] - b["kv_hit_ratio"]
+    _plot_eval(ctx.out_dir / "evaluation.png", per_split["test"], seed)
+    return metrics
+
+
+def _summarise(rows: list[dict[str, float]]) -> dict[str, float]:
+    def mean(key: str) -> float:
+        return sum(r[key] for r in rows) / len(rows)
+
+    lat = summarize_latencies([r["latency_ms"] for r in rows])
+    out = {
+        "em": mean("em"),
+        "f1": mean("f1"),
+        "valid": mean("valid"),
+        "plan_length": mean("plan_length"),
+        "plan_length_max": max(r["plan_length"] for r in rows),
+        "flip_rate": mean("flip_rate"),
+        "latency_p50_ms": lat.p50_ms,
+        "latency_p95_ms": lat.p95_ms,
+        "kv_hit_ratio": mean("kv_hit_ratio"),
+        "kv_hit_ratio_min": min(r["kv_hit_ratio"] for r in rows),
+        "generated_tokens": mean("generated_tokens"),
+    }
+    if "kv_hit_ratio_all" in rows[0]:
+        out["kv_hit_ratio_all"] = mean("kv_hit_ratio_all")
+    return out
+
+
+def _plot_eval(path: Path, rows: dict[str, list[dict[str, float]]], seed: int) -> None:
+    """Per-example latency by example index, and the running EM, for both systems."""
+    series: dict[str, list[list[float]]] = {}
+    for s in SYSTEMS:
+        series[f"{s} latency ms"] = [[i, r["latency_ms"]] for i, r in enumerate(rows[s])]
+    for s in SYSTEMS:
+        run, pts = 0.0, []
+        for i, r in enumerate(rows[s]):
+            run += r["em"]
+            pts.append([i + 1, run / (i + 1)])
+        series[f"{s} running EM"] = pts
+    _plot(path, series, f"evaluate (test) seed {seed}", "example")

@@ -1,0 +1,98 @@
+"""Typed parameters of Mission A (Agentic Planner): the `params` block of its experiment file.
+
+Light on purpose (pydantic only, no torch): `bem-fleet validate` and the DAG files import it.
+Every block forbids unknown keys, so a typo in the experiment file is an error.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, PositiveFloat, PositiveInt, model_validator
+
+from bem_tasks.config.schema import BemSpec, ModelSpec, Strict, TrainingSpec
+
+Op = Literal["add", "sub", "max", "min", "copy"]
+ALL_OPS: tuple[Op, ...] = ("add", "sub", "max", "min", "copy")
+
+
+class RuntimeSpec(Strict):
+    # One intra-op thread per phase: the smoke pool runs two phases at once on two cores, and
+    # tiny models lose far more to thread contention than they gain from a second thread.
+    threads: PositiveInt | None = 1
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class DataSpec(Strict):
+    """Suite A (bem_tasks.data compositional) sizes and item space."""
+
+    seed: int = 0  # data and base-model seed (prepare / pretrain_base are not per seed)
+    n_train: PositiveInt
+    n_dev: PositiveInt
+    n_test: PositiveInt
+    n_keys: PositiveInt = 10
+    min_facts: PositiveInt = 3
+    max_facts: PositiveInt = 6
+    value_min: int = 0
+    value_max: int = 20
+    ops: list[Op] = Field(default_factory=lambda: list(ALL_OPS))
+
+    @model_validator(mode="after")
+    def _ranges(self) -> DataSpec:
+        if not 2 <= self.min_facts <= self.max_facts <= self.n_keys:
+            raise ValueError(
+                f"need 2 <= min_facts <= max_facts <= n_keys, got {self.min_facts}, "
+                f"{self.max_facts}, {self.n_keys}"
+            )
+        if self.value_max <= self.value_min:
+            raise ValueError(f"need value_min < value_max, got {self.value_min}, {self.value_max}")
+        if not self.ops:
+            raise ValueError("ops must name at least one operation")
+        return self
+
+
+class TrainingBlocks(Strict):
+    """Optimiser settings per trainable phase. `policy_gradient.steps` counts PPO updates and
+    its `batch_size` the rollouts per update (constant lr, Adam: warm-up and weight decay do not
+    apply there); `pretrain_base` is unused when model.path is set."""
+
+    pretrain_base: TrainingSpec
+    train_experts: TrainingSpec
+    behavioral_cloning: TrainingSpec
+    policy_gradient: TrainingSpec
+
+
+class RouterSpec(Strict):
+    """The macro-policy router (chunk size and hysteresis tau come from the `bem` block)."""
+
+    hidden: PositiveInt = 32
+    plan_horizon: int = Field(3, ge=1, le=3)
+    step_penalty: float = Field(0.01, ge=0)  # per plan segment (BC: expected, PG: realised)
+    switch_penalty: float = Field(0.01, ge=0)  # per expert switch (PG reward)
+    bc_examples: PositiveInt | None = None  # train items used to clone the oracle (None: all)
+
+
+class PolicyGradientSpec(Strict):
+    kl_bound: PositiveFloat = 0.05  # trust region: mean KL(BC || policy) on the update's states
+    ppo_clip: float = Field(0.2, gt=0, lt=1)
+    ppo_epochs: PositiveInt = 4
+    kl_coef: float = Field(0.1, ge=0)  # KL(BC || policy) penalty inside the PPO loss
+    entropy_coef: float = Field(0.0, ge=0)
+    format_bonus: float = Field(0.1, ge=0)  # reward for a parsable F:{...} answer
+
+
+class EvaluateSpec(Strict):
+    max_new_tokens: PositiveInt = 48
+    latency_warmup: int = Field(3, ge=0)  # untimed decodes per system before timing
+    kv_all_positions: bool = True  # also measure KV hits on generated positions
+
+
+class MissionAParams(Strict):
+    runtime: RuntimeSpec = RuntimeSpec()
+    model: ModelSpec
+    bem: BemSpec
+    data: DataSpec
+    training: TrainingBlocks
+    router: RouterSpec = RouterSpec()
+    policy_gradient: PolicyGradientSpec = PolicyGradientSpec()
+    evaluate: EvaluateSpec = EvaluateSpec()

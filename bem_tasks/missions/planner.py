@@ -1,0 +1,700 @@
+"""Mission A building blocks: the macro-policy router, routed decoding, KV-hit measurement, PPO.
+
+The router system is a frozen base LM with one BEM expert per skill (retrieve, reason,
+formalize) on cache-safe sites, routed *externally*: prompt tokens get zero gates (so their K/V
+are the base model's), and every generated token is routed to the expert the macro-policy picked
+for its chunk. The macro-policy decides once per chunk of ``chunk_size`` generated tokens from
+
+    [rms(h_prev), rms(e_tok), onehot(previous expert), onehot(segments used)]
+
+where ``h_prev`` is the last-layer hidden state of the position before the chunk (the one that
+emitted the chunk's first token, already computed by the decoder) and ``e_tok`` is the frozen
+input embedding of that first token. A token is routed by its own skill: under teacher forcing
+the input position of target character j gets the oracle skill of character j.
+
+Decisions are chunk-sticky, obey hysteresis (switch only if the new expert's logit beats the
+current one by more than tau) and a plan horizon (at most ``horizon`` segments; after that the
+current expert is locked). As a stochastic policy the same rules read: logits + tau on the current
+expert, the other experts masked once the horizon is used up, then a softmax.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bem_tasks.core import ByteTokenizer, bem_layers
+from bem_tasks.data.suites.compositional import SKILLS, CompositionalItem, skill_per_char
+
+NUM_EXPERTS = len(SKILLS)
+MASKED = -1e9  # finite, so masked actions get probability 0 without inf - inf = nan in KL
+
+
+# ---------------------------------------------------------------------------- text codec
+class TextCodec:
+    """The byte tokenizer (smoke) or a local Hugging Face tokenizer (full) behind one interface.
+
+    ``spans(text)`` returns token ids and the first character of each token, so per-character
+    oracle skills become per-token labels whatever the tokenizer."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tok = tokenizer
+        self.is_bytes = isinstance(tokenizer, ByteTokenizer)
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.tok.eos_id if self.is_bytes else self.tok.eos_token_id)
+
+    @property
+    def pad_id(self) -> int:
+        if self.is_bytes:
+            return int(self.tok.pad_id)
+        pad = self.tok.pad_token_id
+        return int(self.eos_id if pad is None else pad)
+
+    def encode(self, text: str) -> list[int]:
+        return self.spans(text)[0]
+
+    def spans(self, text: str) -> tuple[list[int], list[int]]:
+        if self.is_bytes:
+            if not text.isascii():
+                raise ValueError(f"byte-level labels need ASCII text, got {text!r}")
+            return self.tok.encode(text), list(range(len(text)))
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [int(a) for a, _ in enc["offset_mapping"]]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if self.is_bytes:
+            return str(self.tok.decode(list(ids)))
+        return str(self.tok.decode(list(ids), skip_special_tokens=True))
+
+
+def load_codec(model_dir: str | os.PathLike[str]) -> TextCodec:
+    """The tokenizer saved beside a model: ``bem_tokenizer.json`` or a Hugging Face one."""
+    d = Path(model_dir)
+    if (d / "bem_tokenizer.json").is_file():
+        return TextCodec(ByteTokenizer.load(d))
+    from transformers import AutoTokenizer
+
+    try:
+        return TextCodec(AutoTokenizer.from_pretrained(str(d), local_files_only=True))
+    except (OSError, ValueError) as exc:
+        raise FileNotFoundError(
+            f"{d}: no tokenizer (expected bem_tokenizer.json or a Hugging Face tokenizer saved "
+            f"with the model): {exc}"
+        ) from exc
+
+
+# ---------------------------------------------------------------------------- examples
+@dataclass(frozen=True)
+class Example:
+    id: str
+    prompt: list[int]
+    target: list[int]  # target tokens followed by EOS
+    skills: list[int]  # oracle skill of each target token (EOS excluded: it is never fed)
+    answer: str
+
+
+def encode_items(items: Sequence[CompositionalItem], codec: TextCodec) -> list[Example]:
+    out = []
+    for it in items:
+        per_char = skill_per_char(it.target, it.plan)
+        ids, starts = codec.spans(it.target)
+        out.append(
+            Example(
+                id=it.id,
+                prompt=codec.encode(it.prompt),
+                target=ids + [codec.eos_id],
+                skills=[per_char[min(s, len(per_char) - 1)] for s in starts],
+                answer=it.answer,
+            )
+        )
+    return out
+
+
+@dataclass
+class Batch:
+    input_ids: Tensor  # [B, T]
+    attention_mask: Tensor  # [B, T]
+    labels: Tensor  # [B, T], -100 where no loss
+    skills: Tensor  # [B, T] oracle skill of each input token, -1 for prompt and padding
+    prompt_len: list[int]
+
+    def to(self, device: str | torch.device) -> Batch:
+        return Batch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.labels.to(device),
+            self.skills.to(device),
+            self.prompt_len,
+        )
+
+
+def make_batch(examples: Sequence[Example], pad_id: int, *, loss_on_prompt: bool) -> Batch:
+    """Right-padded prompt + target + EOS. Labels cover the target (and the prompt if asked)."""
+    width = max(len(e.prompt) + len(e.target) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    skills = torch.full_like(ids, -1)
+    for row, e in enumerate(examples):
+        seq = e.prompt + e.target
+        p, n = len(e.prompt), len(seq)
+        ids[row, :n] = torch.tensor(seq)
+        mask[row, :n] = 1
+        labels[row, :n] = ids[row, :n]
+        if not loss_on_prompt:
+            labels[row, :p] = -100
+        skills[row, p : p + len(e.skills)] = torch.tensor(e.skills)
+    return Batch(ids, mask, labels, skills, [len(e.prompt) for e in examples])
+
+
+def skill_gates(skills: Tensor, num_experts: int = NUM_EXPERTS) -> Tensor:
+    """[B, T] skill ids (-1: no expert) -> float gates [B, T, K] (zero rows for -1)."""
+    return F.one_hot(skills.clamp_min(0), num_experts).float() * (skills >= 0)[..., None]
+
+
+# ---------------------------------------------------------------------------- macro-policy
+class MacroRouter(nn.Module):
+    """A small MLP from the decision features to one logit per expert."""
+
+    def __init__(
+        self, d_model: int, *, num_experts: int = NUM_EXPERTS, horizon: int = 3, hidden: int = 32
+    ) -> None:
+        super().__init__()
+        self.d_model, self.num_experts, self.horizon = d_model, num_experts, horizon
+        self.hidden = hidden
+        self.in_features = 2 * d_model + num_experts + horizon + 1
+        self.net = nn.Sequential(
+            nn.Linear(self.in_features, hidden), nn.GELU(), nn.Linear(hidden, num_experts)
+        )
+
+    def config(self) -> dict[str, int]:
+        return {
+            "d_model": self.d_model,
+            "num_experts": self.num_experts,
+            "horizon": self.horizon,
+            "hidden": self.hidden,
+        }
+
+    def features(self, h: Tensor, emb: Tensor, prev: Tensor, segs: Tensor) -> Tensor:
+        """h, emb [N, d]; prev [N] (-1 before the first decision); segs [N] in 0..horizon."""
+
+        def rms(x: Tensor) -> Tensor:
+            x = x.float()
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+        prev_1h = F.one_hot(prev.clamp_min(0), self.num_experts).float() * (prev >= 0)[:, None]
+        segs_1h = F.one_hot(segs.clamp(0, self.horizon), self.horizon + 1).float()
+        return torch.cat([rms(h), rms(emb), prev_1h.to(h.device), segs_1h.to(h.device)], dim=-1)
+
+    def forward(self, feats: Tensor) -> Tensor:
+        out: Tensor = self.net(feats)
+        return out
+
+
+def policy_logits(logits: Tensor, prev: Tensor, segs: Tensor, tau: float, horizon: int) -> Tensor:
+    """The stochastic policy's logits: +tau on the current expert (hysteresis), the others
+    masked once ``horizon`` segments are used (the plan cannot grow any more)."""
+    k = logits.shape[-1]
+    has = (prev >= 0)[:, None]
+    cur = F.one_hot(prev.clamp_min(0), k).bool() & has
+    adj = logits + tau * cur.to(logits.dtype)
+    locked = has & (segs >= horizon)[:, None]
+    return adj.masked_fill(locked & ~cur, MASKED)
+
+
+def greedy_decision(logits: Tensor, prev: int, segs: int, tau: float, horizon: int) -> int:
+    """Deterministic rule: first chunk argmax; later switch only if the best expert beats the
+    current one by more than tau and the horizon still allows a new segment."""
+    cand = int(logits.argmax())
+    if prev < 0:
+        return cand
+    if segs >= horizon:
+        return prev
+    return cand if float(logits[cand] - logits[prev]) > tau else prev
+
+
+def kl_divergence(ref_logits: Tensor, new_logits: Tensor) -> Tensor:
+    """KL(ref || new) per row of (already masked) policy logits."""
+    ref = F.log_softmax(ref_logits, -1)
+    new = F.log_softmax(new_logits, -1)
+    return (ref.exp() * (ref - new)).sum(-1)
+
+
+def entropy(logits: Tensor) -> Tensor:
+    logp = F.log_softmax(logits, -1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+@dataclass
+class ChunkData:
+    """Teacher-forced decision points: one row per chunk of one example."""
+
+    h: Tensor  # [N, d] hidden state before the chunk
+    emb: Tensor  # [N, d] input embedding of the chunk's first token
+    label: Tensor  # [N] oracle majority skill of the chunk
+    prev: Tensor  # [N] oracle label of the previous chunk (-1 for the first)
+    segs: Tensor  # [N] segments of the oracle chunk plan so far
+    example: Tensor  # [N] example index
+    token_skills: list[list[int]]  # per example: oracle skill per fed target token
+
+    def __len__(self) -> int:
+        return int(self.label.shape[0])
+
+
+def chunk_labels(skills: Sequence[int], chunk: int) -> list[int]:
+    """Majority skill per chunk (ties go to the earlier skill)."""
+    out = []
+    for c in range(0, len(skills), chunk):
+        part = skills[c : c + chunk]
+        out.append(max(range(NUM_EXPERTS), key=lambda k: (part.count(k), -k)))
+    return out
+
+
+def segments(decisions: Sequence[int]) -> int:
+    return sum(1 for i, d in enumerate(decisions) if i == 0 or d != decisions[i - 1])
+
+
+@torch.no_grad()
+def teacher_forced_chunks(
+    model: nn.Module,
+    examples: Sequence[Example],
+    *,
+    chunk: int,
+    pad_id: int,
+    device: str | torch.device,
+    batch_size: int = 64,
+) -> ChunkData:
+    """Features at every chunk start of the oracle-routed expert model, plus oracle labels."""
+    emb_layer = model.get_input_embeddings()  # type: ignore[operator]
+    rows: dict[str, list[Any]] = {k: [] for k in ("h", "emb", "label", "prev", "segs", "example")}
+    for lo in range(0, len(examples), batch_size):
+        part = examples[lo : lo + batch_size]
+        batch = make_batch(part, pad_id, loss_on_prompt=False).to(device)
+        set_gates(model, skill_gates(batch.skills))
+        try:
+            out = model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                output_hidden_states=True,
+            )
+        finally:
+            set_gates(model, None)
+        hidden = out.hidden_states[-1]
+        emb = emb_layer(batch.input_ids)
+        for row, e in enumerate(part):
+            labels = chunk_labels(e.skills, chunk)
+            p = len(e.prompt)
+            for c, lab in enumerate(labels):
+                j = p + c * chunk  # input position of the chunk's first target token
+                rows["h"].append(hidden[row, j - 1])
+                rows["emb"].append(emb[row, j])
+                rows["label"].append(lab)
+                rows["prev"].append(labels[c - 1] if c else -1)
+                rows["segs"].append(segments(labels[:c]))
+                rows["example"].append(lo + row)
+    return ChunkData(
+        h=torch.stack(rows["h"]).float().cpu(),
+        emb=torch.stack(rows["emb"]).float().cpu(),
+        label=torch.tensor(rows["label"]),
+        prev=torch.tensor(rows["prev"]),
+        segs=torch.tensor(rows["segs"]),
+        example=torch.tensor(rows["example"]),
+        token_skills=[list(e.skills) for e in examples],
+    )
+
+
+def bc_loss(
+    router: MacroRouter, data: ChunkData, idx: Tensor, *, tau: float, step_penalty: float
+) -> tuple[Tensor, Tensor]:
+    """Cross-entropy to the oracle chunk labels under the policy's own hysteresis/horizon rules,
+    plus step_penalty x the expected number of new segments. Returns (loss, accuracy)."""
+    feats = router.features(data.h[idx], data.emb[idx], data.prev[idx], data.segs[idx])
+    logits = policy_logits(router(feats), data.prev[idx], data.segs[idx], tau, router.horizon)
+    ce = F.cross_entropy(logits, data.label[idx])
+    probs = logits.softmax(-1)
+    prev = data.prev[idx]
+    stay = probs.gather(1, prev.clamp_min(0)[:, None])[:, 0]
+    new_segment = torch.where(prev >= 0, 1.0 - stay, torch.ones_like(stay))
+    acc = (logits.argmax(-1) == data.label[idx]).float().mean()
+    return ce + step_penalty * new_segment.mean(), acc
+
+
+@torch.no_grad()
+def closed_loop_accuracy(router: MacroRouter, data: ChunkData, chunk: int, *, tau: float) -> dict:
+    """Run the greedy policy over each example's chunks (its own previous decisions, teacher-
+    forced features) and compare with the oracle per token and per chunk."""
+    by_example: dict[int, list[int]] = {}
+    for i, ex in enumerate(data.example.tolist()):
+        by_example.setdefault(ex, []).append(i)
+    tok_hit = tok_n = chunk_hit = 0
+    ceiling_hit = 0
+    plan_lengths = []
+    for ex, rows in by_example.items():
+        prev, segs, decisions = -1, 0, []
+        for i in rows:
+            feats = router.features(
+                data.h[i : i + 1], data.emb[i : i + 1], torch.tensor([prev]), torch.tensor([segs])
+            )
+            a = greedy_decision(router(feats)[0], prev, segs, tau, router.horizon)
+            if a != prev:
+                segs += 1
+            prev = a
+            decisions.append(a)
+        skills = data.token_skills[ex]
+        oracle_chunks = chunk_labels(skills, chunk)
+        for t, s in enumerate(skills):
+            tok_hit += int(decisions[t // chunk] == s)
+            ceiling_hit += int(oracle_chunks[t // chunk] == s)
+        tok_n += len(skills)
+        chunk_hit += sum(int(a == b) for a, b in zip(decisions, oracle_chunks, strict=True))
+        plan_lengths.append(segments(decisions))
+    return {
+        "token_accuracy": tok_hit / max(tok_n, 1),
+        "chunk_accuracy": chunk_hit / max(len(data), 1),
+        "chunk_ceiling": ceiling_hit / max(tok_n, 1),
+        "plan_length": sum(plan_lengths) / max(len(plan_lengths), 1),
+    }
+
+
+# ---------------------------------------------------------------------------- decoding
+def set_gates(model: nn.Module, gates: Tensor | None) -> None:
+    for _, layer in bem_layers(model):
+        layer.set_routing(gates)
+
+
+@dataclass
+class Decoded:
+    tokens: list[int]  # generated ids, EOS included when produced
+    cache: Any  # the K/V cache after decoding (prompt + every fed token)
+    fed: list[int]  # generated tokens that were fed back (their K/V are in the cache)
+    decisions: list[int] = field(default_factory=list)
+    feats: list[Tensor] = field(default_factory=list)
+    prev: list[int] = field(default_factory=list)
+    segs: list[int] = field(default_factory=list)
+    logp: list[float] = field(default_factory=list)
+
+    @property
+    def plan_length(self) -> int:
+        return segments(self.decisions)
+
+    @property
+    def switches(self) -> int:
+        return max(self.plan_length - 1, 0)
+
+    @property
+    def flip_rate(self) -> float:
+        return self.switches / len(self.decisions) if self.decisions else 0.0
+
+
+Chooser = Callable[[Tensor, int, int], tuple[int, float]]
+
+
+def greedy_chooser(tau: float, horizon: int) -> Chooser:
+    def choose(logits: Tensor, prev: int, segs: int) -> tuple[int, float]:
+        return greedy_decision(logits, prev, segs, tau, horizon), 0.0
+
+    return choose
+
+
+def sampling_chooser(tau: float, horizon: int, generator: torch.Generator) -> Chooser:
+    def choose(logits: Tensor, prev: int, segs: int) -> tuple[int, float]:
+        pl = policy_logits(
+            logits[None].float(), torch.tensor([prev]), torch.tensor([segs]), tau, horizon
+        )
+        logp = F.log_softmax(pl[0], -1)
+        a = int(torch.multinomial(logp.exp(), 1, generator=generator))
+        return a, float(logp[a])
+
+    return choose
+
+
+class RoutedDecoder:
+    """Batch-1 greedy decoding with a K/V cache for the router system (external gates per
+    token) or a plain model (``router=None``: whatever its BEM layers do by themselves).
+
+    The macro-policy router is tiny and lives on the CPU; only its decision features (one
+    hidden vector and one embedding per chunk) leave the model's device."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        eos_id: int,
+        max_new_tokens: int,
+        device: str | torch.device,
+        router: MacroRouter | None = None,
+        chunk: int = 1,
+    ) -> None:
+        self.model, self.router, self.chunk = model, router, chunk
+        self.eos_id, self.max_new, self.device = eos_id, max_new_tokens, device
+        self.layers = [layer for _, layer in bem_layers(model)] if router is not None else []
+        k = router.num_experts if router is not None else 1
+        self.expert_gates = torch.eye(k, device=device)[:, None, None, :]  # [K, 1, 1, K]
+        self.emb = model.get_input_embeddings()  # type: ignore[operator]
+
+    def _route(self, gates: Tensor | None) -> None:
+        for layer in self.layers:
+            layer.set_routing(gates)
+
+    @torch.no_grad()
+    def __call__(self, prompt: Sequence[int], choose: Chooser | None = None) -> Decoded:
+        ids = torch.tensor([list(prompt)], device=self.device)
+        routed = self.router is not None
+        if routed:
+            assert self.router is not None
+            self._route(torch.zeros(1, ids.shape[1], self.router.num_experts, device=self.device))
+        try:
+            out = self.model(input_ids=ids, use_cache=True, output_hidden_states=routed)
+            res = Decoded(tokens=[], cache=out.cache, fed=[])
+            cur, segs = -1, 0
+            for t in range(self.max_new):
+                tok = int(out.logits[0, -1].argmax())
+                res.tokens.append(tok)
+                if tok == self.eos_id or t + 1 == self.max_new:
+                    break
+                step = torch.tensor([[tok]], device=self.device)
+                if routed and t % self.chunk == 0:
+                    assert self.router is not None and choose is not None
+                    feats = self.router.features(
+                        out.hidden_states[-1][:, -1].cpu(),
+                        self.emb(step[:, 0]).cpu(),
+                        torch.tensor([cur]),
+                        torch.tensor([segs]),
+                    )
+                    action, logp = choose(self.router(feats)[0], cur, segs)
+                    res.feats.append(feats[0])
+                    res.prev.append(cur)
+                    res.segs.append(segs)
+                    res.logp.append(logp)
+                    res.decisions.append(action)
+                    if action != cur:
+                        segs += 1
+                        cur = action
+                        # [1, 1, K] gates broadcast over positions: set once per segment.
+                        self._route(self.expert_gates[cur])
+                # Hidden states are needed only where the next step makes a decision.
+                want_hidden = routed and (t + 1) % self.chunk == 0
+                out = self.model(
+                    input_ids=step,
+                    cache=res.cache,
+                    use_cache=True,
+                    output_hidden_states=want_hidden,
+                )
+                res.fed.append(tok)
+        finally:
+            if routed:
+                self._route(None)
+        return res
+
+
+# ---------------------------------------------------------------------------- KV-hit
+def cache_tensors(cache: Any) -> list[tuple[Tensor, Tensor]]:
+    """(keys, values) per layer, each [B, heads, T, head_dim], from a transformers cache."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return [(k, v) for k, v in cache]
+
+
+@dataclass(frozen=True)
+class KVHit:
+    prompt_hits: int
+    prompt_total: int
+    all_hits: int
+    all_total: int
+
+    @property
+    def prompt_ratio(self) -> float:
+        return self.prompt_hits / self.prompt_total
+
+    @property
+    def all_ratio(self) -> float:
+        return self.all_hits / self.all_total
+
+
+@torch.no_grad()
+def reference_cache(
+    reference: nn.Module,
+    prompt: Sequence[int],
+    fed: Sequence[int] = (),
+    *,
+    device: str | torch.device,
+) -> Any:
+    """The reference (base) model's K/V cache for ``prompt`` + ``fed``, computed on the
+    decoder's schedule (prefill the prompt, then one token per step) so that equal inputs meet
+    the same kernels and equal K/V are bit-identical."""
+    out = reference(input_ids=torch.tensor([list(prompt)], device=device), use_cache=True)
+    cache = out.cache
+    for tok in fed:
+        reference(input_ids=torch.tensor([[tok]], device=device), cache=cache, use_cache=True)
+    return cache
+
+
+def kv_hit(decoded: Decoded, prompt_len: int, ref_cache: Any) -> KVHit:
+    """Share of the decoding cache's K/V head vectors bit-identical (exact equality per layer,
+    position and head, for keys and values: torch.equal per vector) to ``ref_cache``.
+
+    Prompt positions are always compared; the other positions only as far as ``ref_cache``
+    covers them (pass a reference cache of the prompt alone to compare the prompt only)."""
+    prompt_hits = prompt_total = all_hits = all_total = 0
+    pairs = zip(cache_tensors(decoded.cache), cache_tensors(ref_cache), strict=True)
+    for (ks, vs), (kr, vr) in pairs:
+        n = min(ks.shape[2], kr.shape[2])
+        if n < prompt_len:
+            raise ValueError(f"caches cover {n} positions, fewer than the prompt's {prompt_len}")
+        for a, b in ((ks, kr), (vs, vr)):
+            eq = (a[:, :, :n] == b[:, :, :n]).all(-1)  # [batch, heads, positions]
+            prompt_hits += int(eq[:, :, :prompt_len].sum())
+            prompt_total += eq[:, :, :prompt_len].numel()
+            all_hits += int(eq.sum())
+            all_total += eq.numel()
+    return KVHit(prompt_hits, prompt_total, all_hits, all_total)
+
+
+# ---------------------------------------------------------------------------- PPO
+@dataclass
+class RolloutBatch:
+    """Decision points of several trajectories, with the trajectory's reward on each."""
+
+    feats: Tensor  # [N, F]
+    prev: Tensor  # [N]
+    segs: Tensor  # [N]
+    actions: Tensor  # [N]
+    logp_old: Tensor  # [N]
+    traj: Tensor  # [N] trajectory index
+    rewards: Tensor  # [M] per trajectory
+
+    @classmethod
+    def from_rollouts(cls, rollouts: Sequence[Decoded], rewards: Sequence[float]) -> RolloutBatch:
+        feats, prev, segs, actions, logp, traj = [], [], [], [], [], []
+        for i, r in enumerate(rollouts):
+            feats += r.feats
+            prev += r.prev
+            segs += r.segs
+            actions += r.decisions
+            logp += r.logp
+            traj += [i] * len(r.decisions)
+        width = rollouts[0].feats[0].shape[0] if feats else 0
+        return cls(
+            feats=torch.stack(feats) if feats else torch.zeros(0, width),
+            prev=torch.tensor(prev, dtype=torch.long),
+            segs=torch.tensor(segs, dtype=torch.long),
+            actions=torch.tensor(actions, dtype=torch.long),
+            logp_old=torch.tensor(logp, dtype=torch.float32),
+            traj=torch.tensor(traj, dtype=torch.long),
+            rewards=torch.tensor(list(rewards), dtype=torch.float32),
+        )
+
+    def advantages(self) -> Tensor:
+        r = self.rewards
+        adv = r - r.mean()
+        std = float(adv.std()) if r.numel() > 1 else 0.0
+        return adv / std if std > 1e-8 else adv
+
+
+def masked_logits(router: MacroRouter, batch: RolloutBatch, tau: float) -> Tensor:
+    return policy_logits(router(batch.feats), batch.prev, batch.segs, tau, router.horizon)
+
+
+@torch.no_grad()
+def expected_reward(router: MacroRouter, batch: RolloutBatch, tau: float) -> float:
+    """Self-normalised importance-sampling estimate of E_router[reward] from the batch.
+
+    Decoding is deterministic given the routing decisions, so a trajectory's likelihood ratio
+    is exactly the product of its per-decision ratios."""
+    logp = F.log_softmax(masked_logits(router, batch, tau), -1)
+    logp = logp.gather(1, batch.actions[:, None])[:, 0]
+    log_ratio = torch.zeros_like(batch.rewards).index_add_(0, batch.traj, logp - batch.logp_old)
+    w = torch.softmax(log_ratio, 0)
+    return float((w * batch.rewards).sum())
+
+
+@dataclass
+class UpdateStats:
+    kl: float
+    entropy: float
+    clip_fraction: float
+    epochs: int
+    early_stopped: bool
+
+
+def ppo_update(
+    router: MacroRouter,
+    reference: MacroRouter,
+    optimizer: torch.optim.Optimizer,
+    batch: RolloutBatch,
+    *,
+    tau: float,
+    clip: float,
+    epochs: int,
+    kl_bound: float,
+    kl_coef: float = 0.0,
+    entropy_coef: float = 0.0,
+    grad_clip: float | None = 1.0,
+) -> UpdateStats:
+    """PPO epochs on one batch inside a KL trust region to ``reference`` (the BC policy).
+
+    After every epoch the mean KL(reference || router) on the batch's states is measured; an
+    epoch that leaves the region is undone and the update stops (the last in-bound policy is
+    kept)."""
+    adv = batch.advantages()[batch.traj]
+    with torch.no_grad():
+        ref_logits = masked_logits(reference, batch, tau)
+    stopped = False
+    done = 0
+    clip_frac = 0.0
+    params = [p for p in router.parameters() if p.requires_grad]
+    for _ in range(epochs):
+        saved = [p.detach().clone() for p in params]
+        saved_opt = _clone_state(optimizer.state_dict())
+        logits = masked_logits(router, batch, tau)
+        logp = F.log_softmax(logits, -1).gather(1, batch.actions[:, None])[:, 0]
+        ratio = torch.exp(logp - batch.logp_old)
+        surrogate = torch.min(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
+        kl = kl_divergence(ref_logits, logits).mean()
+        loss = -surrogate.mean() + kl_coef * kl - entropy_coef * entropy(logits).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        with torch.no_grad():
+            kl_after = float(kl_divergence(ref_logits, masked_logits(router, batch, tau)).mean())
+        if not math.isfinite(kl_after) or kl_after > kl_bound:
+            with torch.no_grad():
+                for p, s in zip(params, saved, strict=True):
+                    p.copy_(s)
+            optimizer.load_state_dict(saved_opt)
+            stopped = True
+            break
+        done += 1
+        clip_frac = float(((ratio - 1).abs() > clip).float().mean())
+    with torch.no_grad():
+        logits = masked_logits(router, batch, tau)
+        kl_now = float(kl_divergence(ref_logits, logits).mean())
+        ent = float(entropy(logits).mean())
+    return UpdateStats(
+        kl=kl_now, entropy=ent, clip_fraction=clip_frac, epochs=done, early_stopped=stopped
+    )
+
+
+def _clone_state(sd: dict[str, Any]) -> dict[str, Any]:
+    def clone(v: Any) -> Any:
+        if isinstance(v, Tensor):
+            return v.detach().clone()
+        if isinstance(v, dict):
+            return {k: clone(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [clone(x) for x in v]
+        return v
+
+    return clone(sd)  # type: ignore[no-any-return]

@@ -1,0 +1,500 @@
+"""Mission A (Agentic Planner) on a micro config: every phase, resume, parity, BC, PPO, KV hits.
+
+One module-scoped run chains all phases for seed 0 with explicit inputs (as `bem-fleet train`
+does); the tests inspect its artifacts or rerun single phases against them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from bem_tasks.config.loader import ConfigError, FleetConfig, load_fleet
+from bem_tasks.core import bem_disabled, count_bem_parameters, load_model, load_weights, save_model
+from bem_tasks.core.tokenizer import ByteTokenizer
+from bem_tasks.data import DataFileError
+from bem_tasks.eval import read_records
+from bem_tasks.fleet.phases import PhaseContext, execute
+from bem_tasks.missions import mission_a
+from bem_tasks.missions.planner import (
+    MacroRouter,
+    RoutedDecoder,
+    TextCodec,
+    encode_items,
+    expected_reward,
+    greedy_chooser,
+    kl_divergence,
+    kv_hit,
+    load_codec,
+    masked_logits,
+    ppo_update,
+    reference_cache,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+PHASES = (
+    "prepare",
+    "pretrain_base",
+    "train_experts",
+    "behavioral_cloning",
+    "policy_gradient",
+    "evaluate",
+)
+PER_SEED = PHASES[2:]
+
+MICRO = {
+    "runtime": {"threads": 1},
+    "model": {"family": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2, "max_positions": 96},
+    "bem": {"rank": 2, "chunk_size": 2},
+    "data": {
+        "n_train": 96,
+        "n_dev": 8,
+        "n_test": 8,
+        "n_keys": 4,
+        "min_facts": 2,
+        "max_facts": 2,
+        "value_max": 5,
+    },
+    "training": {
+        "pretrain_base": {"lr": 0.003, "steps": 30, "batch_size": 16, "checkpoint_every": 10},
+        "train_experts": {"lr": 0.003, "steps": 10, "batch_size": 8, "checkpoint_every": 4},
+        "behavioral_cloning": {"lr": 0.01, "steps": 150, "batch_size": 64, "checkpoint_every": 50},
+        "policy_gradient": {"lr": 0.001, "steps": 3, "batch_size": 4, "checkpoint_every": 1},
+    },
+    "router": {"hidden": 16, "bc_examples": None},
+    "evaluate": {"max_new_tokens": 32, "latency_warmup": 1, "kv_all_positions": True},
+}
+
+
+def write_micro_project(root: Path, edit: Callable[[dict], None] | None = None) -> Path:
+    """A copy of configs/ and experiments/ whose mission_a smoke profile is the micro config."""
+    for name in ("configs", "experiments"):
+        shutil.copytree(ROOT / name, root / name, dirs_exist_ok=True)
+    path = root / "experiments" / "mission_a_agentic_planner.yml"
+    doc = yaml.safe_load(path.read_text())
+    doc["profiles"]["smoke"] = {"params": copy.deepcopy(MICRO)}
+    if edit:
+        edit(doc["profiles"]["smoke"]["params"])
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return root / "configs" / "bem_fleet_architecture.yml"
+
+
+@dataclass
+class MicroRun:
+    cfg: FleetConfig
+    dirs: dict[str, Path]
+    metrics: dict[str, dict]
+    tmp: Path
+
+    def ctx(self, phase: str, out: Path, seed: int | None = 0, cfg: FleetConfig | None = None):
+        inputs = {q: self.dirs[q] for q in PHASES[: PHASES.index(phase)]}
+        return PhaseContext(
+            "mission_a",
+            phase,
+            seed if phase in PER_SEED else None,
+            cfg or self.cfg,
+            out,
+            inputs=inputs,
+        )
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory: pytest.TempPathFactory) -> MicroRun:
+    tmp = tmp_path_factory.mktemp("mission_a")
+    cfg = load_fleet(write_micro_project(tmp / "project"), "smoke")
+    run = MicroRun(cfg, {}, {}, tmp)
+    for phase in PHASES:
+        out = tmp / "run" / phase
+        execute(run.ctx(phase, out), config_hash="micro")
+        run.dirs[phase] = out
+        run.metrics[phase] = json.loads((out / "metrics.json").read_text())
+    return run
+
+
+def load_router_system(run: MicroRun):
+    ctx = run.ctx("evaluate", run.tmp / "unused")
+    p = mission_a._params(ctx)
+    model, codec = mission_a._experts_system(ctx, p)
+    return ctx, p, model, codec
+
+
+# ---------------------------------------------------------------------------- artifacts
+def test_every_phase_writes_its_artifacts(micro: MicroRun) -> None:
+    d = micro.dirs
+    assert {f"{s}.jsonl" for s in ("train", "dev", "test")} <= {
+        f.name for f in d["prepare"].iterdir()
+    }
+    assert micro.metrics["prepare"]["n_train"] == 96
+    assert (d["pretrain_base"] / "model" / "model.safetensors").is_file()
+    assert (d["pretrain_base"] / "model" / "bem_tokenizer.json").is_file()
+    assert {"experts.safetensors", "baseline.safetensors", "systems.json"} <= {
+        f.name for f in d["train_experts"].iterdir()
+    }
+    for phase in ("behavioral_cloning", "policy_gradient"):
+        assert (d[phase] / "router.safetensors").is_file()
+    for png in (
+        d["pretrain_base"] / "loss.png",
+        d["train_experts"] / "loss.png",
+        d["behavioral_cloning"] / "loss.png",
+        d["policy_gradient"] / "updates.png",
+        d["evaluate"] / "evaluation.png",
+    ):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    for phase in PHASES:
+        assert json.loads((d[phase] / "manifest.json").read_text())["status"] == "complete"
+    # every training loop checkpointed inside its phase folder
+    for phase, loop in (
+        ("pretrain_base", "base"),
+        ("train_experts", "experts"),
+        ("train_experts", "baseline"),
+        ("behavioral_cloning", "router"),
+        ("policy_gradient", "router"),
+    ):
+        assert list((d[phase] / "ckpt" / loop).glob("step-*/model.safetensors")), (phase, loop)
+
+
+def test_pg_logs_reward_kl_and_entropy_per_update(micro: MicroRun) -> None:
+    rows = [json.loads(line) for line in (micro.dirs["policy_gradient"] / "updates.jsonl").open()]
+    assert [r["update"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert {"reward", "kl", "entropy", "em", "early_stopped"} <= set(r)
+        assert 0.0 <= r["kl"] <= 0.05
+    assert micro.metrics["policy_gradient"]["updates"] == 3
+
+
+def test_evaluate_records_and_metrics(micro: MicroRun) -> None:
+    records = read_records(micro.dirs["evaluate"] / "records.jsonl")
+    assert len(records) == (8 + 8) * 2  # (test + dev) x (router, baseline), one seed
+    assert {r.system for r in records} == {"router", "baseline"}
+    assert {r.slices for r in records} == {("slice_b",), ("slice_a",)}
+    want = {"em", "f1", "latency_ms", "plan_length", "flip_rate", "kv_hit_ratio"}
+    for r in records:
+        assert want <= set(r.metrics)
+        assert r.seed == 0
+        assert r.metrics["em"] in (0.0, 100.0) and 0.0 <= r.metrics["f1"] <= 100.0
+        assert r.metrics["latency_ms"] > 0
+    router = [r for r in records if r.system == "router"]
+    assert all(r.metrics["plan_length"] <= 3 for r in router)
+    assert all(r.metrics["kv_hit_ratio"] == 1.0 for r in router)
+
+    m = micro.metrics["evaluate"]
+    keys = {"em", "f1", "plan_length", "flip_rate", "latency_p50_ms", "latency_p95_ms"}
+    for system in ("router", "baseline"):
+        assert keys | {"kv_hit_ratio"} <= set(m[system])
+        for k in keys:
+            assert m[f"{system}_{k}"] == m[system][k]
+    assert m["em_gain"] == pytest.approx(m["router"]["em"] - m["baseline"]["em"])
+    assert m["param_parity"] == micro.metrics["train_experts"]["param_parity"]
+    # test-slice means are the means of the slice_b records
+    test_em = [r.metrics["em"] for r in router if r.slices == ("slice_b",)]
+    assert m["router"]["em"] == pytest.approx(sum(test_em) / len(test_em))
+
+
+def test_evaluated_answers_come_from_real_decoding(micro: MicroRun) -> None:
+    """Re-decode one test example greedily and check the recorded output and score."""
+    ctx, p, model, codec = load_router_system(micro)
+    router = mission_a._load_router(model, p, micro.dirs["policy_gradient"] / "router.safetensors")
+    test = encode_items(mission_a._read_split(ctx, "test"), codec)
+    dec = RoutedDecoder(
+        model, eos_id=codec.eos_id, max_new_tokens=32, device="cpu", router=router, chunk=2
+    )
+    out = dec(test[0].prompt, greedy_chooser(p.bem.tau, p.router.plan_horizon))
+    rows = [json.loads(line) for line in (micro.dirs["evaluate"] / "outputs.jsonl").open()]
+    row = next(r for r in rows if r["id"] == test[0].id and r["system"] == "router")
+    assert row["output"] == codec.decode(out.tokens)
+    assert row["decisions"] == out.decisions
+
+
+# ---------------------------------------------------------------------------- parity
+def test_param_parity_within_five_percent(micro: MicroRun) -> None:
+    info = json.loads((micro.dirs["train_experts"] / "systems.json").read_text())
+    ctx, p, experts, _ = load_router_system(micro)
+    router = MacroRouter(32, horizon=3, hidden=16)
+    assert info["router_params"] == sum(q.numel() for q in router.parameters())
+    assert info["experts_params"] == count_bem_parameters(experts)
+    assert info["router_system_params"] == info["experts_params"] + info["router_params"]
+    baseline, _ = mission_a._load_base(ctx, p)
+    mission_a._attach_fused(baseline, p, info["baseline_rank"], 0)
+    assert count_bem_parameters(baseline) == info["baseline_params"]
+    assert abs(info["param_parity"] - 1.0) <= 0.05
+    assert info["param_parity"] == pytest.approx(
+        info["router_system_params"] / info["baseline_params"]
+    )
+
+
+def test_parity_out_of_reach_is_an_error(micro: MicroRun) -> None:
+    def edit(params: dict) -> None:
+        params["bem"]["rank"] = 1
+        params["router"]["hidden"] = 1
+
+    cfg = load_fleet(write_micro_project(micro.tmp / "p_parity", edit), "smoke")
+    ctx = micro.ctx("train_experts", micro.tmp / "parity_out", cfg=cfg)
+    with pytest.raises(ValueError, match="parameter parity .* outside 1 \\+/- 0.05"):
+        mission_a.train_experts(ctx)
+
+
+# ---------------------------------------------------------------------------- BC
+def test_bc_clones_the_oracle_plans(micro: MicroRun) -> None:
+    m = micro.metrics["behavioral_cloning"]
+    assert m["bc_dev_token_accuracy"] >= 0.9
+    # chunk-sticky decisions cannot beat the oracle's own chunk majority
+    assert m["bc_dev_token_accuracy"] <= m["bc_dev_chunk_ceiling"] + 1e-9
+    assert m["bc_dev_plan_length"] <= 3
+
+
+# ---------------------------------------------------------------------------- PPO
+@pytest.fixture(scope="module")
+def fixed_batch(micro: MicroRun):
+    """Trajectories of a fresh (high-entropy) policy on 6 train examples, fixed seed."""
+    ctx, p, model, codec = load_router_system(micro)
+    policy = mission_a._new_router(model, p, seed=123)
+    train = encode_items(mission_a._read_split(ctx, "train"), codec)[:6]
+    decoder = RoutedDecoder(
+        model, eos_id=codec.eos_id, max_new_tokens=32, device="cpu", router=policy, chunk=2
+    )
+    batch, _ = mission_a.collect_rollouts(
+        decoder, train, codec, p, torch.Generator().manual_seed(7)
+    )
+    assert batch.rewards.std() > 0  # the update has something to learn from
+    return p, policy, batch
+
+
+def test_ppo_update_increases_expected_reward_on_a_fixed_batch(fixed_batch) -> None:
+    p, policy, batch = fixed_batch
+    policy = copy.deepcopy(policy)
+    reference = copy.deepcopy(policy)
+    tau = p.bem.tau
+    before = expected_reward(policy, batch, tau)
+    assert before == pytest.approx(float(batch.rewards.mean()), abs=1e-6)  # on-policy: plain mean
+    opt = torch.optim.Adam(policy.parameters(), lr=0.01)
+    stats = ppo_update(policy, reference, opt, batch, tau=tau, clip=0.2, epochs=3, kl_bound=1.0)
+    after = expected_reward(policy, batch, tau)
+    assert stats.epochs == 3 and not stats.early_stopped
+    assert after > before + 1e-4
+
+
+def test_kl_trust_region_is_honoured(fixed_batch) -> None:
+    p, policy, batch = fixed_batch
+    tau, bound = p.bem.tau, 0.01
+    reference = copy.deepcopy(policy)
+
+    def kl_to_reference(router: MacroRouter) -> float:
+        with torch.no_grad():
+            ref = masked_logits(reference, batch, tau)
+            return float(kl_divergence(ref, masked_logits(router, batch, tau)).mean())
+
+    moderate = copy.deepcopy(policy)
+    opt = torch.optim.Adam(moderate.parameters(), lr=0.003)
+    for _ in range(5):
+        stats = ppo_update(
+            moderate, reference, opt, batch, tau=tau, clip=0.2, epochs=4, kl_bound=bound
+        )
+    assert 0.0 < kl_to_reference(moderate) <= bound
+    assert stats.kl == pytest.approx(kl_to_reference(moderate))
+
+    wild = copy.deepcopy(policy)
+    opt = torch.optim.Adam(wild.parameters(), lr=50.0)
+    stats = ppo_update(wild, reference, opt, batch, tau=tau, clip=0.2, epochs=4, kl_bound=bound)
+    assert stats.early_stopped and stats.epochs == 0
+    assert kl_to_reference(wild) <= bound
+    for a, b in zip(wild.parameters(), policy.parameters(), strict=True):
+        assert torch.equal(a, b)  # the overrunning epoch was undone: last in-bound policy kept
+
+
+def test_pg_phase_early_stops_on_kl_overrun(micro: MicroRun) -> None:
+    def edit(params: dict) -> None:
+        params["training"]["policy_gradient"]["lr"] = 50.0
+        # the entropy bonus guarantees a non-zero gradient even if every reward is equal
+        params["policy_gradient"] = {"kl_bound": 1e-4, "kl_coef": 0.0, "entropy_coef": 1.0}
+
+    cfg = load_fleet(write_micro_project(micro.tmp / "p_kl", edit), "smoke")
+    out = micro.tmp / "pg_overrun"
+    m = mission_a.policy_gradient(micro.ctx("policy_gradient", out, cfg=cfg))
+    assert m["early_stopped"] is True and m["updates"] == 1 and m["final_kl"] <= 1e-4
+    bc = micro.dirs["behavioral_cloning"] / "router.safetensors"
+    from safetensors.torch import load_file
+
+    assert all(
+        torch.equal(load_file(out / "router.safetensors")[k], v) for k, v in load_file(bc).items()
+    )
+
+
+# ---------------------------------------------------------------------------- KV hits
+def test_router_prompt_kv_is_bit_identical_to_a_real_base_forward(micro: MicroRun) -> None:
+    ctx, p, model, codec = load_router_system(micro)
+    router = mission_a._load_router(model, p, micro.dirs["policy_gradient"] / "router.safetensors")
+    base = load_model(micro.dirs["pretrain_base"] / "model").eval()  # a separate plain base
+    example = encode_items(mission_a._read_split(ctx, "test"), codec)[1]
+    kw = {"eos_id": codec.eos_id, "max_new_tokens": 32, "device": "cpu"}
+    routed = RoutedDecoder(model, router=router, chunk=2, **kw)(
+        example.prompt, greedy_chooser(p.bem.tau, 3)
+    )
+    assert routed.decisions  # it generated and routed something
+    with torch.no_grad():
+        ref = reference_cache(base, example.prompt, routed.fed, device="cpu")
+    hit = kv_hit(routed, len(example.prompt), ref)
+    assert hit.prompt_ratio == 1.0
+    assert hit.prompt_total == 2 * 2 * 2 * len(example.prompt)  # K,V x layers x heads x positions
+    assert hit.all_ratio < 1.0  # generated tokens ran through the experts (layer 2 K/V differ)
+
+    info = json.loads((micro.dirs["train_experts"] / "systems.json").read_text())
+    fused, _ = mission_a._load_base(ctx, p)
+    mission_a._attach_fused(fused, p, info["baseline_rank"], 0)
+    load_weights(micro.dirs["train_experts"] / "baseline.safetensors", fused, trainable_only=True)
+    plain = RoutedDecoder(fused, **kw)(example.prompt)
+    with torch.no_grad():
+        ref_b = reference_cache(base, example.prompt, plain.fed, device="cpu")
+    # the fused adapter changes every position's layer-1 input: only layer 0 K/V still match
+    assert kv_hit(plain, len(example.prompt), ref_b).prompt_ratio == 0.5
+
+    with torch.no_grad():  # negative control: a different "base" breaks the router's hits
+        base.transformer.h[1].attn.c_attn.weight.add_(1e-3)
+        moved = reference_cache(base, example.prompt, device="cpu")
+    assert kv_hit(routed, len(example.prompt), moved).prompt_ratio == 0.5
+    with bem_disabled(model):  # and bem_disabled is the same base computation
+        same = reference_cache(model, example.prompt, device="cpu")
+    assert kv_hit(routed, len(example.prompt), same).prompt_ratio == 1.0
+
+
+# ---------------------------------------------------------------------------- resume
+@pytest.mark.parametrize(
+    ("phase", "loop", "crash_at", "resumed_at", "weights"),
+    [
+        ("pretrain_base", "base", 15, 10, ["model/model.safetensors"]),
+        ("train_experts", "baseline", 7, 4, ["experts.safetensors", "baseline.safetensors"]),
+        ("behavioral_cloning", "router", 120, 100, ["router.safetensors"]),
+        ("policy_gradient", "ppo", 2, 2, ["router.safetensors"]),
+    ],
+)
+def test_interrupted_phase_resumes_to_identical_weights(
+    micro: MicroRun,
+    monkeypatch: pytest.MonkeyPatch,
+    phase: str,
+    loop: str,
+    crash_at: int,
+    resumed_at: int,
+    weights: list[str],
+) -> None:
+    out = micro.tmp / f"resume_{phase}"
+    real_progress = mission_a._progress
+
+    def crash(ctx, name, step, total, **values):
+        real_progress(ctx, name, step, total, **values)
+        if name == loop and step == crash_at:
+            raise RuntimeError("simulated worker crash")
+
+    monkeypatch.setattr(mission_a, "_progress", crash)
+    with pytest.raises(RuntimeError, match="simulated worker crash"):
+        execute(micro.ctx(phase, out), config_hash="micro")
+    assert not (out / "manifest.json").exists()
+    monkeypatch.setattr(mission_a, "_progress", real_progress)
+    execute(micro.ctx(phase, out), config_hash="micro")
+    m = json.loads((out / "metrics.json").read_text())
+    key = {"train_experts": "resumed_from_baseline"}.get(phase, "resumed_from")
+    assert m[key] == resumed_at
+    if phase == "train_experts":
+        assert m["resumed_from_experts"] == 10  # the experts loop had finished: not redone
+    from safetensors.torch import load_file
+
+    for name in weights:
+        got, want = load_file(out / name), load_file(micro.dirs[phase] / name)
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want), name
+
+
+# ---------------------------------------------------------------------------- inputs / config
+def test_a_broken_data_row_is_reported_with_file_and_line(micro: MicroRun) -> None:
+    bad = micro.tmp / "bad_prepare"
+    shutil.copytree(micro.dirs["prepare"], bad)
+    lines = (bad / "train.jsonl").read_text().splitlines()
+    row = json.loads(lines[2])
+    row["answer"] = str(int(row["answer"]) + 1)
+    lines[2] = json.dumps(row)
+    (bad / "train.jsonl").write_text("\n".join(lines) + "\n")
+    ctx = micro.ctx("pretrain_base", micro.tmp / "bad_base")
+    ctx.inputs["prepare"] = bad
+    with pytest.raises(DataFileError, match=r"train\.jsonl:3: answer"):
+        mission_a.pretrain_base(ctx)
+
+
+def test_params_model_is_light_and_strict(micro: MicroRun) -> None:
+    code = (
+        "import sys, bem_tasks.missions.mission_a_params as m; "
+        "print('torch' in sys.modules, m.MissionAParams.__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "MissionAParams"]
+
+    def edit(params: dict) -> None:
+        params["router"]["horizon"] = 3  # the key is plan_horizon
+        params["training"]["train_experts"]["lr"] = -1.0
+
+    with pytest.raises(ConfigError) as err:
+        load_fleet(write_micro_project(micro.tmp / "p_bad", edit), "smoke")
+    text = str(err.value)
+    assert "profiles.smoke.params.router.horizon: unknown key" in text
+    assert "params.training.train_experts.lr" in text and "greater than 0" in text
+
+
+def test_full_profile_records_a_local_model_without_copying(micro: MicroRun) -> None:
+    from bem_tasks.core import build_model
+
+    local = micro.tmp / "local_llama"
+    save_model(build_model("llama", d_model=32, n_layers=1, n_heads=2), local, ByteTokenizer())
+
+    def edit(params: dict) -> None:
+        params["model"] = {"family": "llama", "path": str(local)}
+
+    cfg = load_fleet(write_micro_project(micro.tmp / "p_full", edit), "smoke")
+    out = micro.tmp / "full_base"
+    m = mission_a.pretrain_base(micro.ctx("pretrain_base", out, cfg=cfg))
+    assert m["local_model"] is True and m["model_type"] == "llama"
+    assert json.loads((out / "base.json").read_text())["path"] == str(local.resolve())
+    assert not list(out.rglob("*.safetensors"))
+    ctx = micro.ctx("train_experts", micro.tmp / "unused", cfg=cfg)
+    ctx.inputs["pretrain_base"] = out
+    assert mission_a._base_dir(ctx) == local.resolve()
+
+    def wrong(params: dict) -> None:
+        params["model"] = {"family": "gpt2", "path": str(local)}
+
+    cfg = load_fleet(write_micro_project(micro.tmp / "p_full2", wrong), "smoke")
+    with pytest.raises(ValueError, match="model_type='llama'"):
+        mission_a.pretrain_base(micro.ctx("pretrain_base", micro.tmp / "full_base2", cfg=cfg))
+
+
+def test_hf_tokenizer_codec_matches_the_byte_codec(tmp_path: Path) -> None:
+    ByteTokenizer().to_hf().save_pretrained(tmp_path)
+    hf, byte = load_codec(tmp_path), TextCodec(ByteTokenizer())
+    assert not hf.is_bytes
+    text = 'R:1,2;C:3;F:{"answer":3}'
+    assert hf.spans(text) == byte.spans(text)
+    assert hf.eos_id == byte.eos_id
+    assert hf.decode(hf.encode(text)) == text
+
+
+# ---------------------------------------------------------------------------- policy rules
+def test_hysteresis_and_horizon_rules() -> None:
+    from bem_tasks.missions.planner import chunk_labels, greedy_decision, policy_logits, segments
+
+    logits = torch.tensor([0.0, 0.3, 0.1])
+    assert greedy_decision(logits, -1, 0, tau=0.5, horizon=3) == 1  # first chunk: argmax
+    assert greedy_decision(logits, 0, 1, tau=0.5, horizon=3) == 0  # 0.3 does not beat 0 + 0.5
+    assert greedy_decision(logits, 0, 1, tau=0.2, horizon=3) == 1  # 0.3 beats 0 + 0.2
+    assert greedy_decision(logits, 0, 3, tau=0.0, horizon=3) == 0  # horizon used up: locked
+    pl = policy_logits(logits[None], torch.tensor([0]), torch.tensor([1]), 0.5, 3)[0]
+    assert pl.tolist() == pytest.approx([0.5, 0.3, 0.1])  # +tau on the current expert
+    locked = policy_logits(logits[None], torch.tensor([2]), torch.tensor([3]), 0.0, 3)[0]
+    assert locked.softmax(-1).tolist() == pytest.approx([0.0, 0.0, 1.0])
+    assert chunk_labels([0, 0, 0, 1, 1, 2, 2], 2) == [0, 0, 1, 2]  # [0,1] tie -> earlier skill
+    assert segments([0, 0, 1, 1, 2]) == 3 and segments([]) == 0
