@@ -43,7 +43,10 @@ def mission_records(results_path: Path) -> tuple[dict[str, Any], list[ExampleRec
 
 
 def _comparisons(
-    gates_specs: list[dict[str, Any]], records: list[ExampleRecord], candidate: str
+    gates_specs: list[dict[str, Any]],
+    records: list[ExampleRecord],
+    candidate: str,
+    lower_is_better: set[str],
 ) -> list[dict[str, Any]]:
     """The gates' comparisons, then every other (metric, slice) reported with a null of 0."""
     specs = [dict(s) for s in gates_specs]
@@ -59,6 +62,7 @@ def _comparisons(
                         "metric": metric,
                         "slice": slice_tag,
                         "family": REPORTED_FAMILY,
+                        "higher_is_better": metric not in lower_is_better,
                         "relative": False,
                         "statistic": "mean",
                         "null_value": 0.0,
@@ -85,9 +89,11 @@ def validate_results(
         if mission not in gates.missions:
             raise ValueError(f"{gates_path}: no gates for mission '{mission}' ({results_path})")
         mg = gates.missions[mission]
+        # A gate's direction (e.g. latency `<=`) says which way is better for reported slices too.
+        lower = {g.metric for g in mg.gates if g.op in ("<=", "<")}
         specs = [
             {**s, "mission": mission}
-            for s in _comparisons(analysis_specs(gates, mission), records, mg.candidate)
+            for s in _comparisons(analysis_specs(gates, mission), records, mg.candidate, lower)
         ]
         for spec in specs:
             paired = paired_differences(

@@ -161,3 +161,11 @@ def test_cli_stats_gates_report_power(tmp_path: Path, capsys) -> None:
     assert main(["power", "--mission", "mission_a", "--effect-size", "0.5", "--power", "0.8"]) == 0
     assert "needs n=34 examples" in capsys.readouterr().out  # statsmodels TTestPower, d=0.5
     assert main(["gates", "check", "--mission", "mission_c", "--stats", str(stats)]) == 2
+
+
+def test_reported_metrics_follow_the_gates_direction(tmp_path: Path) -> None:
+    doc, _ = run(tmp_path, make_results(tmp_path, em_gain=0.3))
+    by = {(r["metric"], r["slice"], r["statistic"]): r for r in doc["results"]}
+    # latency is gated `<=` on slice_b, so on slice_a (reported only) lower is better too
+    assert by[("latency_ms", "slice_a", "mean")]["higher_is_better"] is False
+    assert by[("em", "slice_a", "mean")]["higher_is_better"] is True
