@@ -211,6 +211,16 @@ class FleetConfig:
     params: dict[str, BaseModel] = field(default_factory=dict)
     siblings: dict[str, FleetConfig] = field(default_factory=dict, repr=False, compare=False)
 
+    def deployment(self) -> FleetConfig:
+        """The profile whose resource layout (pools, queues, GPUs) the DAGs are built with.
+
+        Resources are fixed when a DAG file is parsed, so they come from the deployment profile
+        (env BEM_FLEET_DEPLOYMENT_PROFILE, else fleet.deployment_profile); a run's own profile
+        only picks sizes (docs/decisions.md, D1).
+        """
+        env = os.environ.get("BEM_FLEET_DEPLOYMENT_PROFILE")
+        return self.for_profile(env or self.arch.fleet.deployment_profile)
+
     def for_profile(self, profile: str) -> FleetConfig:
         """The same configuration under another profile (already validated, no reload)."""
         if profile == self.profile:

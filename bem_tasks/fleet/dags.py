@@ -8,7 +8,6 @@ pool_slots, queue) come from the deployment profile because they are fixed at pa
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -34,9 +33,7 @@ def mission_asset(mission: str) -> Asset:
 
 
 def deployment_config(config_path: str | None = None) -> FleetConfig:
-    base = load_fleet(config_path)
-    profile = os.environ.get("BEM_FLEET_DEPLOYMENT_PROFILE") or base.arch.fleet.deployment_profile
-    return base.for_profile(profile)
+    return load_fleet(config_path).deployment()
 
 
 def params_for(cfg: FleetConfig, missions_default: list[str]) -> dict[str, Param]:

@@ -157,10 +157,12 @@ def run_phase(
     from bem_tasks.fleet.lease import gpu_lease
 
     cfg = load_fleet(config_path, profile)
-    spec = cfg.experiments[mission].phases[phase]
+    # The task was queued and pooled by the deployment layout; lease devices of that class.
+    deployed = cfg.deployment()
+    spec = deployed.experiments[mission].phases[phase]
     layout = RunLayout(cfg.artifact_root, dag_id, run_id)
     out_dir = layout.phase_dir(mission, phase, seed if spec.per_seed else None)
-    device_class = cfg.arch.device_classes[spec.device_class]
+    device_class = deployed.arch.device_classes[spec.device_class]
     holder = f"{mission}.{phase}[seed={seed}]"
     with gpu_lease(
         spec.device_class, spec.gpus, devices=device_class.devices, holder=holder

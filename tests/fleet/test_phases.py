@@ -102,3 +102,15 @@ def test_each_phase_is_tracked_in_an_offline_wandb_run(toy_env: Path, monkeypatc
     assert b"config_hash" in data and b"mission_toy.prepare" in data
     # tracking files stay out of the phase folder, so the manifest covers results only
     assert not (phase_dir / "wandb").exists()
+
+
+def test_devices_are_leased_by_the_deployment_layout(toy_env: Path, monkeypatch) -> None:
+    """A smoke run on a `full` deployment holds the GPU class its task was pooled and queued on."""
+    monkeypatch.setenv("BEM_FLEET_DEPLOYMENT_PROFILE", "full")
+    kw = {"profile": "smoke", "dag_id": "d", "run_id": "r4"}
+    run_phase("mission_toy", "prepare", **kw)
+    out = run_phase("mission_toy", "fit", **kw, seed=0)
+    lease = json.loads((Path(out["dir"]) / "manifest.json").read_text())["lease"]
+    assert lease["device_class"] == "h100_80gb"
+    assert lease["indices"] == [0, 1]  # the toy's full profile asks for 2 GPUs of that class
+    assert out["metrics"]["mean"] == 4.5  # sizes still come from the run's (smoke) profile

@@ -1,0 +1,336 @@
+"""The fleet on the distributed engine: CeleryExecutor, PostgreSQL, Redis, two workers.
+
+One smoke run of `bem_fleet` under the `full` deployment profile (decisions D1): every phase goes
+to its GPU class's pool and queue. The workers split the device classes between them, so where a
+phase ran shows whether routing works. The machine has no GPU: the lease still locks device
+indices of the class, and torch runs on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from bem_tasks.config.loader import FleetConfig, load_fleet
+from bem_tasks.fleet.cluster import CeleryCluster
+from bem_tasks.fleet.embedded import trigger_fleet
+from bem_tasks.fleet.runs import RunLayout
+from tests.integration.conftest import ROOT, WORKERS
+
+pytestmark = pytest.mark.integration
+
+FLEET = "bem_fleet"
+DOWNSTREAM = ("bem_statistical_validation", "bem_promotion_gates")
+SEEDS = [0]
+CONF = {"profile": "smoke", "seeds": SEEDS}
+RUN_TIMEOUT_S = 15 * 60
+DOWNSTREAM_TIMEOUT_S = 5 * 60
+POLL_S = 5.0
+FINISHED = {"success", "failed"}
+
+
+@dataclass
+class Outcome:
+    """What the run left behind, gathered once for every test of this module."""
+
+    cluster: CeleryCluster
+    cfg: FleetConfig  # the deployment profile: the resource layout the DAG was built with
+    run: dict[str, Any]
+    tis: list[dict[str, Any]]
+    intervals: list[dict[str, Any]]  # every try of every task: pool, slots, start, end
+    pools: dict[str, int]
+    pool_samples: list[dict[str, Any]]
+    downstream: dict[str, tuple[dict[str, Any], list[dict[str, Any]]] | None] = field(
+        default_factory=dict
+    )
+
+    def fail(self, message: str, tis: list[dict[str, Any]] | None = None) -> str:
+        """The message, then the logs of the given task instances and of every component."""
+        tasks = "\n".join(_task_log_tail(self.cluster, ti) for ti in tis or [])
+        return f"{message}\n\n{tasks}\n{self.cluster.log_tails(40)}"
+
+
+def _ti_key(ti: dict[str, Any]) -> str:
+    return f"{ti['task_id']}[{ti['map_index']}]" if ti["map_index"] >= 0 else ti["task_id"]
+
+
+def _task_log_tail(cluster: CeleryCluster, ti: dict[str, Any], lines: int = 40) -> str:
+    """The end of a task's own log (Airflow's default layout; JSON lines shown as text)."""
+    path = cluster.home / "logs" / f"dag_id={ti['dag_id']}" / f"run_id={ti['dag_run_id']}"
+    path /= f"task_id={ti['task_id']}"
+    if ti["map_index"] >= 0:
+        path /= f"map_index={ti['map_index']}"
+    path /= f"attempt={max(ti['try_number'], 1)}.log"
+    if not path.exists():
+        return f"----- task {_ti_key(ti)}: no log at {path} -----"
+    shown = []
+    for line in path.read_text(errors="replace").splitlines()[-lines:]:
+        try:
+            rec = json.loads(line)
+            line = f"{rec.get('level', '')}: {rec.get('event', '')} {rec.get('error_detail', '')}"
+        except (ValueError, AttributeError):
+            pass
+        shown.append(line)
+    return f"----- task {_ti_key(ti)} ({path.name}) -----\n" + "\n".join(shown)
+
+
+def _wait_for_dags(cluster: CeleryCluster, api: httpx.Client, timeout_s: float = 240) -> None:
+    """Until the fleet and the downstream DAGs are parsed; a missing downstream DAG is left to
+    its test, but the fleet DAG must be there."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        cluster.check_alive()
+        present = [d for d in (FLEET, *DOWNSTREAM) if api.get(f"/dags/{d}").status_code == 200]
+        if len(present) == 1 + len(DOWNSTREAM):
+            return
+        # Parsed files appear together; once the fleet is in, give the rest a short while.
+        if FLEET in present and deadline - time.monotonic() > 30:
+            deadline = time.monotonic() + 30
+        time.sleep(3)
+    if api.get(f"/dags/{FLEET}").status_code != 200:
+        errors = api.get("/importErrors").json().get("import_errors", [])
+        detail = "\n".join(e.get("stack_trace", "") for e in errors)
+        pytest.fail(f"{FLEET} not parsed after {timeout_s:.0f}s\n{detail}\n{cluster.log_tails()}")
+
+
+def _tis(api: httpx.Client, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+    body = api.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances", params={"limit": 1000}).json()
+    tis: list[dict[str, Any]] = body["task_instances"]
+    return tis
+
+
+def _follow(
+    cluster: CeleryCluster,
+    api: httpx.Client,
+    dag_id: str,
+    run_id: str,
+    timeout_s: float,
+    samples: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Poll a run until it finishes, sampling pool occupancy on the way."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        cluster.check_alive()
+        # A DAG file that stops parsing makes its DAG stale: its run would hang, not fail.
+        errors = api.get("/importErrors").json()
+        if errors["total_entries"]:
+            detail = "\n".join(e.get("stack_trace", "") for e in errors["import_errors"])
+            pytest.fail(f"DAG import errors while {dag_id} run {run_id} was running:\n{detail}")
+        samples.extend(api.get("/pools").json()["pools"])
+        run: dict[str, Any] = api.get(f"/dags/{dag_id}/dagRuns/{run_id}").json()
+        if run["state"] in FINISHED:
+            return run
+        if time.monotonic() > deadline:
+            states = {_ti_key(t): t["state"] for t in _tis(api, dag_id, run_id)}
+            pytest.fail(
+                f"{dag_id} run {run_id} still {run['state']} after {timeout_s:.0f}s; "
+                f"tasks: {states}\n{cluster.log_tails(40)}"
+            )
+        time.sleep(POLL_S)
+
+
+def _downstream_run(
+    cluster: CeleryCluster, api: httpx.Client, dag_id: str, after: str, timeout_s: float
+) -> dict[str, Any] | None:
+    """The first asset-triggered run of ``dag_id`` queued after ``after``, once it appears."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        cluster.check_alive()
+        runs = api.get(
+            f"/dags/{dag_id}/dagRuns",
+            params={"order_by": "run_after", "run_after_gte": after, "limit": 10},
+        ).json()["dag_runs"]
+        for run in runs:
+            if run["run_type"] == "asset_triggered":
+                return dict(run)
+        time.sleep(POLL_S)
+    return None
+
+
+def _trigger_paused(api: httpx.Client) -> str:
+    run_id: str = trigger_fleet(api, FLEET, CONF)["dag_run_id"]
+    return run_id
+
+
+def _intervals(api: httpx.Client, tis: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Start/end of every try; the task-instance list shows only the latest one."""
+    out = []
+    for ti in tis:
+        tries = [ti]
+        if ti["try_number"] > 1:
+            path = f"/dags/{ti['dag_id']}/dagRuns/{ti['dag_run_id']}/taskInstances/{ti['task_id']}"
+            path += f"/{ti['map_index']}/tries" if ti["map_index"] >= 0 else "/tries"
+            tries = api.get(path).json()["task_instances"]
+        for t in tries:
+            if t.get("start_date"):
+                out.append(
+                    {
+                        "key": f"{_ti_key(t)}#{t['try_number']}",
+                        "pool": t["pool"],
+                        "slots": t["pool_slots"],
+                        "start": t["start_date"],
+                        "end": t.get("end_date"),
+                    }
+                )
+    return out
+
+
+@pytest.fixture(scope="module")
+def outcome(celery_cluster: CeleryCluster) -> Outcome:
+    cluster = celery_cluster
+    cfg = load_fleet(ROOT / "configs" / "bem_fleet_architecture.yml", "full")
+    samples: list[dict[str, Any]] = []
+    with cluster.client() as api:
+        _wait_for_dags(cluster, api)
+        run_id = _trigger_paused(api)
+        for dag_id in (FLEET, *DOWNSTREAM):
+            if api.get(f"/dags/{dag_id}").status_code == 200:
+                api.patch(f"/dags/{dag_id}", json={"is_paused": False}).raise_for_status()
+        run = _follow(cluster, api, FLEET, run_id, RUN_TIMEOUT_S, samples)
+        tis = _tis(api, FLEET, run_id)
+        intervals = _intervals(api, tis)
+
+        # The missions' assets schedule the statistics DAG, and its asset the gates DAG.
+        downstream: dict[str, tuple[dict[str, Any], list[dict[str, Any]]] | None] = {}
+        after = run["start_date"]
+        for dag_id in DOWNSTREAM:
+            found = None
+            if run["state"] == "success" and api.get(f"/dags/{dag_id}").status_code == 200:
+                found = _downstream_run(cluster, api, dag_id, after, DOWNSTREAM_TIMEOUT_S)
+            if found is None:
+                downstream[dag_id] = None
+                continue
+            done = _follow(cluster, api, dag_id, found["dag_run_id"], DOWNSTREAM_TIMEOUT_S, samples)
+            d_tis = _tis(api, dag_id, found["dag_run_id"])
+            downstream[dag_id] = (done, d_tis)
+            intervals += _intervals(api, d_tis)
+            after = done["start_date"]
+        pools = {p["name"]: p["slots"] for p in api.get("/pools").json()["pools"]}
+    return Outcome(cluster, cfg, run, tis, intervals, pools, samples, downstream)
+
+
+def _phases(cfg: FleetConfig) -> list[tuple[str, str, bool]]:
+    """(mission, phase, per_seed) of every enabled mission, in DAG order."""
+    return [
+        (mission, phase, spec.per_seed)
+        for mission in cfg.topological_missions()
+        for phase, spec in cfg.experiments[mission].phases.items()
+    ]
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_every_task_succeeded(outcome: Outcome) -> None:
+    bad = [t for t in outcome.tis if t["state"] != "success"]
+    not_ok = {_ti_key(t): t["state"] for t in bad}
+    assert outcome.run["state"] == "success" and not not_ok, outcome.fail(
+        f"{FLEET} run {outcome.run['dag_run_id']} is {outcome.run['state']}; tasks not "
+        f"successful: {not_ok}",
+        [t for t in bad if t["state"] == "failed"],
+    )
+    missions = outcome.cfg.topological_missions()
+    expected = {"plan"} | {f"{m}.{p}" for m, p, _ in _phases(outcome.cfg)}
+    expected |= {f"{m}.{t}" for m in missions for t in ("selected", "publish_results")}
+    assert {t["task_id"] for t in outcome.tis} == expected
+
+
+def test_each_phase_ran_on_a_worker_of_its_class(outcome: Outcome) -> None:
+    cfg = outcome.cfg
+    assert cfg.enabled_missions, outcome.fail(
+        "no mission is enabled in configs/bem_fleet_architecture.yml: no phase to route"
+    )
+    layout = RunLayout(Path(outcome.cluster.artifact_root or ""), FLEET, outcome.run["dag_run_id"])
+    by_key = {(t["task_id"], t["map_index"]): t for t in outcome.tis}
+    workers_used: set[tuple[str, ...]] = set()
+    for mission, phase, per_seed in _phases(cfg):
+        spec = cfg.experiments[mission].phases[phase]
+        device_class = spec.device_class
+        for seed in SEEDS if per_seed else [None]:
+            ti = by_key[(f"{mission}.{phase}", -1 if seed is None else SEEDS.index(seed))]
+            where = f"{mission}.{phase} seed={seed}"
+            assert ti["queue"] == device_class, f"{where}: queued on {ti['queue']}"
+            assert ti["pool"] == device_class, f"{where}: in pool {ti['pool']}"
+            gpus = spec.gpus if cfg.arch.device_classes[device_class].kind == "gpu" else 1
+            assert ti["pool_slots"] == gpus, f"{where}: pool_slots {ti['pool_slots']} != {gpus}"
+
+            manifest = json.loads(
+                (layout.phase_dir(mission, phase, seed) / "manifest.json").read_text()
+            )
+            queues = tuple(q for q in manifest["worker"]["queues"].split(",") if q)
+            assert device_class in queues, f"{where}: ran on a worker serving {queues}"
+            workers_used.add(queues)
+            lease = manifest["lease"]
+            assert lease["device_class"] == device_class, f"{where}: leased {lease}"
+            n_devices = cfg.arch.device_classes[device_class].devices
+            if cfg.arch.device_classes[device_class].kind == "gpu":
+                assert len(lease["indices"]) == spec.gpus, f"{where}: leased {lease}"
+                assert all(0 <= i < n_devices for i in lease["indices"]), f"{where}: {lease}"
+    assert workers_used == {w.queues for w in WORKERS}, (
+        f"each worker must run at least one phase; phases ran on workers serving {workers_used}"
+    )
+
+
+def test_orchestration_tasks_ran_on_the_cpu_class(outcome: Outcome) -> None:
+    """Everything but the phases (plan, gating, publishing, statistics) runs on the CPU class."""
+    phase_ids = {f"{m}.{p}" for m, p, _ in _phases(outcome.cfg)}
+    cpu = outcome.cfg.orchestration_class
+    downstream = [ti for found in outcome.downstream.values() if found for ti in found[1]]
+    others = [ti for ti in outcome.tis + downstream if ti["task_id"] not in phase_ids]
+    assert others
+    for ti in others:
+        where = f"{ti['dag_id']}.{ti['task_id']}"
+        assert ti["queue"] == cpu, f"{where}: queued on {ti['queue']}, not {cpu}"
+        assert ti["pool"] == cpu, f"{where}: in pool {ti['pool']}, not {cpu}"
+
+
+def test_pools_were_never_oversubscribed(outcome: Outcome) -> None:
+    assert outcome.intervals, outcome.fail("no task ever started")
+    for sample in outcome.pool_samples:
+        assert sample["running_slots"] <= sample["slots"], f"pool over its slots: {sample}"
+    # Replay every try's start and end: at each start, the slots in use must fit the pool.
+    events: list[tuple[datetime, int, str, int, str]] = []
+    for iv in outcome.intervals:
+        start = datetime.fromisoformat(iv["start"])
+        end = (
+            datetime.fromisoformat(iv["end"])
+            if iv["end"]
+            else datetime.max.replace(tzinfo=start.tzinfo)
+        )
+        events.append((start, 1, iv["pool"], iv["slots"], iv["key"]))
+        events.append((end, 0, iv["pool"], -iv["slots"], iv["key"]))  # ends sort before starts
+    in_use: dict[str, int] = {}
+    running: dict[str, set[str]] = {}
+    for _, is_start, pool, delta, key in sorted(events):
+        in_use[pool] = in_use.get(pool, 0) + delta
+        keys = running.setdefault(pool, set())
+        if is_start:
+            keys.add(key)
+        else:
+            keys.discard(key)
+        assert in_use[pool] <= outcome.pools[pool], (
+            f"pool {pool} ({outcome.pools[pool]} slots) had {in_use[pool]} in use: {running[pool]}"
+        )
+
+
+def test_downstream_dags_ran_from_the_assets(outcome: Outcome) -> None:
+    for dag_id in DOWNSTREAM:
+        found = outcome.downstream.get(dag_id)
+        assert found is not None, outcome.fail(
+            f"{dag_id}: no asset-triggered run after {FLEET} run {outcome.run['dag_run_id']} "
+            f"({'the fleet run did not succeed' if outcome.run['state'] != 'success' else 'none appeared'})"
+        )
+        run, tis = found
+        bad = [t for t in tis if t["state"] != "success"]
+        not_ok = {_ti_key(t): t["state"] for t in bad}
+        assert run["state"] == "success" and not not_ok, outcome.fail(
+            f"{dag_id} run {run['dag_run_id']} is {run['state']}; tasks not successful: {not_ok}",
+            [t for t in bad if t["state"] == "failed"],
+        )
