@@ -22,6 +22,11 @@ def format_table(headers: list[str], rows: Iterable[list[Any]]) -> str:
 
 
 def headline(metrics: dict[str, Any], limit: int = HEADLINE_LIMIT) -> str:
+    """The phase's own `headline` keys when it names them, else its first numbers."""
+    keys = metrics.get("headline")
+    if isinstance(keys, list):
+        metrics = {k: metrics[k] for k in keys if k in metrics}
+        limit = len(metrics)
     parts = []
     for key, value in metrics.items():
         if isinstance(value, bool) or not isinstance(value, int | float):

@@ -54,3 +54,11 @@ def test_shows_phases_from_the_artifacts(tmp_path: Path, monkeypatch) -> None:
     page = client.get("/").text
     assert "mission_a" in page and "router_em=42" in page
     assert plugin.BemFleetPlugin.fastapi_apps[0]["url_prefix"] == "/bem-fleet"
+
+
+def test_headline_prefers_the_keys_a_phase_names() -> None:
+    from bem_tasks.fleet.summary import headline
+
+    metrics = {"a": 1, "b": 2.5, "c": 3, "headline": ["c", "a"]}
+    assert headline(metrics) == "c=3 a=1"
+    assert headline({"a": 1, "b": 2.5, "flag": True, "name": "x"}) == "a=1 b=2.5"
