@@ -5,11 +5,12 @@ Same GPT-2 (6 layers, d=256, byte vocabulary) for all three variants:
   lora  peft LoRA rank R on attn.c_proj + mlp.c_proj (Conv1D, fan_in_fan_out=True)
   bem   BEM on the same sites, K experts of rank R/K (total rank R), trust region on
 
-Measurements are interleaved (base, lora, bem, base, ...) and the median per variant is used.
-The last line is machine-readable:
+Measurements run in rounds (every variant's inference pass, then every variant's training
+step, order rotated each round); each ratio is the median over rounds of the within-round
+ratio. Medians and minima per variant are printed too. The last line is machine-readable:
   bem_vs_lora: train_step_ratio=<BEM/LoRA> inference_ratio_vs_base=<BEM/base>
 
-Usage: python bench/bem_vs_lora.py [--quick] [--repeats N]
+Usage: python bench/bem_vs_lora.py [--quick] [--repeats N] [--device cuda]
 """
 
 from __future__ import annotations
@@ -122,20 +123,23 @@ def main() -> None:
         f"bem {trainable['bem']:,} (count_bem_parameters={count_bem_parameters(bem):,})"
     )
 
-    # Train and inference passes of all variants interleaved, so a burst of load from
-    # elsewhere hits every variant alike; medians over the repeats.
+    # Rounds of: every variant's inference pass, then every variant's training step, in an
+    # order rotated each round. Ratios are taken within a round (measurements seconds apart)
+    # and the median over rounds is reported, so drifting background load largely cancels.
     results: dict[str, dict[str, list[float]]] = {k: {"train": [], "infer": []} for k in models}
-    steps = {k: _train_step(m, ids) for k, m in models.items()}
-    forwards = {k: _infer(m, ids) for k, m in models.items()}
-    for rep in range(repeats + 1):  # the first round is warm-up
-        for k, m in models.items():
-            m.train()
-            t_train = timed(steps[k])
-            m.eval()
-            t_infer = timed(forwards[k])
-            if rep:
-                results[k]["train"].append(t_train)
-                results[k]["infer"].append(t_infer)
+    fns = {
+        "train": {k: _train_step(m, ids) for k, m in models.items()},
+        "infer": {k: _infer(m, ids) for k, m in models.items()},
+    }
+    names = list(models)
+    for rnd in range(repeats + 1):  # round 0 is warm-up
+        order = names[rnd % len(names) :] + names[: rnd % len(names)]
+        for phase in ("infer", "train"):
+            for k in order:
+                models[k].train(phase == "train")
+                t = timed(fns[phase][k])
+                if rnd:
+                    results[k][phase].append(t)
 
     med = {k: {p: statistics.median(v) for p, v in r.items()} for k, r in results.items()}
     for k, r in med.items():
@@ -144,13 +148,21 @@ def main() -> None:
             f"{k:5s} train step {r['train'] * 1e3:8.1f} ms (min {fastest[0] * 1e3:7.1f})   "
             f"inference {r['infer'] * 1e3:8.1f} ms (min {fastest[1] * 1e3:7.1f})"
         )
+
+    def paired(a: str, b: str, phase: str) -> float:
+        return statistics.median(
+            x / y for x, y in zip(results[a][phase], results[b][phase], strict=True)
+        )
+
+    train_ratio = paired("bem", "lora", "train")
+    infer_ratio = paired("bem", "base", "infer")
     print(
-        f"ratios: lora/base train {med['lora']['train'] / med['base']['train']:.3f}, "
-        f"bem/base train {med['bem']['train'] / med['base']['train']:.3f}, "
-        f"lora/base infer {med['lora']['infer'] / med['base']['infer']:.3f}"
+        f"paired ratios: lora/base train {paired('lora', 'base', 'train'):.3f}, "
+        f"bem/base train {paired('bem', 'base', 'train'):.3f}, "
+        f"lora/base infer {paired('lora', 'base', 'infer'):.3f}; ratio of medians: "
+        f"bem/lora train {med['bem']['train'] / med['lora']['train']:.3f}, "
+        f"bem/base infer {med['bem']['infer'] / med['base']['infer']:.3f}"
     )
-    train_ratio = med["bem"]["train"] / med["lora"]["train"]
-    infer_ratio = med["bem"]["infer"] / med["base"]["infer"]
     print(
         f"bem_vs_lora: train_step_ratio={train_ratio:.3f} inference_ratio_vs_base={infer_ratio:.3f}"
     )

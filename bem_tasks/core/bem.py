@@ -56,13 +56,23 @@ def hysteresis_decisions(logits: Tensor, tau: float, initial: Tensor | None = No
     beaten by more than tau); a later chunk switches to its argmax only if that beats the
     current expert's logit by more than tau.
 
-    Each chunk is a map "current expert -> next expert"; composing maps is associative, so the
-    sequential rule runs as a prefix scan in log2(C) batched gathers, with no Python loop over
-    chunks and no host synchronisation on a GPU.
+    On accelerators each chunk is a map "current expert -> next expert"; composing maps is
+    associative, so the sequential rule runs as a prefix scan in log2(C) batched gathers, with
+    no loop over chunks and no host synchronisation. On CPU a numpy loop does it.
     """
     batch, chunks, k = logits.shape
     if chunks == 0:
         return torch.empty(batch, 0, dtype=torch.long, device=logits.device)
+    if logits.device.type == "cpu":
+        # Tiny tensors: numpy avoids torch's thread pool, whose wake-ups cost milliseconds per
+        # op when other processes share the cores (an Airflow worker running several tasks).
+        init = None if initial is None else initial.numpy()
+        return torch.from_numpy(_hysteresis_numpy(logits.detach().float().numpy(), tau, init))
+    return _hysteresis_scan(logits, tau, initial)
+
+
+def _hysteresis_scan(logits: Tensor, tau: float, initial: Tensor | None) -> Tensor:
+    batch, chunks, k = logits.shape
     cand_logit, cand = logits.max(dim=-1)  # [B, C]
     stay = torch.arange(k, device=logits.device).expand(batch, chunks, k)
     maps = torch.where(cand_logit[..., None] - logits > tau, cand[..., None], stay)  # [B, C, K]
@@ -76,6 +86,31 @@ def hysteresis_decisions(logits: Tensor, tau: float, initial: Tensor | None = No
         step *= 2
     start = initial.to(logits.device)[:, None, None].expand(batch, chunks, 1)
     return maps.gather(-1, start)[..., 0]
+
+
+def _hysteresis_numpy(logits: np.ndarray, tau: float, initial: np.ndarray | None) -> np.ndarray:
+    """The same rule as a plain loop over chunks (CPU)."""
+    batch, chunks, _ = logits.shape
+    cand = logits.argmax(-1)
+    rows = np.arange(batch)
+    out = np.empty((batch, chunks), dtype=np.int64)
+    cur = cand[:, 0] if initial is None else initial
+    for c in range(chunks):
+        lc = logits[:, c]
+        cur = np.where(lc[rows, cand[:, c]] - lc[rows, cur] > tau, cand[:, c], cur)
+        out[:, c] = cur
+    return out
+
+
+def _host_array(tensors: list[Tensor], *, stack: bool) -> np.ndarray:
+    """Stack / concatenate small tensors into one host array: numpy views on CPU (no torch
+    kernels), a single device-to-host copy otherwise."""
+    half = (torch.float16, torch.bfloat16)  # numpy has no bfloat16
+    if tensors[0].device.type == "cpu":
+        arrays = [(t.float() if t.dtype in half else t).detach().numpy() for t in tensors]
+        return np.stack(arrays) if stack else np.concatenate(arrays)
+    joined = (torch.stack(tensors) if stack else torch.cat(tensors)).detach()
+    return (joined.float() if joined.dtype in half else joined).cpu().numpy()
 
 
 def spectral_upper_bound(core: Tensor, *, squarings: int = 8, floor: float = 1e-30) -> Tensor:
@@ -101,9 +136,9 @@ def spectral_upper_bound(core: Tensor, *, squarings: int = 8, floor: float = 1e-
 class RoutingStats:
     """Flip rate, gate entropy and utilisation of one layer's routing.
 
-    A forward pass only appends references to small detached tensors; the arithmetic runs
-    batched on CPU when the stats are read (or every ``fold_every`` records), so logging costs
-    the forward pass next to nothing.
+    A forward pass only appends references to small detached tensors; the arithmetic runs in
+    numpy, batched, when the stats are read (or every ``fold_every`` records), so logging
+    costs the forward pass next to nothing.
     """
 
     fold_every = 128
@@ -113,7 +148,9 @@ class RoutingStats:
         self.reset()
 
     def reset(self) -> None:
-        self._pending: list[tuple[Tensor, list[int] | None, Tensor | None, Tensor | None]] = []
+        self._pending: list[
+            tuple[Tensor, list[int] | None, Tensor | None, Tensor | None, float | None]
+        ] = []
         self.flips = 0
         self.transitions = 0
         self.entropy_sum = 0.0
@@ -125,46 +162,44 @@ class RoutingStats:
         decisions: Tensor,
         lengths: list[int] | None = None,
         prev: Tensor | None = None,
-        probs: Tensor | None = None,
+        gates: Tensor | None = None,
+        temperature: float | None = None,
     ) -> None:
-        """decisions [B, C] hard expert per routing unit; lengths: tokens per unit (None: 1);
-        prev [B]: the unit before this call's first one (streaming); probs [.., K]: the gate
-        distribution of every new decision."""
-        self._pending.append((decisions, lengths, prev, probs))
+        """decisions [B, C]: hard expert per routing unit; lengths: tokens per unit (None: 1);
+        prev [B]: the unit before this call's first one (streaming); gates [.., K]: the gate
+        distribution of every new decision, as logits when ``temperature`` is given."""
+        self._pending.append((decisions, lengths, prev, gates, temperature))
         if len(self._pending) >= self.fold_every:
             self._fold()
 
     def _fold(self) -> None:
         pending, self._pending = self._pending, []
         k = self.num_experts
-        # Records of one shape are stacked, so the work is a few batched ops per shape and one
-        # host transfer, not a chain of tiny ops per forward pass.
         groups: dict[tuple[Any, ...], list[tuple[Tensor, Tensor | None]]] = {}
-        probs = []
-        for decisions, lengths, prev, p in pending:
+        dists: dict[float | None, list[Tensor]] = {}
+        for decisions, lengths, prev, gates, temperature in pending:
             key = (tuple(decisions.shape), tuple(lengths or ()), prev is None, decisions.device)
             groups.setdefault(key, []).append((decisions, prev))
-            if p is not None:
-                probs.append(p.reshape(-1, k).float())
-        for (_, lengths, no_prev, device), items in groups.items():
-            dec = torch.stack([d for d, _ in items])  # [N, B, C]
+            if gates is not None:
+                dists.setdefault(temperature, []).append(gates.reshape(-1, k))
+        for (_, lengths, no_prev, _), items in groups.items():
+            dec = _host_array([d for d, _ in items], stack=True).astype(np.int64)  # [N, B, C]
             seq = dec
             if not no_prev:
-                prevs = torch.stack([q for _, q in items if q is not None])
-                seq = torch.cat([prevs[..., None].to(dec.dtype), dec], dim=-1)
-            flips = (seq[..., 1:] != seq[..., :-1]).sum()
-            self.transitions += seq.shape[0] * seq.shape[1] * max(seq.shape[2] - 1, 0)
-            weights = torch.tensor(lengths or (1,), dtype=torch.float32, device=device)
-            util = torch.zeros(k, device=device).index_add_(
-                0, dec.reshape(-1), weights.expand(dec.shape).reshape(-1)
-            )
-            folded = torch.cat([flips[None].float(), util]).cpu().numpy()
-            self.flips += int(folded[0])
-            self.util += folded[1:]
-        if probs:
-            pr = torch.cat(probs)
-            self.entropy_sum += float(-(pr * torch.log(pr.clamp_min(1e-12))).sum())
-            self.units += pr.shape[0]
+                prevs = _host_array([q for _, q in items if q is not None], stack=True)
+                prevs = prevs.astype(np.int64)
+                seq = np.concatenate([prevs[..., None], dec], axis=-1)
+            self.flips += int((seq[..., 1:] != seq[..., :-1]).sum())
+            self.transitions += seq[..., 1:].size
+            weights = np.broadcast_to(np.asarray(lengths or (1,), dtype=np.float64), dec.shape)
+            self.util += np.bincount(dec.ravel(), weights=weights.ravel(), minlength=k)
+        for temperature, parts in dists.items():
+            g = _host_array(parts, stack=False).astype(np.float64)
+            if temperature is not None:  # logits -> softmax
+                g = np.exp((g - g.max(-1, keepdims=True)) / temperature)
+            p = g / np.clip(g.sum(-1, keepdims=True), 1e-12, None)
+            self.entropy_sum += float(-(p * np.log(np.clip(p, 1e-12, None))).sum())
+            self.units += p.shape[0]
 
     def summary(self) -> dict[str, Any]:
         self._fold()
@@ -257,7 +292,8 @@ class BEMLayer(nn.Module):
         self._stream_pos = 0
         self._stream_cur: Tensor | None = None
         self._stream_w: Tensor | None = None
-        self._eval_cache: tuple[tuple[Any, ...], Tensor] | None = None
+        self._eval_cache: tuple[tuple[Any, ...], tuple[Tensor, Tensor]] | None = None
+        self._external_convex = False
         self.last_decisions: Tensor | None = None
         self.last_weights: Tensor | None = None
         self.reset_stats()
@@ -295,6 +331,9 @@ class BEMLayer(nn.Module):
                 f"[batch, {k}], got {tuple(gates.shape)}"
             )
         self._external = gates.to(self.bem_V.device)
+        # Convex mixes of in-budget experts are in budget; other gates get a per-row bound.
+        convex = (self._external >= 0).all() & (self._external.sum(-1) <= 1 + 1e-6).all()
+        self._external_convex = bool(convex)
 
     def reset_stream(self) -> None:
         self._stream_pos = 0
@@ -325,8 +364,13 @@ class BEMLayer(nn.Module):
         scaled so that expert's delta is inside the trust region. Cached at inference.
 
         Norms are convex, so any convex mix of in-budget experts (soft, straight-through,
-        Gumbel or hard gates: non-negative, summing to one) is in budget too.
+        Gumbel or hard gates: non-negative, summing to at most one) is in budget too.
         """
+        return self._expert_solution()[0]
+
+    def _expert_solution(self) -> tuple[Tensor, Tensor]:
+        """(expert_weights [K, R], their column-wise sum [R]), cached while no gradient is
+        recorded and no parameter has changed."""
         if torch.is_grad_enabled():
             return self._solve_expert_weights()
         params = (self.bem_U, self.bem_V, self.bem_code)
@@ -338,10 +382,11 @@ class BEMLayer(nn.Module):
             self._eval_cache = (key, self._solve_expert_weights())
         return self._eval_cache[1]
 
-    def _solve_expert_weights(self) -> Tensor:
+    def _solve_expert_weights(self) -> tuple[Tensor, Tensor]:
         own = torch.eye(self.num_experts, device=self.bem_V.device, dtype=self.bem_V.dtype)
         w = own.index_select(-1, self.col_expert) * self.col_scale * self.bem_code  # [K, R]
-        return w * self.trust_scale(w)[:, None]
+        w = w * self.trust_scale(w)[:, None]
+        return w, w.sum(0)  # experts own disjoint columns: the sum is each column's weight
 
     def column_weights(self, gates: Tensor, *, row_trust: bool = True) -> Tensor:
         """Gates [..., K] -> per-rank-column weights [..., R] inside the trust region.
@@ -350,7 +395,7 @@ class BEMLayer(nn.Module):
         gates that are not a convex mix (e.g. external gates summing to more than one).
         """
         gates = gates.to(self.bem_V.dtype)
-        w = gates.index_select(-1, self.col_expert) * self.expert_weights().sum(0)
+        w = gates.index_select(-1, self.col_expert) * self._expert_solution()[1]
         if not row_trust or (self.trust_budget is None and self.trust_budget_fro is None):
             return w
         flat = w.reshape(-1, self.total_rank)
@@ -494,15 +539,15 @@ class BEMLayer(nn.Module):
                 gates = hard + soft - soft.detach()
             w_new = self.column_weights(gates, row_trust=False)  # convex mix: in budget
         lengths = [min(n, length - s) for s in range(first, length, n)]
-        probs = torch.softmax(logits.detach() / self.temperature, dim=-1)
+        stats_logits, temp = logits.detach(), self.temperature
         if carry:
             assert prev_w is not None and prev_dec is not None
             w_chunks = torch.cat([prev_w[:, None].to(w_new.dtype), w_new], dim=1)
             all_dec = torch.cat([prev_dec[:, None], decisions], dim=1)
-            self.routing_stats.add(all_dec, [first, *lengths], None, probs)
+            self.routing_stats.add(all_dec, [first, *lengths], None, stats_logits, temp)
         else:
             w_chunks, all_dec = w_new, decisions
-            self.routing_stats.add(all_dec, lengths, prev, probs)
+            self.routing_stats.add(all_dec, lengths, prev, stats_logits, temp)
         self.last_decisions = all_dec
         self.last_weights = w_chunks.detach()
         if self.streaming:
@@ -525,7 +570,7 @@ class BEMLayer(nn.Module):
             )
         span = g.shape[1]
         if span == 1:
-            g = g.expand(batch, length, k)
+            pass  # one gate row for every position: weights broadcast over the sequence
         elif self.streaming:
             if span < pos0 + length:
                 raise ValueError(
@@ -539,18 +584,19 @@ class BEMLayer(nn.Module):
             )
         g = g.to(self.bem_V.dtype)
         flat = g.reshape(-1, k)
-        if flat.requires_grad:
+        if self._external_convex:
+            w = self.column_weights(flat, row_trust=False)
+        elif flat.requires_grad:
             w = self.column_weights(flat)
         else:
             # A planner's gates repeat across a segment: one trust-region solve per distinct row.
             rows, inverse = torch.unique(flat, dim=0, return_inverse=True)
             w = self.column_weights(rows)[inverse]
-        w = w.reshape(batch, length, self.total_rank)
-        decisions = g.argmax(-1)
-        with torch.no_grad():
-            p = g.detach().clamp_min(0)
-            p = p / p.sum(-1, keepdim=True).clamp_min(1e-12)
-        self.routing_stats.add(decisions, None, self._stream_cur if self.streaming else None, p)
+        w = w.reshape(batch, g.shape[1], self.total_rank)
+        decisions = g.argmax(-1).expand(batch, length)
+        g = g.expand(batch, length, k)
+        prev = self._stream_cur if self.streaming else None
+        self.routing_stats.add(decisions, None, prev, g.detach().clamp_min(0))
         self.last_decisions = decisions
         self.last_weights = w.detach()
         if self.streaming:

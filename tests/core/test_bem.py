@@ -13,6 +13,7 @@ from transformers.pytorch_utils import Conv1D
 from bem_tasks.core import BEMLayer, hysteresis_decisions
 from bem_tasks.core.bem import (
     RoutingStats,
+    _hysteresis_scan,
     bem_parameters,
     spectral_upper_bound,
 )
@@ -142,10 +143,13 @@ def test_hysteresis_scan_matches_sequential_rule() -> None:
         logits = torch.randint(-3, 4, (16, chunks, 3), generator=gen).float() / 2  # many ties
         init = torch.randint(0, 3, (16,), generator=gen)
         for tau in (0.0, 0.5, 1.0):
-            got = hysteresis_decisions(logits, tau).tolist()
-            assert got == _reference_hysteresis(logits, tau, None)
-            got = hysteresis_decisions(logits, tau, init).tolist()
-            assert got == _reference_hysteresis(logits, tau, init.tolist())
+            want = _reference_hysteresis(logits, tau, None)
+            want_init = _reference_hysteresis(logits, tau, init.tolist())
+            # numpy loop (CPU) and the prefix scan over chunk maps (accelerators)
+            assert hysteresis_decisions(logits, tau).tolist() == want
+            assert hysteresis_decisions(logits, tau, init).tolist() == want_init
+            assert _hysteresis_scan(logits, tau, None).tolist() == want
+            assert _hysteresis_scan(logits, tau, init).tolist() == want_init
 
 
 @pytest.mark.parametrize(("tau", "expected"), [(0.5, [0, 0, 1, 1]), (0.0, [0, 1, 1, 0])])
@@ -347,6 +351,9 @@ def test_external_routing_per_segment_and_errors() -> None:
         layer(torch.randn(1, 5, 4))
     with pytest.raises(ValueError, match=r"\[batch, seq, 3\]"):
         layer.set_routing(torch.ones(1, 6, 2))
+    layer.set_routing(torch.tensor([[0.0, 0.0, 1.0]]))  # [B, K]: one row for every position
+    g = torch.tensor([0.0, 0.0, 1.0])
+    assert torch.allclose(layer(x)[0], layer.base(x[0]) + x[0] @ layer.delta_weight(g).T)
     layer.set_routing(None)
     layer(torch.randn(1, 5, 4))  # controller again
 
