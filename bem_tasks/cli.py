@@ -131,20 +131,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    """The mission's final phase, with --model as the previous phase's output."""
     cfg = load_fleet(args.config, args.profile)
     if args.mission not in cfg.experiments:
         raise ValueError(f"unknown mission '{args.mission}'")
-    final = list(cfg.experiments[args.mission].phases)[-1]
-    return _run_phase_standalone(
-        args.mission,
-        final,
-        output=args.output,
-        checkpoint=args.model,
-        inputs_from=args.inputs_from,
-        seed=args.seed,
-        profile=args.profile,
-        config=args.config,
-    )
+    args.phase, args.checkpoint = list(cfg.experiments[args.mission].phases)[-1], args.model
+    return cmd_train(args)
 
 
 def cmd_stats(args: argparse.Namespace) -> int:

@@ -244,11 +244,19 @@ def build_fleet_dag(cfg: FleetConfig) -> DAG:
     return dag
 
 
-def _validate(results: list[str]) -> dict:
-    from bem_tasks.fleet.promotion import validate_results
+def _statistics_run() -> tuple[Any, FleetConfig, Path]:
+    """Context, config of the run's profile, and this run's own artifact folder."""
     from bem_tasks.fleet.runs import RunLayout
 
     ctx = get_current_context()
+    cfg = load_fleet(None, ctx["params"]["profile"])
+    return ctx, cfg, RunLayout(cfg.artifact_root, ctx["dag"].dag_id, ctx["run_id"]).run_dir
+
+
+def _validate(results: list[str]) -> dict:
+    from bem_tasks.fleet.promotion import validate_results
+
+    ctx, cfg, out = _statistics_run()
     paths = list(results)
     for asset, events in ctx["triggering_asset_events"].items():
         paths += [e.extra["results"] for e in events if "results" in (e.extra or {})]
@@ -258,9 +266,7 @@ def _validate(results: list[str]) -> dict:
             "nothing to validate: no triggering mission asset event and no `results` param "
             "(paths to missions' results.json)"
         )
-    cfg = load_fleet(None, ctx["params"]["profile"])
     stats = cfg.arch.statistics
-    out = RunLayout(cfg.artifact_root, ctx["dag"].dag_id, ctx["run_id"]).run_dir
     doc = validate_results(
         [Path(p) for p in dict.fromkeys(paths)],
         gates_path=cfg.resolve(stats.gates),
@@ -276,9 +282,8 @@ def _validate(results: list[str]) -> dict:
 
 def _gate(statistical_results: str | None) -> dict:
     from bem_tasks.fleet.promotion import gate_results
-    from bem_tasks.fleet.runs import RunLayout
 
-    ctx = get_current_context()
+    ctx, cfg, out = _statistics_run()
     path = statistical_results
     for events in ctx["triggering_asset_events"].values():
         for e in events:
@@ -288,9 +293,7 @@ def _gate(statistical_results: str | None) -> dict:
             "nothing to gate: no triggering statistics asset event and no "
             "`statistical_results` param"
         )
-    cfg = load_fleet(None, ctx["params"]["profile"])
     stats = cfg.arch.statistics
-    out = RunLayout(cfg.artifact_root, ctx["dag"].dag_id, ctx["run_id"]).run_dir
     report = gate_results(
         Path(path),
         gates_path=cfg.resolve(stats.gates),
