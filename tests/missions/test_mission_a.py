@@ -498,3 +498,22 @@ def test_hysteresis_and_horizon_rules() -> None:
     assert locked.softmax(-1).tolist() == pytest.approx([0.0, 0.0, 1.0])
     assert chunk_labels([0, 0, 0, 1, 1, 2, 2], 2) == [0, 0, 1, 2]  # [0,1] tie -> earlier skill
     assert segments([0, 0, 1, 1, 2]) == 3 and segments([]) == 0
+
+
+def test_cli_runs_policy_gradient_then_evaluate_like_the_manual(micro: MicroRun, capsys) -> None:
+    """`bem-fleet train mission_a --phase policy_gradient --checkpoint AR0 --output AR1`, then
+    `bem-fleet evaluate --mission mission_a --model AR1 --output DIR` (earlier phases --inputs-from)."""
+    from bem_tasks.cli import main
+
+    arch = str(micro.tmp / "project" / "configs" / "bem_fleet_architecture.yml")
+    run_dir, ar1, results = micro.tmp / "run", micro.tmp / "cli_ar1", micro.tmp / "cli_eval"
+    common = ["--inputs-from", str(run_dir), "--config", arch, "--profile", "smoke"]
+    assert main(["train", "mission_a", "--phase", "policy_gradient", "--checkpoint",
+                 str(micro.dirs["behavioral_cloning"]), "--output", str(ar1), *common]) == 0  # fmt: skip
+    assert main(["evaluate", "--mission", "mission_a", "--model", str(ar1),
+                 "--output", str(results), *common]) == 0  # fmt: skip
+    metrics = json.loads((results / "metrics.json").read_text())
+    assert {"router", "baseline", "param_parity"} <= set(metrics)
+    records = read_records(results / "records.jsonl")
+    assert {r.system for r in records} == {"router", "baseline"}
+    assert (results / "manifest.json").exists()
