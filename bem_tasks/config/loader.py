@@ -436,13 +436,11 @@ def _fleet_config(
 
 
 def _gate_problems(gates_path: Path, missions: list[str]) -> list[str]:
+    from bem_tasks.gates import load_gates  # it imports this module for ConfigError
+
     try:
-        gates_mod = importlib.import_module("bem_tasks.gates")
-    except ModuleNotFoundError:
-        return []
-    try:
-        gates = gates_mod.load_gates(gates_path)
-    except (ConfigError, ValueError) as exc:
-        return list(getattr(exc, "problems", None) or [str(exc)])
-    unknown = [m for m in getattr(gates, "missions", {}) if m not in missions]
+        gates = load_gates(gates_path)
+    except ConfigError as exc:
+        return exc.problems
+    unknown = [m for m in gates.missions if m not in missions]
     return [f"{gates_path}:missions.{m}: unknown mission '{m}'" for m in unknown]

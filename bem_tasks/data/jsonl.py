@@ -55,6 +55,15 @@ def write_jsonl(
     return atomic_write_text(path, "\n".join(lines) + "\n")
 
 
+def write_splits(
+    out_dir: str | os.PathLike[str], splits: Mapping[str, Iterable[BaseModel | Mapping[str, Any]]]
+) -> dict[str, Path]:
+    """Write each split to ``<out_dir>/<name>.jsonl``; returns the paths by split name."""
+    return {
+        name: write_jsonl(Path(out_dir) / f"{name}.jsonl", rows) for name, rows in splits.items()
+    }
+
+
 def _format_validation(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors(include_url=False):

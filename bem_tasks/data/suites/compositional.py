@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
-from bem_tasks.data.jsonl import read_jsonl, write_jsonl
+from bem_tasks.data.jsonl import read_jsonl, write_splits
 from bem_tasks.data.splits import fill_splits, stable_id
 
 SALT = "compositional"
@@ -395,9 +395,7 @@ def generate_compositional(
         ops=tuple(ops),
     )
     splits = make_compositional(seed=seed, sizes=sizes, config=cfg)
-    return {
-        name: write_jsonl(Path(out_dir) / f"{name}.jsonl", rows) for name, rows in splits.items()
-    }
+    return write_splits(out_dir, splits)
 
 
 def read_compositional(path: str | os.PathLike[str]) -> list[CompositionalItem]:

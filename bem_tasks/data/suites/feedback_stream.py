@@ -27,7 +27,7 @@ from pathlib import Path
 
 from pydantic import ValidationInfo, field_validator
 
-from bem_tasks.data.jsonl import read_jsonl, write_jsonl
+from bem_tasks.data.jsonl import read_jsonl, write_splits
 from bem_tasks.data.splits import draw_in_region
 from bem_tasks.data.suites.compositional import (
     OPS,
@@ -195,9 +195,7 @@ def generate_feedback_stream(
         n_heldout=n_heldout,
         config=cfg,
     )
-    return {
-        name: write_jsonl(Path(out_dir) / f"{name}.jsonl", rows) for name, rows in parts.items()
-    }
+    return write_splits(out_dir, parts)
 
 
 def read_feedback_stream(path: str | os.PathLike[str]) -> list[StreamItem]:

@@ -32,7 +32,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
-from bem_tasks.data.jsonl import read_jsonl, write_jsonl
+from bem_tasks.data.jsonl import read_jsonl, write_splits
 from bem_tasks.data.splits import draw_in_region, stable_id
 
 SALT = "long_context"
@@ -393,9 +393,7 @@ def generate_long_context(
         n_keys=n_keys,
         n_distractors=n_distractors,
     )
-    return {
-        name: write_jsonl(Path(out_dir) / f"{name}.jsonl", rows) for name, rows in splits.items()
-    }
+    return write_splits(out_dir, splits)
 
 
 def read_long_context(path: str | os.PathLike[str]) -> list[LongContextItem]:

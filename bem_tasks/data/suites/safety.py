@@ -23,7 +23,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
-from bem_tasks.data.jsonl import read_jsonl, write_jsonl
+from bem_tasks.data.jsonl import read_jsonl, write_splits
 from bem_tasks.data.splits import fill_splits, stable_id
 from bem_tasks.data.suites.compositional import (
     CompositionalConfig,
@@ -307,9 +307,7 @@ def generate_safety(
     splits = make_safety(
         seed=seed, sizes=sizes, harmful_fraction=harmful_fraction, categories=categories
     )
-    return {
-        name: write_jsonl(Path(out_dir) / f"{name}.jsonl", rows) for name, rows in splits.items()
-    }
+    return write_splits(out_dir, splits)
 
 
 def read_safety(path: str | os.PathLike[str]) -> list[SafetyItem]:

@@ -34,7 +34,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
-from bem_tasks.data.jsonl import read_jsonl, write_jsonl
+from bem_tasks.data.jsonl import read_jsonl, write_splits
 from bem_tasks.data.splits import draw_in_region, fill_splits, stable_id
 
 SALT = "scramble"
@@ -453,9 +453,7 @@ def generate_scramble(
     splits = make_scramble(
         seed=seed, sizes=sizes, n_ood=n_ood, min_facts=min_facts, max_facts=max_facts
     )
-    return {
-        name: write_jsonl(Path(out_dir) / f"{name}.jsonl", rows) for name, rows in splits.items()
-    }
+    return write_splits(out_dir, splits)
 
 
 def read_scramble(path: str | os.PathLike[str]) -> list[ScrambleItem]:
