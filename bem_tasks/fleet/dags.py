@@ -83,7 +83,7 @@ def resolve_plan(cfg: FleetConfig, params: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(
             f"params.profile: unknown profile '{profile}' (known: {list(cfg.arch.profiles)})"
         )
-    run_cfg = load_fleet(cfg.path, profile)
+    run_cfg = cfg.for_profile(profile)  # every profile is validated already; no reload
     wanted = params.get("missions") or run_cfg.enabled_missions
     not_enabled = [m for m in wanted if m not in run_cfg.enabled_missions]
     if not_enabled:
