@@ -423,16 +423,16 @@ def _fleet_config(
     experiments: dict[str, dict[str, Experiment]],
     params: dict[str, dict[str, BaseModel]],
 ) -> FleetConfig:
-    arch = archs[profile]
-    assert isinstance(arch, Architecture)
-    cfg = FleetConfig(path, root, profile, arch, experiments[profile], params[profile])
-    # Every profile was validated anyway; keep them so a caller can switch without reloading.
-    cfg.siblings = {
+    # Every profile was validated anyway; keep them all, sharing one map, so any of them can
+    # switch to another (deployment -> run profile and back) without reloading.
+    siblings = {
         p: FleetConfig(path, root, p, a, experiments[p], params[p])  # type: ignore[arg-type]
         for p, a in archs.items()
         if p
     }
-    return cfg
+    for sibling in siblings.values():
+        sibling.siblings = siblings
+    return siblings[profile]
 
 
 def _gate_problems(gates_path: Path, missions: list[str]) -> list[str]:

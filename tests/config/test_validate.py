@@ -164,6 +164,18 @@ def test_profile_overlay_merges_onto_base(project: Path) -> None:
     assert full.experiments["mission_a"].phases["prepare"].device_class == "cpu"
 
 
+def test_any_profile_switches_to_any_other_without_reloading(project: Path) -> None:
+    # The cluster path: the DAG is built from the deployment profile ('full'), a run then asks
+    # for 'smoke', and the run's tasks go back to the deployment layout.
+    full = load_fleet(project / ARCH, "full")
+    smoke = full.for_profile("smoke")
+    assert smoke.profile == "smoke" and smoke.arch.statistics.n_resamples == 2000
+    assert smoke.for_profile("full") is full
+    assert smoke.for_profile("smoke") is smoke
+    with pytest.raises(ConfigError, match="unknown profile 'nightly'"):
+        smoke.for_profile("nightly")
+
+
 def test_load_fleet_raises_with_all_problems(project: Path, edit_yaml) -> None:
     edit_yaml(project / ARCH, lambda d: d["fleet"].update(colour="blue", retries=-1))
     with pytest.raises(ConfigError) as info:
