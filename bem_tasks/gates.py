@@ -151,6 +151,9 @@ class MissionGates(_Strict):
     baseline: str = Field(min_length=1)
     families: list[str] = Field(min_length=1)
     gates: list[Gate] = Field(min_length=1)
+    # Metrics reported without a gate take their direction from a gate on the same metric, else
+    # they count as higher-is-better unless listed here (e.g. routing flip rate).
+    lower_is_better: list[str] = Field(default_factory=list)
 
     def problems(self) -> list[tuple[str, str]]:
         """Cross-gate problems as (path relative to this mission, message)."""
@@ -167,6 +170,14 @@ class MissionGates(_Strict):
             if g.family not in self.families:
                 out.append(
                     (f"gates.{i}.family", f"family '{g.family}' is not declared in {self.families}")
+                )
+            if g.metric in self.lower_is_better and g.higher_is_better:
+                out.append(
+                    (
+                        f"gates.{i}.op",
+                        f"'{g.metric}' is listed in lower_is_better but this gate's op '{g.op}' "
+                        "says higher is better",
+                    )
                 )
         return out
 

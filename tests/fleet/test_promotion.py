@@ -169,3 +169,6 @@ def test_reported_metrics_follow_the_gates_direction(tmp_path: Path) -> None:
     # latency is gated `<=` on slice_b, so on slice_a (reported only) lower is better too
     assert by[("latency_ms", "slice_a", "mean")]["higher_is_better"] is False
     assert by[("em", "slice_a", "mean")]["higher_is_better"] is True
+    # flip_rate has no gate; the gates file declares it lower-is-better
+    assert by[("flip_rate", "slice_a", "mean")]["higher_is_better"] is False
+    assert by[("flip_rate", "slice_b", "mean")]["higher_is_better"] is False

@@ -76,6 +76,9 @@ def test_good_file_loads(tmp_path: Path) -> None:
         (_edit_gate(0, family="quality"),
          "missions.mission_a.gates.0.family: family 'quality' is not declared in ['performance', 'system']"),
         (_edit_gate(1, name="em_gain"), "missions.mission_a.gates.1.name: gate name 'em_gain' is already gates.0"),
+        ({**GOOD, "missions": {"mission_a": {**GOOD["missions"]["mission_a"],  # type: ignore[index]
+                                             "lower_is_better": ["em"]}}},
+         "missions.mission_a.gates.0.op: 'em' is listed in lower_is_better but this gate's op '>='"),
         ({**GOOD, "alpha": 1.5}, "alpha: Input should be less than 1"),
         ({**GOOD, "extra": 1}, "extra: unknown key"),
         ({"version": 1, "missions": {}}, "missions: Dictionary should have at least 1 item"),
