@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat requirements.txt constraints.txt pyproject.toml | sha256sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt constraints.txt pyproject.toml | sha256sum | cut -c1-12)
 PROFILE ?= smoke
 PORT ?= 8080
 PYTEST_ARGS ?=
@@ -12,10 +12,10 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt constraints.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r requirements.txt -c constraints.txt
+	$(BIN)/python -m pip install --quiet -r requirements-dev.txt -c constraints.txt
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	@rm -f $(VENV)/.installed-*
 	@touch $@
@@ -49,11 +49,11 @@ bench: $(STAMP)
 	$(BIN)/python bench/bem_vs_lora.py
 	$(BIN)/python bench/stats_bench.py
 
-## Regenerate constraints.txt from a clean install of requirements.txt.
+## Regenerate constraints.txt from a clean install of requirements-dev.txt (runtime + dev tools).
 constraints:
 	rm -rf /tmp/bem-fleet-constraints && $(PYTHON) -m venv /tmp/bem-fleet-constraints
-	/tmp/bem-fleet-constraints/bin/pip install --quiet -r requirements.txt
-	( echo "# Fully pinned environment, generated from a clean install of requirements.txt (Python 3.11):"; \
+	/tmp/bem-fleet-constraints/bin/pip install --quiet -r requirements-dev.txt
+	( echo "# Fully pinned environment, generated from a clean install of requirements-dev.txt (Python 3.11):"; \
 	  echo "#   make constraints"; \
 	  /tmp/bem-fleet-constraints/bin/pip freeze | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/' ) > constraints.txt
 

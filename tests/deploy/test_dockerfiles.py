@@ -146,6 +146,26 @@ def test_images_install_the_same_pins_through_the_constraints(dockerfile: Path) 
     assert 'grep -Eq "^torch==${TORCH_VERSION}' in dockerfile.read_text()
 
 
+def test_pins_agree_with_constraints_and_images_carry_no_dev_tools() -> None:
+    def pinned(name: str) -> dict[str, str]:
+        out = {}
+        for line in (ROOT / name).read_text().splitlines():
+            if m := re.match(r"^([A-Za-z0-9_.-]+)==([^\s;#]+)", line):
+                out[m.group(1).lower().replace("_", "-")] = m.group(2)
+        return out
+
+    runtime, dev, frozen = (
+        pinned(n) for n in ("requirements.txt", "requirements-dev.txt", "constraints.txt")
+    )
+    assert "-r requirements.txt" in (ROOT / "requirements-dev.txt").read_text().splitlines()
+    for name, version in {**runtime, **dev}.items():
+        assert frozen.get(name) == version, (
+            f"{name}=={version} but constraints.txt has {frozen.get(name)}"
+        )
+    assert not {"pytest", "ruff", "mypy"} & set(runtime), "dev tools belong in requirements-dev.txt"
+    assert {"pytest", "ruff", "mypy"} <= set(dev)
+
+
 def test_cpu_image_takes_torch_from_the_cpu_index() -> None:
     (torch_install,) = [
         a for a in pip_installs(parse(CPU)) if any(t.startswith("torch==") for t in a)
