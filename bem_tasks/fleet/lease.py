@@ -57,6 +57,9 @@ class Lease:
     indices: list[int]
     waited_s: float
     lock_dir: str | None  # None for a CPU phase: nothing was locked
+    # UTC wall clock, microseconds: with the manifest's created_at (written while the lease is
+    # still held) it bounds when the devices were in use, comparable across hosts.
+    acquired_at: str = ""
 
     @property
     def cuda_visible_devices(self) -> str:
@@ -68,8 +71,14 @@ class Lease:
             "indices": list(self.indices),
             "cuda_visible_devices": self.cuda_visible_devices,
             "waited_s": round(self.waited_s, 3),
+            "acquired_at": self.acquired_at,
             "host": socket.gethostname(),
         }
+
+
+def utc_now() -> str:
+    """``2026-11-26T12:00:00.123456+00:00``: sortable, precise enough to order leases."""
+    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 def devices_env_var(device_class: str) -> str:
@@ -149,7 +158,7 @@ def gpu_lease(
         raise ValueError(f"device class {device_class!r}: gpus={gpus!r} must be an int >= 0")
     if gpus == 0:
         with _cuda_visible_devices(""):
-            yield Lease(device_class, [], 0.0, None)
+            yield Lease(device_class, [], 0.0, None, utc_now())
         return
 
     pool = resolve_devices(device_class, devices, count)
@@ -170,7 +179,7 @@ def gpu_lease(
     held = _acquire(class_dir, device_class, pool, gpus, timeout_s, poll_s)
     try:
         _write_holder(held, holder)
-        lease = Lease(device_class, sorted(held), time.monotonic() - start, str(base))
+        lease = Lease(device_class, sorted(held), time.monotonic() - start, str(base), utc_now())
         _warn_if_cuda_initialized(lease)
         log.info(
             "gpu lease: class %r got device(s) %s (CUDA_VISIBLE_DEVICES=%s) after %.1f s",

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import cache
 from importlib import metadata
 from pathlib import Path
@@ -101,7 +101,7 @@ def write_manifest(
     }
     manifest = {
         "status": "complete",
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created_at": datetime.now(UTC).isoformat(timespec="microseconds"),
         "config_hash": config_hash,
         "seed": seed,
         "git_sha": git_sha(),

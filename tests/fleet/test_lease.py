@@ -9,6 +9,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
@@ -43,10 +44,13 @@ def _hold(lock_dir: str, gpus: int, out: str, go: Event, hold_s: float) -> None:
     Path(out).write_text(json.dumps({"indices": lease.indices, "cvd": cvd, "t0": t0, "t1": t1}))
 
 
-def _hold_briefly(lock_dir: str, ready: Event, hold_s: float) -> None:
+def _hold_briefly(lock_dir: str, ready: Event, hold_s: float, out: str = "") -> None:
     with gpu_lease("h100_80gb", 1, devices=[3], lock_dir=lock_dir, timeout_s=5, poll_s=0.01):
         ready.set()
         time.sleep(hold_s)
+        held_until = datetime.now(UTC)
+    if out:
+        Path(out).write_text(held_until.isoformat())
 
 
 def _lease_once(device_class: str, gpus: int, **kwargs: Any) -> Lease:
@@ -135,7 +139,8 @@ def test_timeout_when_all_busy_logs_and_raises(
 
 def test_waiter_gets_the_device_when_the_holder_finishes(tmp_path: Path) -> None:
     ready = CTX.Event()
-    p = CTX.Process(target=_hold_briefly, args=(str(tmp_path), ready, 0.4))
+    out = tmp_path / "holder.txt"
+    p = CTX.Process(target=_hold_briefly, args=(str(tmp_path), ready, 0.4, str(out)))
     p.start()
     try:
         assert ready.wait(10)
@@ -147,6 +152,10 @@ def test_waiter_gets_the_device_when_the_holder_finishes(tmp_path: Path) -> None
     finally:
         p.join(timeout=10)
     assert p.exitcode == 0
+    # the recorded acquisition time is after the holder stopped using the device
+    acquired = datetime.fromisoformat(lease.to_manifest()["acquired_at"])
+    assert acquired.tzinfo is not None
+    assert acquired >= datetime.fromisoformat(out.read_text())
 
 
 def test_lease_sets_and_restores_cuda_visible_devices(

@@ -278,6 +278,33 @@ def test_each_phase_ran_on_a_worker_of_its_class(outcome: Outcome) -> None:
     )
 
 
+def test_no_gpu_was_held_by_two_phases_at_once(outcome: Outcome) -> None:
+    """Pools cap the count per class; the lease must also keep each device to one phase."""
+    cfg = outcome.cfg
+    layout = RunLayout(Path(outcome.cluster.artifact_root or ""), FLEET, outcome.run["dag_run_id"])
+    held: dict[tuple[str, int], list[tuple[datetime, datetime, str]]] = {}
+    for mission, phase, per_seed in _phases(cfg):
+        for seed in SEEDS if per_seed else [None]:
+            manifest = json.loads(
+                (layout.phase_dir(mission, phase, seed) / "manifest.json").read_text()
+            )
+            lease = manifest["lease"]
+            # The manifest is written inside the lease, so [acquired_at, created_at] lies within
+            # the time the phase held its devices.
+            span = (
+                datetime.fromisoformat(lease["acquired_at"]),
+                datetime.fromisoformat(manifest["created_at"]),
+                f"{mission}.{phase} seed={seed}",
+            )
+            for index in lease["indices"]:
+                held.setdefault((lease["device_class"], index), []).append(span)
+    assert held, outcome.fail("no phase leased a GPU: nothing to check")
+    for device, spans in held.items():
+        spans.sort()
+        for (_, end, first), (start, _, second) in zip(spans, spans[1:], strict=False):
+            assert start >= end, f"{device}: {second} took it at {start}, {first} held it to {end}"
+
+
 def test_orchestration_tasks_ran_on_the_cpu_class(outcome: Outcome) -> None:
     """Everything but the phases (plan, gating, publishing, statistics) runs on the CPU class."""
     phase_ids = {f"{m}.{p}" for m, p, _ in _phases(outcome.cfg)}
