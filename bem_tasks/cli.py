@@ -64,18 +64,27 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _explicit_inputs(
-    phases: list[str], phase: str, seed: int, checkpoint: str | None, inputs_from: str | None
+    phases: list[str],
+    phase: str,
+    seed: int,
+    checkpoint: str | None,
+    inputs_from: str | None,
+    output: str,
 ) -> dict[str, Path]:
-    """Earlier phases' folders: from a run's mission folder, the previous one from --checkpoint."""
+    """Earlier phases' folders, found under --inputs-from (default: beside --output) as
+    ``<phase>/seed_<seed>`` or ``<phase>``; --checkpoint names the previous phase's folder.
+
+    The default lets a chain of standalone runs (``--output RUN/prepare``, ``--output
+    RUN/pretrain_base`` ...) find each other the way a DAG run's phase folders do.
+    """
     earlier = phases[: phases.index(phase)]
     inputs: dict[str, Path] = {}
-    if inputs_from:
-        root = Path(inputs_from)
-        for q in earlier:
-            for cand in (root / q / f"seed_{seed}", root / q):
-                if (cand / "manifest.json").exists():
-                    inputs[q] = cand
-                    break
+    root = Path(inputs_from) if inputs_from else Path(output).resolve().parent
+    for q in earlier:
+        for cand in (root / q / f"seed_{seed}", root / q):
+            if (cand / "manifest.json").exists():
+                inputs[q] = cand
+                break
     if checkpoint and earlier:
         path = Path(checkpoint)
         inputs[earlier[-1]] = path if path.is_dir() else path.parent
@@ -110,7 +119,7 @@ def _run_phase_standalone(
         seed if spec.per_seed else None,
         cfg,
         Path(output),
-        inputs=_explicit_inputs(phases, phase, seed, checkpoint, inputs_from),
+        inputs=_explicit_inputs(phases, phase, seed, checkpoint, inputs_from, output),
     )
     result = execute(ctx, config_hash=cfg.mission_hash(mission))
     print(json.dumps(result, indent=2))
@@ -262,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--inputs-from",
             default=None,
-            help="a run's mission folder (<artifacts>/<dag>/<run>/<mission>) holding earlier phases",
+            help="folder holding earlier phases' outputs as <phase>[/seed_N], e.g. a run's "
+            "<artifacts>/<dag>/<run>/<mission> (default: the folder that holds --output)",
         )
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--profile", default=None, help="smoke or full (default: config's)")

@@ -62,8 +62,11 @@ class PhaseContext:
             return self.inputs[phase]
         if self.layout is None:
             raise FileNotFoundError(
-                f"{self.mission}.{self.phase}: needs the output of phase '{phase}'; "
-                f"pass it explicitly (e.g. --checkpoint) when running outside a DAG run"
+                f"{self.mission}.{self.phase}: needs the output of phase '{phase}'. Outside a DAG "
+                f"run it is looked up as {phase}[/seed_N] beside --output or under --inputs-from; "
+                f"run `bem-fleet train {self.mission} --phase {phase} --output "
+                f"{self.out_dir.parent / phase}` first, or point --inputs-from at a run's "
+                f"<artifacts>/<dag>/<run>/{self.mission} folder"
             )
         path = self.layout.phase_dir(self.mission, phase, seed)
         if not (path / "manifest.json").exists():

@@ -116,6 +116,15 @@ def test_inputs_from_a_run_folder(arch: str, tmp_path: Path) -> None:
     )
 
 
+def test_standalone_chain_finds_earlier_phases_beside_output(arch: str, tmp_path: Path) -> None:
+    run = tmp_path / "standalone"
+    for phase in ("prepare", "fit", "evaluate"):
+        argv = ["train", "mission_toy", "--phase", phase, "--output", str(run / phase)]
+        assert main([*argv, "--seed", "2", "--config", arch]) == 0, phase
+    assert json.loads((run / "fit" / "model.json").read_text()) == {"mean": 4.5, "seed": 2}
+    assert json.loads((run / "evaluate" / "metrics.json").read_text()) == {"mean": 4.5, "seed": 2}
+
+
 def test_missing_inputs_and_unknown_phase_are_clear_errors(
     arch: str, tmp_path: Path, capsys
 ) -> None:
@@ -134,7 +143,9 @@ def test_missing_inputs_and_unknown_phase_are_clear_errors(
         )
         == 2
     )
-    assert "needs the output of phase 'prepare'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "needs the output of phase 'prepare'" in err
+    assert f"bem-fleet train mission_toy --phase prepare --output {tmp_path / 'prepare'}" in err
     assert (
         main(
             [

@@ -88,7 +88,9 @@ def test_explicit_inputs_run_a_phase_without_a_dag_run(toy_env: Path, tmp_path: 
     out = execute(ctx, config_hash="h")
     assert out["metrics"]["mean"] == 4.5
     no_inputs = PhaseContext("mission_toy", "fit", 7, cfg, tmp_path / "fit2")
-    with pytest.raises(FileNotFoundError, match="pass it explicitly"):
+    with pytest.raises(
+        FileNotFoundError, match="needs the output of phase .prepare.. Outside a DAG"
+    ):
         execute(no_inputs, config_hash="h")
 
 

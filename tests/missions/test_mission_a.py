@@ -500,16 +500,21 @@ def test_hysteresis_and_horizon_rules() -> None:
     assert segments([0, 0, 1, 1, 2]) == 3 and segments([]) == 0
 
 
-def test_cli_runs_policy_gradient_then_evaluate_like_the_manual(micro: MicroRun, capsys) -> None:
-    """`bem-fleet train mission_a --phase policy_gradient --checkpoint AR0 --output AR1`, then
+def test_cli_runs_the_manuals_mission_a_flow(micro: MicroRun, capsys) -> None:
+    """`bem-fleet train mission_a --phase behavioral_cloning --output AR0`, then
+    `... --phase policy_gradient --checkpoint AR0 --output AR1`, then
     `bem-fleet evaluate --mission mission_a --model AR1 --output DIR` (earlier phases --inputs-from)."""
     from bem_tasks.cli import main
 
     arch = str(micro.tmp / "project" / "configs" / "bem_fleet_architecture.yml")
-    run_dir, ar1, results = micro.tmp / "run", micro.tmp / "cli_ar1", micro.tmp / "cli_eval"
+    run_dir, ar0 = micro.tmp / "run", micro.tmp / "cli_ar0"
+    ar1, results = micro.tmp / "cli_ar1", micro.tmp / "cli_eval"
     common = ["--inputs-from", str(run_dir), "--config", arch, "--profile", "smoke"]
+    assert main(["train", "mission_a", "--phase", "behavioral_cloning",
+                 "--output", str(ar0), *common]) == 0  # fmt: skip
+    assert json.loads((ar0 / "metrics.json").read_text()) == micro.metrics["behavioral_cloning"]
     assert main(["train", "mission_a", "--phase", "policy_gradient", "--checkpoint",
-                 str(micro.dirs["behavioral_cloning"]), "--output", str(ar1), *common]) == 0  # fmt: skip
+                 str(ar0), "--output", str(ar1), *common]) == 0  # fmt: skip
     assert main(["evaluate", "--mission", "mission_a", "--model", str(ar1),
                  "--output", str(results), *common]) == 0  # fmt: skip
     metrics = json.loads((results / "metrics.json").read_text())
