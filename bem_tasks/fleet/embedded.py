@@ -22,7 +22,12 @@ from typing import Any
 
 import httpx
 
-DOWNSTREAM_DAGS = ("bem_statistical_validation", "bem_promotion_gates")
+# Each asset-triggered DAG after the fleet run, with the task whose success emits its asset.
+DOWNSTREAM = (
+    ("bem_statistical_validation", "publish_results"),
+    ("bem_promotion_gates", "validate"),
+)
+DOWNSTREAM_DAGS = tuple(dag_id for dag_id, _ in DOWNSTREAM)
 FINISHED = {"success", "failed"}
 TI_DONE = {"success", "failed", "skipped", "upstream_failed", "removed"}
 
@@ -34,7 +39,13 @@ class Embedded:
 
     @property
     def home(self) -> Path:
-        return Path(os.environ.get("AIRFLOW_HOME") or self.project / ".airflow")
+        """Always the project's `.airflow/`, whatever AIRFLOW_HOME the shell exports.
+
+        A shell's AIRFLOW_HOME usually belongs to another Airflow (``~/airflow``): `make run`
+        would migrate its database and leave a standalone there that `make stop` and
+        `make clean` (which know only `.airflow/`) do not find. There is no override.
+        """
+        return self.project / ".airflow"
 
     @property
     def url(self) -> str:
@@ -58,6 +69,9 @@ class Embedded:
         env.update(
             {
                 "AIRFLOW_HOME": str(self.home),
+                # Airflow's default for this home, pinned so that a shell's own metadata DB
+                # setting cannot send `make run` to migrate and use that database.
+                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{self.home / 'airflow.db'}",
                 "AIRFLOW__CORE__DAGS_FOLDER": str(self.project / "dags"),
                 "AIRFLOW__CORE__PLUGINS_FOLDER": str(self.project / "plugins"),
                 "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
@@ -213,19 +227,46 @@ def follow_run(
         time.sleep(poll_s)
 
 
-def _downstream_run(
-    api: httpx.Client, dag_id: str, after: str, timeout_s: float
-) -> dict[str, Any] | None:
+def follow_downstream(
+    api: httpx.Client,
+    dag_id: str,
+    after: str,
+    say: Callable[[str], None],
+    expect: bool,
+    timeout_s: float = 180,
+    poll_s: float = 3,
+) -> list[tuple[str, str, str, list[dict[str, Any]]]]:
+    """Follow every run of ``dag_id`` with run_after >= ``after`` until none is left to come.
+
+    Asset events start these runs, and not one per fleet run: each mission's event can start
+    its own run, and with max_active_runs=1 the scheduler holds queued events back until the
+    active run ends, so a run can appear while another is being followed. More are to come
+    while the DAG has queued asset events (read before the run list, so a run created in
+    between is listed). ``expect`` (the upstream emitted an event) waits up to ``timeout_s``
+    for a first run; a run that never comes is reported as state "missing".
+    """
+    followed: dict[str, tuple[str, list[dict[str, Any]]]] = {}
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        runs = api.get(
+    while True:
+        queued = api.get(f"/dags/{dag_id}/assets/queuedEvents").json()["queued_events"]
+        listed = api.get(
             f"/dags/{dag_id}/dagRuns",
-            params={"order_by": "-run_after", "limit": 5, "run_after_gte": after},
+            params={"run_after_gte": after, "order_by": "run_after", "limit": 100},
         ).json()["dag_runs"]
-        if runs:
-            return dict(runs[0])
-        time.sleep(2)
-    return None
+        new = [r["dag_run_id"] for r in listed if r["dag_run_id"] not in followed]
+        for run_id in new:
+            followed[run_id] = follow_run(api, dag_id, run_id, say, poll_s)
+        if new:
+            deadline = time.monotonic() + timeout_s
+            continue
+        if not queued and (followed or not expect):
+            break
+        if time.monotonic() > deadline:
+            say(f"  [{dag_id}] no asset-triggered run appeared within {timeout_s:.0f} s")
+            followed["-"] = ("missing", [])
+            break
+        time.sleep(poll_s)
+    return [(dag_id, run_id, state, tis) for run_id, (state, tis) in followed.items()]
 
 
 def run_fleet(
@@ -248,27 +289,22 @@ def run_fleet(
     runs = [("bem_fleet", run["dag_run_id"], state, tis)]
 
     # Asset events from the missions schedule the statistics DAG, and its asset the gates DAG.
-    emitted = any(t["task_id"].endswith("publish_results") and t["state"] == "success" for t in tis)
-    after = run["run_after"]
-    for dag_id in DOWNSTREAM_DAGS if emitted else ():
+    for dag_id, emitter in DOWNSTREAM:
         if api.get(f"/dags/{dag_id}").status_code != 200:
             say(f"  [{dag_id}] not deployed; skipping")
-            break
-        down = _downstream_run(api, dag_id, after, timeout_s=180)
-        if down is None:
-            say(f"  [{dag_id}] no asset-triggered run appeared within 180 s")
-            runs.append((dag_id, "-", "missing", []))
-            break
-        d_state, d_tis = follow_run(api, dag_id, down["dag_run_id"], say)
-        runs.append((dag_id, down["dag_run_id"], d_state, d_tis))
-        if d_state != "success":
-            break
-        after = down["run_after"]
+            continue
+        expect = any(
+            t["task_id"].rpartition(".")[2] == emitter and t.get("state") == "success"
+            for r in runs
+            for t in r[3]
+        )
+        runs += follow_downstream(api, dag_id, run["run_after"], say, expect)
 
     env = emb.env()
     artifact_root = Path(env["BEM_FLEET_ARTIFACT_ROOT"])
     print_summary(runs, artifact_root, say)
-    if not emitted:
+    # Missions that failed still have their publish task; only an empty fleet has none.
+    if not any(t["task_id"].endswith("publish_results") for t in tis):
         say("No mission ran: the fleet has no enabled mission, so nothing was trained.")
     say(f"\nArtifacts: {artifact_root}")
     say(f"Airflow UI: {emb.url}  (user: admin, password in {emb.password_file})")
