@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,27 @@ from bem_tasks.config.loader import ConfigError, load_fleet, validate
 
 def _project_root() -> Path:
     return Path.cwd() if (Path.cwd() / "configs").is_dir() else Path(__file__).resolve().parents[1]
+
+
+def use_embedded_airflow_home(
+    project: Path, environ: MutableMapping[str, str] = os.environ
+) -> str | None:
+    """Point Airflow at `make run`'s metadata DB unless the shell chose one.
+
+    `status` and `pools sync` read the metadata DB of AIRFLOW_HOME. A deployment sets it; on a
+    workstation it is usually unset, and Airflow's own default (~/airflow) is not where `make run`
+    ran, so use the project's `.airflow/` once `make run` has initialised it. Call this before
+    Airflow is imported (it reads AIRFLOW_HOME once). Returns the home chosen, None if left as is.
+    """
+    if environ.get("AIRFLOW_HOME"):
+        return None
+    from bem_tasks.fleet.embedded import Embedded
+
+    home = Embedded(project).home
+    if not (home / "airflow.cfg").exists():
+        return None
+    environ["AIRFLOW_HOME"] = str(home)
+    return str(home)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -29,6 +52,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_pools(args: argparse.Namespace) -> int:
+    use_embedded_airflow_home(_project_root())
     from bem_tasks.fleet.pools import sync_pools
 
     cfg = load_fleet(args.config)
@@ -56,6 +80,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    use_embedded_airflow_home(_project_root())
     from bem_tasks.fleet.status import status
 
     return status(
@@ -221,6 +246,68 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    """Validate data files against a suite's row schema; several files are also checked for
+    examples shared between them (the splits of one suite must be disjoint)."""
+    from bem_tasks.data import SUITES, check_disjoint
+
+    by_mission = {f"mission_{s.mission.lower()}": s for s in SUITES.values()}
+    suite = SUITES[args.suite] if args.suite else by_mission.get(args.mission or "")
+    if suite is None:
+        raise ValueError(f"--mission {args.mission!r}: expected one of {sorted(by_mission)}")
+    rows = {path: suite.read(path) for path in args.files}  # DataFileError names file:line
+    for path, items in rows.items():
+        print(f"OK  {path}: {len(items)} {suite.row.__name__} rows ({suite.name} suite)")
+    if len(rows) > 1:
+        check_disjoint(rows)
+        print(f"OK  {len(rows)} files share no example")
+    return 0
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    """Each device class of the deployment layout, its pool, and who holds each device now."""
+    from bem_tasks.fleet.lease import device_usage, gpu_lease
+    from bem_tasks.fleet.summary import format_table
+
+    cfg = load_fleet(args.config).deployment()
+    rows = []
+    for name, dc in cfg.arch.device_classes.items():
+        if dc.kind == "cpu":
+            rows.append([name, "cpu", "-", f"{dc.devices} pool slots", "-"])
+            continue
+        for use in device_usage(name, dc.devices):
+            who = use.get("holder") or "-"
+            rows.append([name, "gpu", use["index"], use["state"], who])
+    print(f"deployment profile {cfg.profile}; lock dir {_lock_dir()}")
+    print(format_table(["class", "kind", "device", "state", "held by"], rows))
+    if not args.check:
+        return 0
+    failed = 0
+    for name, dc in cfg.arch.device_classes.items():
+        if dc.kind != "gpu":
+            continue
+        try:
+            with gpu_lease(name, 1, devices=dc.devices, timeout_s=0, holder="bem-fleet devices"):
+                print(f"check {name}: leased CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']}"
+                      f", torch sees {_cuda_device_count()} CUDA device(s)")  # fmt: skip
+        except (TimeoutError, ValueError) as exc:
+            failed += 1
+            print(f"check {name}: {exc}")
+    return 1 if failed else 0
+
+
+def _lock_dir() -> str:
+    from bem_tasks.fleet.lease import DEFAULT_LOCK_DIR, LOCK_DIR_ENV
+
+    return os.environ.get(LOCK_DIR_ENV, DEFAULT_LOCK_DIR)
+
+
+def _cuda_device_count() -> int:
+    import torch
+
+    return int(torch.cuda.device_count())
+
+
 def cmd_power(args: argparse.Namespace) -> int:
     from bem_tasks.stats.power import achieved_power, required_n
 
@@ -261,7 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("--port", type=int, default=8080)
 
     status = add("status", cmd_status, "fleet status from the metadata DB and the artifacts")
-    status.add_argument("--summary", action="store_true", help="one line per run (default)")
+    status.add_argument(
+        "--summary", action="store_true", help="one line per run (the default view)"
+    )
     status.add_argument("--mission", default=None)
     status.add_argument("--detailed", action="store_true")
     status.add_argument("--dag-id", default="bem_fleet")
@@ -311,6 +400,21 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--all-missions", action="store_true")
     group.add_argument("--mission", action="append")
     report_args(report)
+
+    data = add("data", cmd_data, "validate data files against a suite's row schema")
+    data.add_argument("action", choices=["validate"])
+    data.add_argument("files", nargs="+", help="JSONL files (several: also checked disjoint)")
+    which = data.add_mutually_exclusive_group(required=True)
+    which.add_argument("--suite", choices=["compositional", "feedback_stream", "safety",
+                                           "scramble", "long_context"])  # fmt: skip
+    which.add_argument("--mission", help="mission_a .. mission_e: that mission's suite")
+
+    devices = add("devices", cmd_devices, "device classes, pools and current GPU leases")
+    devices.add_argument(
+        "--check",
+        action="store_true",
+        help="also lease one device of each GPU class and release it",
+    )
 
     power = add("power", cmd_power, "examples needed for a paired effect size (statsmodels)")
     power.add_argument("--mission", required=True)

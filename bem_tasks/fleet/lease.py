@@ -239,6 +239,34 @@ def _acquire(
         time.sleep(min(poll_s, deadline - now))
 
 
+def device_usage(
+    device_class: str,
+    devices: Sequence[int] | int | None = None,
+    *,
+    lock_dir: str | os.PathLike[str] | None = None,
+) -> list[dict[str, Any]]:
+    """``[{"index": 0, "state": "free"|"held", "holder": ...}, ...]`` for a class's devices.
+
+    A device is probed by taking its lock without waiting and releasing it at once; a lease
+    attempt that meets the probe just retries after its poll interval.
+    """
+    base = Path(
+        lock_dir if lock_dir is not None else os.environ.get(LOCK_DIR_ENV, DEFAULT_LOCK_DIR)
+    )
+    class_dir = base / device_class
+    out = []
+    for idx in resolve_devices(device_class, devices):
+        path = class_dir / f"{idx}.lock"
+        fd = _try_lock(path) if class_dir.is_dir() else -1
+        if fd is None:
+            out.append({"index": idx, "state": "held", "holder": _describe(class_dir, [idx])})
+            continue
+        if fd >= 0:
+            _release({idx: fd})
+        out.append({"index": idx, "state": "free", "holder": None})
+    return out
+
+
 def _try_lock(path: Path) -> int | None:
     # O_CLOEXEC: a program the phase execs must not inherit (and so extend) the lease.
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)

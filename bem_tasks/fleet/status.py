@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from bem_tasks.config.loader import load_fleet
 from bem_tasks.fleet.runs import RunLayout
 from bem_tasks.fleet.summary import format_table, phase_rows
@@ -21,7 +23,8 @@ def status(
             select(DagRun).where(DagRun.dag_id == dag_id).order_by(DagRun.run_after.desc()).limit(5)
         ).all()
         if not runs:
-            print(f"No runs of {dag_id} in the metadata DB yet (AIRFLOW_HOME as configured).")
+            home = os.environ.get("AIRFLOW_HOME", "~/airflow")
+            print(f"No runs of {dag_id} in the metadata DB of AIRFLOW_HOME={home} yet.")
             return 0
         rows = []
         for run in runs:

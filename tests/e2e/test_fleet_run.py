@@ -68,3 +68,13 @@ def test_status_reads_the_run_from_the_metadata_db(fleet_run, airflow_env: dict[
     )  # fmt: skip
     assert "run_id" in status.stdout and "success" in status.stdout
     assert "manual__" in status.stdout
+    cfg = load_fleet(ROOT / "configs" / "bem_fleet_architecture.yml", "smoke")
+    for mission in cfg.enabled_missions:  # one mission's phases, each with its state
+        one = subprocess.run(
+            [str(BIN / "bem-fleet"), "status", "--mission", mission],
+            env=airflow_env, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        phases = cfg.experiments[mission].phases
+        rows = [ln for ln in one.stdout.splitlines() if ln.startswith(mission)]
+        assert {ln.split()[1] for ln in rows} == set(phases), one.stdout
+        assert all(" complete " in f" {ln} " for ln in rows), one.stdout
