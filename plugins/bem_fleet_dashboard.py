@@ -11,7 +11,7 @@ from pathlib import Path
 
 from airflow.api_fastapi.core_api.security import get_user
 from airflow.plugins_manager import AirflowPlugin
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Query
 from fastapi.responses import HTMLResponse
 
 from bem_tasks.fleet.dashboard import fleet_overview, render_html
@@ -29,8 +29,8 @@ app = FastAPI(title="BEM Fleet dashboard", dependencies=[Depends(get_user)])
 
 
 @app.get("/", response_class=HTMLResponse)
-def page() -> str:
-    return render_html(fleet_overview(_artifact_root()))
+def page(refresh: int = Query(30, ge=0, le=3600, description="reload every N s; 0 = never")) -> str:
+    return render_html(fleet_overview(_artifact_root()), refresh_s=refresh)
 
 
 @app.get("/api/overview")

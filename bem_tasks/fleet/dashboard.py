@@ -38,29 +38,78 @@ def fleet_overview(artifact_root: Path, *, limit: int = 10) -> dict[str, Any]:
     return {"artifact_root": str(artifact_root), "runs": runs}
 
 
-def render_html(overview: dict[str, Any]) -> str:
+GATE_HEADERS = ["gate", "metric", "slice", "observed", "CI", "threshold", "p (BH)", "n", "status",
+                "n needed", "why"]  # fmt: skip
+
+
+def _num(v: Any, relative: bool = False) -> str:
+    if not isinstance(v, int | float):
+        return ""
+    return f"{v:+.1%}" if relative else f"{v:.4g}"
+
+
+def gate_rows(decision: dict[str, Any]) -> list[list[str]]:
+    """One row per gate of a promotion decision (the report's JSON), formatted for reading."""
+    rows = []
+    for g in decision.get("gates", []):
+        rel = bool(g.get("relative"))
+        ci = (
+            f"[{_num(g['ci_low'], rel)}, {_num(g['ci_high'], rel)}]"
+            if g.get("ci_low") is not None
+            else ""
+        )
+        stat = "" if g.get("statistic") in (None, "mean", "value") else f" ({g['statistic']})"
+        rows.append([
+            g.get("gate", ""), f"{g.get('metric', '')}{stat}", g.get("slice", ""),
+            _num(g.get("observed"), rel), ci, f"{g.get('op', '')} {_num(g.get('threshold'), rel)}",
+            _num(g.get("p_adjusted")), str(g.get("n") or ""), g.get("status", ""),
+            str(g.get("n_needed") or ""), g.get("reason", ""),
+        ])  # fmt: skip
+    return rows
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
     esc = html.escape
+    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in row) + "</tr>" for row in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def render_html(overview: dict[str, Any], *, refresh_s: int = 30) -> str:
+    """The page; it reloads itself every ``refresh_s`` seconds (0: never)."""
+    esc = html.escape
+    refresh = f"<meta http-equiv='refresh' content='{int(refresh_s)}'>" if refresh_s > 0 else ""
     parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>BEM Fleet</title>",
+        f"<!doctype html><html><head><meta charset='utf-8'>{refresh}<title>BEM Fleet</title>",
         "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}</style></head><body>",
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
+        ".PROMOTED{color:#1a7f37}.REJECTED{color:#cf222e}.INSUFFICIENT_EVIDENCE{color:#9a6700}"
+        "</style></head><body>",
         "<h1>BEM Fleet</h1>",
-        f"<p>Artifacts: <code>{esc(overview['artifact_root'])}</code></p>",
+        f"<p>Artifacts: <code>{esc(overview['artifact_root'])}</code>. "
+        + (f"Refreshes every {int(refresh_s)} s; " if refresh_s > 0 else "")
+        + "JSON: <a href='api/overview'>api/overview</a>.</p>",
     ]
     if not overview["runs"]:
         parts.append("<p>No runs yet. Trigger <code>bem_fleet</code> from the DAG list.</p>")
     for run in overview["runs"]:
         parts.append(f"<h2>{esc(run['dag_id'])} / {esc(run['run_id'])}</h2>")
         if run["phases"]:
-            parts.append("<table><tr>" + "".join(f"<th>{h}</th>" for h in PHASE_HEADERS) + "</tr>")
-            for row in run["phases"]:
-                parts.append(
-                    "<tr>"
-                    + "".join(f"<td>{esc(str(row[h]))}</td>" for h in PHASE_HEADERS)
-                    + "</tr>"
-                )
-            parts.append("</table>")
+            parts.append(
+                _table(PHASE_HEADERS, [[r[h] for h in PHASE_HEADERS] for r in run["phases"]])
+            )
         for report in run["promotion_reports"]:
-            parts.append(f"<pre>{esc(json.dumps(report, indent=2))[:20000]}</pre>")
+            if "error" in report:
+                parts.append(f"<p class='REJECTED'>{esc(report['error'])}</p>")
+            for d in report.get("decisions", []):
+                decision = str(d.get("decision", "?"))
+                parts.append(
+                    f"<h3>{esc(str(d.get('mission', '?')))}: "
+                    f"<span class='{esc(decision)}'>{esc(decision)}</span></h3>"
+                    f"<p>{esc(str(d.get('summary', '')))}</p>"
+                )
+                parts.append(_table(GATE_HEADERS, gate_rows(d)))
     parts.append("</body></html>")
     return "".join(parts)

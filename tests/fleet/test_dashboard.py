@@ -62,3 +62,32 @@ def test_headline_prefers_the_keys_a_phase_names() -> None:
     metrics = {"a": 1, "b": 2.5, "c": 3, "headline": ["c", "a"]}
     assert headline(metrics) == "c=3 a=1"
     assert headline({"a": 1, "b": 2.5, "flag": True, "name": "x"}) == "a=1 b=2.5"
+
+
+def test_promotion_decisions_are_shown_gate_by_gate(tmp_path: Path, monkeypatch) -> None:
+    from bem_tasks.gates import Decision, GateOutcome
+
+    gate = GateOutcome(
+        gate="latency_p50", kind="non_inferiority", metric="latency_ms", slice="slice_b",
+        family="system", op="<=", threshold=0.15, relative=True, statistic="p50",
+        status="failed", reason="CI lies above the margin", observed=0.24, ci_low=0.19,
+        ci_high=0.28, p_adjusted=0.5, n=200,
+    )  # fmt: skip
+    decision = Decision(
+        mission="mission_a", decision="REJECTED", summary="1 gate failed", candidate="router",
+        baseline="baseline", alpha=0.05, power=0.8, gates=[gate],
+    )  # fmt: skip
+    report = tmp_path / "bem_promotion_gates" / "run9" / "promotion_report.json"
+    atomic_write_json(report, {"decisions": [decision.to_json()]})
+    monkeypatch.setenv("BEM_FLEET_ARTIFACT_ROOT", str(tmp_path))
+    plugin = load_plugin()
+    plugin.app.dependency_overrides[plugin.get_user] = lambda: "admin"
+    client = TestClient(plugin.app)
+    page = client.get("/").text
+    assert "<span class='REJECTED'>REJECTED</span>" in page
+    row = "<td>latency_p50</td><td>latency_ms (p50)</td><td>slice_b</td><td>+24.0%</td>"
+    assert row + "<td>[+19.0%, +28.0%]</td><td>&lt;= +15.0%</td><td>0.5</td>" in page
+    assert "<td>failed</td>" in page and "CI lies above the margin" in page
+    assert "<meta http-equiv='refresh' content='30'>" in page
+    assert "http-equiv" not in client.get("/?refresh=0").text
+    assert client.get("/?refresh=-1").status_code == 422
