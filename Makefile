@@ -8,7 +8,7 @@ PROFILE ?= smoke
 PORT ?= 8080
 PYTEST_ARGS ?=
 
-.PHONY: install run stop test lint format typecheck pytest validate bench constraints clean
+.PHONY: install run status stop test lint format typecheck pytest validate bench constraints clean
 
 install: $(STAMP)
 
@@ -23,6 +23,10 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 ## The main job: the fleet on the embedded Airflow (standalone, SQLite, LocalExecutor).
 run: $(STAMP)
 	$(BIN)/bem-fleet run --profile $(PROFILE) --port $(PORT)
+
+## Recent fleet runs and the latest run's phases (the metadata DB of `make run` or AIRFLOW_HOME).
+status: $(STAMP)
+	$(BIN)/bem-fleet status --detailed
 
 stop: $(STAMP)
 	$(BIN)/bem-fleet stop --port $(PORT)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import MutableMapping
@@ -309,8 +310,23 @@ def _cuda_device_count() -> int:
 
 
 def cmd_power(args: argparse.Namespace) -> int:
+    """Examples needed: for a given paired effect size, else for each of the mission's gates
+    from its latest statistical results (the effect each gate observed)."""
     from bem_tasks.stats.power import achieved_power, required_n
 
+    if args.effect_size is None:
+        from bem_tasks.fleet.summary import format_table
+
+        report = _gates_report(args, [args.mission])
+        (decision,) = report["decisions"]
+        rows = [
+            [g["gate"], g["status"], g["n"] or "-", _num(g["achieved_power"]), g["n_needed"] or "-"]
+            for g in decision["gates"]
+            if g["kind"] != "absolute"
+        ]
+        print(f"{args.mission}: {decision['decision']} (power target {decision['power']:.0%})")
+        print(format_table(["gate", "status", "n", "power now", "n needed"], rows))
+        return 0
     alpha = args.alpha
     n = required_n(args.effect_size, power=args.power, alpha=alpha)
     print(
@@ -416,16 +432,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="also lease one device of each GPU class and release it",
     )
 
-    power = add("power", cmd_power, "examples needed for a paired effect size (statsmodels)")
+    power = add("power", cmd_power, "examples needed: for an effect size, or per gate from results")
     power.add_argument("--mission", required=True)
-    power.add_argument("--effect-size", type=float, required=True)
+    power.add_argument(
+        "--effect-size", type=float, default=None,
+        help="paired standardized effect d_z (default: each gate's observed effect, latest stats)",
+    )  # fmt: skip
     power.add_argument("--power", type=float, default=0.8)
     power.add_argument("--alpha", type=float, default=0.05)
+    report_args(power)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    level = os.environ.get("BEM_FLEET_LOG_LEVEL", "INFO").upper()
+    if level not in logging.getLevelNamesMapping():
+        print(f"error: BEM_FLEET_LOG_LEVEL={level!r}: expected DEBUG, INFO, WARNING or ERROR",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    # Our own loggers at the chosen level; libraries (wandb, transformers) stay at WARNING.
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("bem_fleet", "bem_tasks"):
+        logging.getLogger(name).setLevel(level)
     try:
         code: int = args.fn(args)
     except ConfigError as exc:

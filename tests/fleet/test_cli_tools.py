@@ -86,3 +86,16 @@ def test_devices_command_lists_classes_and_checks_leases(
     assert "deployment profile full" in out
     assert "h100_80gb" in out and "rtx4090_24gb" in out
     assert "check h100_80gb: leased CUDA_VISIBLE_DEVICES=0" in out
+
+
+def test_log_level_from_the_environment(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import logging
+
+    monkeypatch.setenv("BEM_FLEET_LOG_LEVEL", "debug")
+    assert main(["validate"]) == 0
+    assert logging.getLogger("bem_tasks").level == logging.DEBUG
+    monkeypatch.setenv("BEM_FLEET_LOG_LEVEL", "chatty")
+    assert main(["validate"]) == 2
+    assert "BEM_FLEET_LOG_LEVEL='CHATTY': expected DEBUG" in capsys.readouterr().err
+    logging.getLogger("bem_tasks").setLevel(logging.NOTSET)
+    logging.getLogger("bem_fleet").setLevel(logging.NOTSET)

@@ -160,6 +160,21 @@ def test_cli_stats_gates_report_power(tmp_path: Path, capsys) -> None:
     capsys.readouterr()
     assert main(["power", "--mission", "mission_a", "--effect-size", "0.5", "--power", "0.8"]) == 0
     assert "needs n=34 examples" in capsys.readouterr().out  # statsmodels TTestPower, d=0.5
+    # without an effect size: each comparative gate of the mission, from its latest statistics
+    argv = [
+        "power",
+        "--mission",
+        "mission_a",
+        "--stats",
+        str(stats),
+        "--output",
+        str(tmp_path / "p"),
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "mission_a: PROMOTED (power target 80%)" in out
+    gates = [line.split()[0] for line in out.splitlines()[3:]]
+    assert gates == ["em_gain", "f1_gain", "latency_p50", "latency_p95", "kv_hit_ratio"]
     assert main(["gates", "check", "--mission", "mission_c", "--stats", str(stats)]) == 2
 
 
