@@ -858,6 +858,7 @@ def _summarise(rows: list[dict[str, float]]) -> dict[str, float]:
         "flip_rate": mean("flip_rate"),
         "latency_p50_ms": lat.p50_ms,
         "latency_p95_ms": lat.p95_ms,
+        "latency_p99_ms": lat.p99_ms,
         "kv_hit_ratio": mean("kv_hit_ratio"),
         "kv_hit_ratio_min": min(r["kv_hit_ratio"] for r in rows),
         "generated_tokens": mean("generated_tokens"),

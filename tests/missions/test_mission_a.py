@@ -190,7 +190,12 @@ def test_evaluate_records_and_metrics(micro: MicroRun) -> None:
     m = micro.metrics["evaluate"]
     keys = {"em", "f1", "plan_length", "flip_rate", "latency_p50_ms", "latency_p95_ms"}
     for system in ("router", "baseline"):
-        assert keys | {"kv_hit_ratio"} <= set(m[system])
+        assert keys | {"kv_hit_ratio", "latency_p99_ms"} <= set(m[system])
+        assert (
+            m[system]["latency_p50_ms"]
+            <= m[system]["latency_p95_ms"]
+            <= m[system]["latency_p99_ms"]
+        )
         for k in keys:
             assert m[f"{system}_{k}"] == m[system][k]
     assert m["em_gain"] == pytest.approx(m["router"]["em"] - m["baseline"]["em"])
