@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from bem_tasks.config.schema import Architecture, Experiment, GenericParams
+from bem_tasks.config.schema import Architecture, Experiment, GenericParams, check_local_path
 from bem_tasks.missions.registry import IMPLEMENTED
 
 PROFILES_REQUIRED = ("smoke", "full")
@@ -231,8 +231,15 @@ class FleetConfig:
 
     @property
     def artifact_root(self) -> Path:
-        root = os.environ.get("BEM_FLEET_ARTIFACT_ROOT") or self.arch.fleet.artifact_root
-        return self.resolve(root)
+        env = os.environ.get("BEM_FLEET_ARTIFACT_ROOT")
+        if env:
+            try:
+                check_local_path(env)
+            except ValueError as exc:
+                raise ConfigError(
+                    [f"environment variable BEM_FLEET_ARTIFACT_ROOT: {exc}"]
+                ) from None
+        return self.resolve(env or self.arch.fleet.artifact_root)
 
     @property
     def orchestration_class(self) -> str:

@@ -7,6 +7,7 @@ Cross-object rules (dependencies, cycles, device classes, implementations) live 
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator
@@ -17,6 +18,19 @@ class Strict(BaseModel):
 
 
 # --------------------------------------------------------------------------- architecture
+
+
+URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def check_local_path(v: str) -> str:
+    """Artifacts need a file system (atomic renames; docs/decisions.md D17), not a URL."""
+    if URL_SCHEME.match(v):
+        raise ValueError(
+            f"must be a local or mounted file-system path, got the URL {v!r} "
+            "(object stores are not supported: mount shared storage at one path on every worker)"
+        )
+    return v
 
 
 class Tracking(Strict):
@@ -36,6 +50,11 @@ class FleetSettings(Strict):
     retry_delay_s: PositiveFloat = 30
     max_retry_delay_s: PositiveFloat = 600
     tracking: Tracking = Tracking()
+
+    @field_validator("artifact_root")
+    @classmethod
+    def _local_path(cls, v: str) -> str:
+        return check_local_path(v)
 
 
 class DeviceClass(Strict):

@@ -99,6 +99,23 @@ def test_unknown_device_class(project: Path, edit_yaml) -> None:
     ]
 
 
+def test_artifact_root_must_be_a_path_not_a_url(
+    project: Path, edit_yaml, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    edit_yaml(project / ARCH, lambda d: d["fleet"].update(artifact_root="s3://bucket/bem"))
+    assert any(
+        p.startswith(f"{project / ARCH}:fleet.artifact_root: must be a local or mounted")
+        for p in validate(project / ARCH)
+    )
+    edit_yaml(project / ARCH, lambda d: d["fleet"].update(artifact_root="./artifacts"))
+    cfg = load_fleet(project / ARCH)
+    monkeypatch.setenv("BEM_FLEET_ARTIFACT_ROOT", "gs://bucket")
+    with pytest.raises(ConfigError, match="BEM_FLEET_ARTIFACT_ROOT: must be a local or mounted"):
+        _ = cfg.artifact_root
+    monkeypatch.setenv("BEM_FLEET_ARTIFACT_ROOT", "/mnt/shared/artifacts")
+    assert cfg.artifact_root == Path("/mnt/shared/artifacts")
+
+
 def test_pool_with_zero_slots(project: Path, edit_yaml) -> None:
     problems = problems_after(
         project, edit_yaml, ARCH, lambda d: d["device_classes"]["h100_80gb"].update(devices=0)
