@@ -3,7 +3,7 @@
 ``CeleryCluster`` starts the Airflow 3 core (api-server, scheduler, dag-processor and, if asked,
 the triggerer) and one ``airflow celery worker`` per ``WorkerSpec``. Every component gets the
 same AIRFLOW_HOME, metadata DB, broker, secrets and BEM Fleet settings, so it behaves like the
-docker-compose cluster (docs/cluster.md) without Docker. It needs running PostgreSQL and Redis
+docker-compose cluster (README.md, "Run on a cluster") without Docker. It needs running PostgreSQL and Redis
 (it creates neither) and is what the integration tests drive.
 
     cluster = CeleryCluster(project, home, database_url=..., broker_url=...,
