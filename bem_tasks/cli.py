@@ -267,7 +267,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_devices(args: argparse.Namespace) -> int:
     """Each device class of the deployment layout, its pool, and who holds each device now."""
-    from bem_tasks.fleet.lease import device_usage, gpu_lease
+    from bem_tasks.fleet.lease import device_usage, gpu_lease, lock_root
     from bem_tasks.fleet.summary import format_table
 
     cfg = load_fleet(args.config).deployment()
@@ -279,7 +279,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
         for use in device_usage(name, dc.devices):
             who = use.get("holder") or "-"
             rows.append([name, "gpu", use["index"], use["state"], who])
-    print(f"deployment profile {cfg.profile}; lock dir {_lock_dir()}")
+    print(f"deployment profile {cfg.profile}; lock dir {lock_root()}")
     print(format_table(["class", "kind", "device", "state", "held by"], rows))
     if not args.check:
         return 0
@@ -295,12 +295,6 @@ def cmd_devices(args: argparse.Namespace) -> int:
             failed += 1
             print(f"check {name}: {exc}")
     return 1 if failed else 0
-
-
-def _lock_dir() -> str:
-    from bem_tasks.fleet.lease import DEFAULT_LOCK_DIR, LOCK_DIR_ENV
-
-    return os.environ.get(LOCK_DIR_ENV, DEFAULT_LOCK_DIR)
 
 
 def _cuda_device_count() -> int:

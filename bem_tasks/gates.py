@@ -30,8 +30,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     ValidationInfo,
@@ -39,7 +37,8 @@ from pydantic import (
     model_validator,
 )
 
-from bem_tasks.config.loader import ConfigError, load_yaml
+from bem_tasks.config.loader import ConfigError, error_message, load_yaml
+from bem_tasks.config.schema import Strict
 from bem_tasks.io import atomic_write_json
 from bem_tasks.stats.statistic import parse_statistic
 
@@ -70,11 +69,7 @@ __all__ = [
 ]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Gate(_Strict):
+class Gate(Strict):
     """One gate. Field order matters: later validators read the earlier fields."""
 
     name: str = Field(min_length=1)
@@ -145,7 +140,7 @@ class Gate(_Strict):
         return self.op in (">=", ">")
 
 
-class MissionGates(_Strict):
+class MissionGates(Strict):
     title: str = ""
     candidate: str = Field(min_length=1)
     baseline: str = Field(min_length=1)
@@ -190,22 +185,11 @@ class MissionGates(_Strict):
         return self
 
 
-class GatesConfig(_Strict):
+class GatesConfig(Strict):
     version: Literal[1] = 1
     alpha: float = Field(default=0.05, gt=0, lt=1)
     power: float = Field(default=0.8, gt=0, lt=1)
     missions: dict[str, MissionGates] = Field(min_length=1)
-
-
-def _message(err: Mapping[str, Any]) -> str:
-    if err["type"] == "extra_forbidden":
-        return "unknown key"
-    if err["type"] == "missing":
-        return "required key is missing"
-    msg = str(err["msg"]).removeprefix("Value error, ")
-    if err["type"] != "value_error" and "input" in err:
-        msg += f" (got {err['input']!r})"
-    return msg
 
 
 def load_gates(path: str | os.PathLike[str]) -> GatesConfig:
@@ -216,7 +200,7 @@ def load_gates(path: str | os.PathLike[str]) -> GatesConfig:
         cfg = GatesConfig.model_validate(raw, context={"defer_cross_checks": True})
     except ValidationError as exc:
         problems = [
-            f"{path}:{'.'.join(str(p) for p in err['loc']) or '<root>'}: {_message(err)}"
+            f"{path}:{'.'.join(str(p) for p in err['loc']) or '<root>'}: {error_message(err)}"
             for err in exc.errors()
         ]
         raise ConfigError(problems) from None
@@ -259,7 +243,7 @@ def analysis_specs(config: GatesConfig, mission: str) -> list[dict[str, Any]]:
     return list(specs.values())
 
 
-class GateOutcome(_Strict):
+class GateOutcome(Strict):
     gate: str
     kind: Kind
     metric: str
@@ -282,7 +266,7 @@ class GateOutcome(_Strict):
     achieved_power: float | None = None
 
 
-class Decision(_Strict):
+class Decision(Strict):
     mission: str
     decision: DecisionValue
     summary: str
@@ -455,8 +439,6 @@ def evaluate_gates(
     pw = gates.power if power is None else power
     if not (0 < a < 1 and 0 < pw < 1):
         raise ValueError(f"alpha and power must be in (0, 1), got alpha={a} power={pw}")
-    if problems := mg.problems():
-        raise ValueError(f"{mission}: " + "; ".join(f"{p}: {m}" for p, m in problems))
     props = properties or {}
     outcomes: list[GateOutcome] = []
     for g in mg.gates:

@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,22 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, indent: int = 2
     return atomic_write_text(
         path, json.dumps(obj, indent=indent, sort_keys=True, default=str) + "\n"
     )
+
+
+def utc_now() -> str:
+    """``2026-11-26T12:00:00.123456+00:00``: sortable, precise enough to order events."""
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def file_digests(
+    directory: Path, *, skip: Callable[[Path], bool] = lambda p: False
+) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"sha256", "bytes"}}`` of every file under ``directory`` not skipped."""
+    return {
+        str(p.relative_to(directory)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and not skip(p)
+    }
 
 
 def sha256_file(path: str | os.PathLike[str], *, chunk: int = 1 << 20) -> str:

@@ -75,7 +75,9 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _message(err: Any) -> str:
+def error_message(err: Any) -> str:
+    """One pydantic error as this project prints it: "unknown key", "required key is missing",
+    else pydantic's message (with the offending input unless it is a value_error)."""
     msg: str = err["msg"]
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
@@ -107,7 +109,7 @@ def _validate_with_profiles(
                 loc = [str(p) for p in err["loc"]]
                 in_overlay = _has_path(overlay, loc)
                 where = f"profiles.{name}." if in_overlay else ""
-                key = f"{file}:{where}{'.'.join(loc) or '<root>'}: {_message(err)}"
+                key = f"{file}:{where}{'.'.join(loc) or '<root>'}: {error_message(err)}"
                 if key not in seen:
                     seen.add(key)
                     problems.append(key + (f" [profile {name}]" if name and not in_overlay else ""))
@@ -406,7 +408,7 @@ def _load(path: Path, profile: str | None, problems: list[str]) -> FleetConfig |
                 params = params_model.model_validate(exp.params)
             except ValidationError as exc:
                 for err in exc.errors():
-                    problems.append(f"{at('params', *map(str, err['loc']))}: {_message(err)}")
+                    problems.append(f"{at('params', *map(str, err['loc']))}: {error_message(err)}")
                 continue
             if prof_name:
                 experiments_by_profile[prof_name][name] = exp

@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from bem_tasks.core.bem import BEMLayer, RoutingMode, base_dims, bem_layers
+from bem_tasks.core.bem import (
+    BEMLayer,
+    RoutingMode,
+    base_dims,
+    bem_layers,
+    bem_parameters,
+    count_bem_parameters,
+)
 
 # Default cache-safe sites per `config.model_type`.
 DEFAULT_SITES: dict[str, tuple[str, ...]] = {
@@ -164,7 +171,6 @@ def attach_bem(
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             base = getattr(parent, child)
-            base_dims(base)  # clear TypeError for a non-linear module
             layer = BEMLayer(
                 base,
                 num_experts=num_experts,
@@ -182,21 +188,15 @@ def attach_bem(
             setattr(parent, child, layer)
 
     if freeze_base:
-        bem_ids = {
-            id(p)
-            for _, layer in bem_layers(model)
-            for n, p in layer.named_parameters()
-            if not n.startswith("base.")
-        }
+        bem_ids = {id(p) for p in bem_parameters(model)}
         for p in model.parameters():
             p.requires_grad_(id(p) in bem_ids)
-    n_params = sum(
-        p.numel()
-        for _, layer in bem_layers(model)
-        for n, p in layer.named_parameters()
-        if not n.startswith("base.")
+    return AttachReport(
+        count=len(targets),
+        names=targets,
+        sites=site_list,
+        bem_parameters=count_bem_parameters(model),
     )
-    return AttachReport(count=len(targets), names=targets, sites=site_list, bem_parameters=n_params)
 
 
 def detach_bem(model: nn.Module) -> int:

@@ -353,12 +353,6 @@ class BEMLayer(nn.Module):
         """
         return self.routing_stats.summary()
 
-    def expert_factors(self, k: int) -> tuple[Tensor, Tensor, Tensor]:
-        """(U_k [d_out, r_k], V_k [d_in, r_k], c_k [r_k]) views of expert k."""
-        start = sum(self.ranks[:k])
-        sl = slice(start, start + self.ranks[k])
-        return self.bem_U[:, sl], self.bem_V[:, sl], self.bem_code[sl]
-
     def expert_weights(self) -> Tensor:
         """Column weights [K, R] of each expert alone: alpha/r_k * c_k on its own columns,
         scaled so that expert's delta is inside the trust region. Cached at inference.

@@ -35,7 +35,7 @@ from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 from torch import nn
 
-from bem_tasks.io import atomic_write_json, sha256_file
+from bem_tasks.io import atomic_write_json, file_digests, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +97,7 @@ def atomic_directory(final: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def write_manifest(directory: Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    files = {
-        str(p.relative_to(directory)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    }
+    files = file_digests(directory, skip=lambda p: p.name == MANIFEST)
     manifest = {"format": FORMAT_VERSION, "files": files, **(meta or {})}
     atomic_write_json(directory / MANIFEST, manifest)
     return manifest
@@ -357,6 +353,16 @@ class CheckpointManager:
         """Verify and load one checkpoint directory."""
         path = Path(path)
         verify_checkpoint(path)
+        return self._load_verified(path, model, optimizer, restore_rng=restore_rng)
+
+    def _load_verified(
+        self,
+        path: Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        *,
+        restore_rng: bool,
+    ) -> LoadedCheckpoint:
         state = json.loads((path / STATE).read_text(encoding="utf-8"))
         _read_weights(path / "model.safetensors", model, bool(state.get("trainable_only")))
         if optimizer is not None:
@@ -390,7 +396,7 @@ class CheckpointManager:
                 log.warning(msg)
                 self.refusals.append(msg)
                 continue
-            return self.load(path, model, optimizer, restore_rng=restore_rng)
+            return self._load_verified(path, model, optimizer, restore_rng=restore_rng)
         raise CheckpointCorruptError(
             f"no checkpoint under {self.directory} verifies: " + "; ".join(self.refusals[-3:])
         )

@@ -152,3 +152,12 @@ def check_disjoint(
         shown = "; ".join(problems[:5])
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise ValueError(f"splits overlap: {shown}{more}")
+
+
+def split_sizes(n_train: int, n_dev: int, n_test: int) -> dict[str, int]:
+    """``{"train": .., "dev": .., "test": ..}``; every written split needs at least one row."""
+    sizes = {"train": n_train, "dev": n_dev, "test": n_test}
+    bad = {k: v for k, v in sizes.items() if v < 1}
+    if bad:
+        raise ValueError(f"every written split needs at least 1 row, got {bad}")
+    return sizes

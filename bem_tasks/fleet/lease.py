@@ -37,6 +37,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bem_tasks.io import utc_now
+
 log = logging.getLogger(__name__)
 
 LOCK_DIR_ENV = "BEM_FLEET_LOCK_DIR"
@@ -59,7 +61,7 @@ class Lease:
     lock_dir: str | None  # None for a CPU phase: nothing was locked
     # UTC wall clock, microseconds: with the manifest's created_at (written while the lease is
     # still held) it bounds when the devices were in use, comparable across hosts.
-    acquired_at: str = ""
+    acquired_at: str
 
     @property
     def cuda_visible_devices(self) -> str:
@@ -76,9 +78,11 @@ class Lease:
         }
 
 
-def utc_now() -> str:
-    """``2026-11-26T12:00:00.123456+00:00``: sortable, precise enough to order leases."""
-    return datetime.now(UTC).isoformat(timespec="microseconds")
+def lock_root(lock_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The lock directory: ``lock_dir`` if given, else ``BEM_FLEET_LOCK_DIR``, else the default."""
+    return Path(
+        lock_dir if lock_dir is not None else os.environ.get(LOCK_DIR_ENV, DEFAULT_LOCK_DIR)
+    )
 
 
 def devices_env_var(device_class: str) -> str:
@@ -169,9 +173,7 @@ def gpu_lease(
         )
     if timeout_s < 0 or poll_s <= 0:
         raise ValueError(f"timeout_s={timeout_s} must be >= 0 and poll_s={poll_s} > 0")
-    base = Path(
-        lock_dir if lock_dir is not None else os.environ.get(LOCK_DIR_ENV, DEFAULT_LOCK_DIR)
-    )
+    base = lock_root(lock_dir)
     class_dir = base / device_class
     class_dir.mkdir(parents=True, exist_ok=True)
 
@@ -250,9 +252,7 @@ def device_usage(
     A device is probed by taking its lock without waiting and releasing it at once; a lease
     attempt that meets the probe just retries after its poll interval.
     """
-    base = Path(
-        lock_dir if lock_dir is not None else os.environ.get(LOCK_DIR_ENV, DEFAULT_LOCK_DIR)
-    )
+    base = lock_root(lock_dir)
     class_dir = base / device_class
     out = []
     for idx in resolve_devices(device_class, devices):

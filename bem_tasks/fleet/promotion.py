@@ -90,7 +90,7 @@ def validate_results(
             raise ValueError(f"{gates_path}: no gates for mission '{mission}' ({results_path})")
         mg = gates.missions[mission]
         # A gate's direction (e.g. latency `<=`) says which way is better for reported slices too.
-        lower = {g.metric for g in mg.gates if g.op in ("<=", "<")} | set(mg.lower_is_better)
+        lower = {g.metric for g in mg.gates if not g.higher_is_better} | set(mg.lower_is_better)
         specs = [
             {**s, "mission": mission}
             for s in _comparisons(analysis_specs(gates, mission), records, mg.candidate, lower)

@@ -12,13 +12,12 @@ import json
 import re
 import subprocess
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from functools import cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bem_tasks.io import atomic_write_json, sha256_file
+from bem_tasks.io import atomic_write_json, file_digests, sha256_file, utc_now
 
 MANIFEST = "manifest.json"
 TRACKED_PACKAGES = (
@@ -94,14 +93,10 @@ def write_manifest(
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Hash every file under ``phase_dir`` (except the manifest) and write the manifest last."""
-    files = {
-        str(p.relative_to(phase_dir)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        for p in sorted(phase_dir.rglob("*"))
-        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
-    }
+    files = file_digests(phase_dir, skip=lambda p: p.name == MANIFEST or p.name.startswith("."))
     manifest = {
         "status": "complete",
-        "created_at": datetime.now(UTC).isoformat(timespec="microseconds"),
+        "created_at": utc_now(),
         "config_hash": config_hash,
         "seed": seed,
         "git_sha": git_sha(),

@@ -20,6 +20,7 @@ expert, the other experts masked once the horizon is used up, then a softmax.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -31,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bem_tasks.core import ByteTokenizer, bem_layers
+from bem_tasks.core import ByteTokenizer, bem_layers, bem_routing
+from bem_tasks.core.tokenizer import TOKENIZER_FILE
 from bem_tasks.data.suites.compositional import SKILLS, CompositionalItem, skill_per_char
 
 NUM_EXPERTS = len(SKILLS)
@@ -80,7 +82,7 @@ class TextCodec:
 def load_codec(model_dir: str | os.PathLike[str]) -> TextCodec:
     """The tokenizer saved beside a model: ``bem_tokenizer.json`` or a Hugging Face one."""
     d = Path(model_dir)
-    if (d / "bem_tokenizer.json").is_file():
+    if (d / TOKENIZER_FILE).is_file():
         return TextCodec(ByteTokenizer.load(d))
     from transformers import AutoTokenizer
 
@@ -126,7 +128,6 @@ class Batch:
     attention_mask: Tensor  # [B, T]
     labels: Tensor  # [B, T], -100 where no loss
     skills: Tensor  # [B, T] oracle skill of each input token, -1 for prompt and padding
-    prompt_len: list[int]
 
     def to(self, device: str | torch.device) -> Batch:
         return Batch(
@@ -134,7 +135,6 @@ class Batch:
             self.attention_mask.to(device),
             self.labels.to(device),
             self.skills.to(device),
-            self.prompt_len,
         )
 
 
@@ -154,7 +154,7 @@ def make_batch(examples: Sequence[Example], pad_id: int, *, loss_on_prompt: bool
         if not loss_on_prompt:
             labels[row, :p] = -100
         skills[row, p : p + len(e.skills)] = torch.tensor(e.skills)
-    return Batch(ids, mask, labels, skills, [len(e.prompt) for e in examples])
+    return Batch(ids, mask, labels, skills)
 
 
 def skill_gates(skills: Tensor, num_experts: int = NUM_EXPERTS) -> Tensor:
@@ -280,15 +280,12 @@ def teacher_forced_chunks(
     for lo in range(0, len(examples), batch_size):
         part = examples[lo : lo + batch_size]
         batch = make_batch(part, pad_id, loss_on_prompt=False).to(device)
-        set_gates(model, skill_gates(batch.skills))
-        try:
+        with bem_routing(model, skill_gates(batch.skills)):
             out = model(
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask,
                 output_hidden_states=True,
             )
-        finally:
-            set_gates(model, None)
         hidden = out.hidden_states[-1]
         emb = emb_layer(batch.input_ids)
         for row, e in enumerate(part):
@@ -367,11 +364,6 @@ def closed_loop_accuracy(router: MacroRouter, data: ChunkData, chunk: int, *, ta
 
 
 # ---------------------------------------------------------------------------- decoding
-def set_gates(model: nn.Module, gates: Tensor | None) -> None:
-    for _, layer in bem_layers(model):
-        layer.set_routing(gates)
-
-
 @dataclass
 class Decoded:
     tokens: list[int]  # generated ids, EOS included when produced
@@ -655,7 +647,7 @@ def ppo_update(
     params = [p for p in router.parameters() if p.requires_grad]
     for _ in range(epochs):
         saved = [p.detach().clone() for p in params]
-        saved_opt = _clone_state(optimizer.state_dict())
+        saved_opt = copy.deepcopy(optimizer.state_dict())
         logits = masked_logits(router, batch, tau)
         logp = F.log_softmax(logits, -1).gather(1, batch.actions[:, None])[:, 0]
         ratio = torch.exp(logp - batch.logp_old)
@@ -685,16 +677,3 @@ def ppo_update(
     return UpdateStats(
         kl=kl_now, entropy=ent, clip_fraction=clip_frac, epochs=done, early_stopped=stopped
     )
-
-
-def _clone_state(sd: dict[str, Any]) -> dict[str, Any]:
-    def clone(v: Any) -> Any:
-        if isinstance(v, Tensor):
-            return v.detach().clone()
-        if isinstance(v, dict):
-            return {k: clone(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [clone(x) for x in v]
-        return v
-
-    return clone(sd)  # type: ignore[no-any-return]

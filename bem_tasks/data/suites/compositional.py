@@ -36,7 +36,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 from bem_tasks.data.jsonl import read_jsonl, write_splits
-from bem_tasks.data.splits import fill_splits, stable_id
+from bem_tasks.data.splits import fill_splits, split_sizes, stable_id
 
 SALT = "compositional"
 SKILLS = ("retrieve", "reason", "formalize")
@@ -363,12 +363,6 @@ def make_compositional(
     }
 
 
-def _check_sizes(sizes: Mapping[str, int]) -> None:
-    bad = {k: v for k, v in sizes.items() if v < 1}
-    if bad:
-        raise ValueError(f"every written split needs at least 1 row, got {bad}")
-
-
 def generate_compositional(
     out_dir: str | os.PathLike[str],
     *,
@@ -384,8 +378,7 @@ def generate_compositional(
     ops: Sequence[str] = OPS,
 ) -> dict[str, Path]:
     """Write ``train.jsonl``, ``dev.jsonl``, ``test.jsonl`` under ``out_dir``; returns the paths."""
-    sizes = {"train": n_train, "dev": n_dev, "test": n_test}
-    _check_sizes(sizes)
+    sizes = split_sizes(n_train, n_dev, n_test)
     cfg = CompositionalConfig(
         n_keys=n_keys,
         min_facts=min_facts,

@@ -25,7 +25,7 @@ import itertools
 import os
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -194,8 +194,14 @@ def resolve_answer(kind: str, query_key: str, needles: Sequence[Needle]) -> str:
 
 
 def needle_key(kind: str, needles: Sequence[Needle]) -> str:
+    return _fact_key(kind, [n.text for n in needles if n.role != "distractor"])
+
+
+def _fact_key(kind: str, texts: Iterable[str]) -> str:
+    """The split key of an item: what it asks and its facts. The draw decides the split with it
+    and check_disjoint checks the rows with it, so both must build it here."""
     # sorted: the key must not depend on the order the needles landed in the haystack
-    return f"{kind}:" + "|".join(sorted(n.text for n in needles if n.role != "distractor"))
+    return f"{kind}:" + "|".join(sorted(texts))
 
 
 def filler_text(rng: random.Random, budget: int) -> list[str]:
@@ -247,7 +253,7 @@ class _Draw:
 
     @property
     def key(self) -> str:
-        return f"{self.kind}:" + "|".join(sorted(t for _, t in self.facts))
+        return _fact_key(self.kind, (t for _, t in self.facts))
 
 
 def _draw(rng: random.Random, kind: str, n_keys: int) -> _Draw:

@@ -24,7 +24,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 from bem_tasks.data.jsonl import read_jsonl, write_splits
-from bem_tasks.data.splits import fill_splits, stable_id
+from bem_tasks.data.splits import fill_splits, split_sizes, stable_id
 from bem_tasks.data.suites.compositional import (
     CompositionalConfig,
     extract_answer,
@@ -300,10 +300,7 @@ def generate_safety(
     categories: Sequence[str] = tuple(CATEGORIES),
 ) -> dict[str, Path]:
     """Write ``train.jsonl``, ``dev.jsonl``, ``test.jsonl`` (mixed harmful and benign rows)."""
-    sizes = {"train": n_train, "dev": n_dev, "test": n_test}
-    bad = {k: v for k, v in sizes.items() if v < 1}
-    if bad:
-        raise ValueError(f"every written split needs at least 1 row, got {bad}")
+    sizes = split_sizes(n_train, n_dev, n_test)
     splits = make_safety(
         seed=seed, sizes=sizes, harmful_fraction=harmful_fraction, categories=categories
     )

@@ -35,7 +35,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 from bem_tasks.data.jsonl import read_jsonl, write_splits
-from bem_tasks.data.splits import draw_in_region, fill_splits, stable_id
+from bem_tasks.data.splits import draw_in_region, fill_splits, split_sizes, stable_id
 
 SALT = "scramble"
 
@@ -446,10 +446,7 @@ def generate_scramble(
 ) -> dict[str, Path]:
     """Write ``train``, ``dev``, ``test``, ``ood_synonym``, ``ood_entity``, ``ood_template``
     ``.jsonl`` files under ``out_dir``."""
-    sizes = {"train": n_train, "dev": n_dev, "test": n_test}
-    bad = {k: v for k, v in sizes.items() if v < 1}
-    if bad:
-        raise ValueError(f"every written split needs at least 1 row, got {bad}")
+    sizes = split_sizes(n_train, n_dev, n_test)
     splits = make_scramble(
         seed=seed, sizes=sizes, n_ood=n_ood, min_facts=min_facts, max_facts=max_facts
     )
