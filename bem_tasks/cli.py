@@ -12,10 +12,15 @@ import logging
 import os
 import sys
 from collections.abc import MutableMapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from bem_tasks.config.loader import ConfigError, load_fleet, validate
+from bem_tasks.fleet.runs import FLEET_DAG_ID, STATS_DAG_ID
+from bem_tasks.fleet.summary import fmt_num
+
+_num = partial(fmt_num, missing="-")
 
 
 def _project_root() -> Path:
@@ -117,35 +122,25 @@ def _explicit_inputs(
     return inputs
 
 
-def _run_phase_standalone(
-    mission: str,
-    phase: str,
-    *,
-    output: str,
-    checkpoint: str | None,
-    inputs_from: str | None,
-    seed: int,
-    profile: str | None,
-    config: str | None,
-) -> int:
+def _run_phase_standalone(args: argparse.Namespace, phase: str | None) -> int:
+    """One phase of ``args.mission`` without Airflow; ``phase=None`` is the mission's last."""
     from bem_tasks.fleet.phases import PhaseContext, execute
 
-    cfg = load_fleet(config, profile)
+    mission = args.mission
+    cfg = load_fleet(args.config, args.profile)
     if mission not in cfg.experiments:
         raise ValueError(f"unknown mission '{mission}' (known: {', '.join(cfg.experiments)})")
     phases = list(cfg.experiments[mission].phases)
+    phase = phase or phases[-1]
     if phase not in phases:
         raise ValueError(f"{mission} has no phase '{phase}' (phases: {', '.join(phases)})")
     if mission not in cfg.enabled_missions:
         raise ValueError(f"{mission} is not enabled (no implementation or enabled: false)")
+    seed = args.seed
+    inputs = _explicit_inputs(phases, phase, seed, args.checkpoint, args.inputs_from, args.output)
     spec = cfg.experiments[mission].phases[phase]
     ctx = PhaseContext(
-        mission,
-        phase,
-        seed if spec.per_seed else None,
-        cfg,
-        Path(output),
-        inputs=_explicit_inputs(phases, phase, seed, checkpoint, inputs_from, output),
+        mission, phase, seed if spec.per_seed else None, cfg, Path(args.output), inputs=inputs
     )
     result = execute(ctx, config_hash=cfg.mission_hash(mission))
     print(json.dumps(result, indent=2))
@@ -153,25 +148,13 @@ def _run_phase_standalone(
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    return _run_phase_standalone(
-        args.mission,
-        args.phase,
-        output=args.output,
-        checkpoint=args.checkpoint,
-        inputs_from=args.inputs_from,
-        seed=args.seed,
-        profile=args.profile,
-        config=args.config,
-    )
+    return _run_phase_standalone(args, args.phase)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """The mission's final phase, with --model as the previous phase's output."""
-    cfg = load_fleet(args.config, args.profile)
-    if args.mission not in cfg.experiments:
-        raise ValueError(f"unknown mission '{args.mission}'")
-    args.phase, args.checkpoint = list(cfg.experiments[args.mission].phases)[-1], args.model
-    return cmd_train(args)
+    args.checkpoint = args.model
+    return _run_phase_standalone(args, None)
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -181,7 +164,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if args.results:
         paths = [Path(p) for p in args.results]
     else:
-        run_dir = latest(cfg.artifact_root / "bem_fleet", "*/*/results.json").parent.parent
+        run_dir = latest(cfg.artifact_root / FLEET_DAG_ID, "*/*/results.json").parent.parent
         paths = sorted(run_dir.glob("*/results.json"))
     stats = cfg.arch.statistics
     doc = validate_results(
@@ -206,10 +189,6 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _num(x: float | None) -> str:
-    return "-" if x is None else f"{x:.4g}"
-
-
 def _gates_report(args: argparse.Namespace, missions: list[str] | None) -> dict:
     from bem_tasks.fleet.promotion import gate_results, latest
 
@@ -217,9 +196,7 @@ def _gates_report(args: argparse.Namespace, missions: list[str] | None) -> dict:
     stats_path = (
         Path(args.stats)
         if args.stats
-        else latest(
-            cfg.artifact_root / "bem_statistical_validation", "*/*/statistical_results.json"
-        )
+        else latest(cfg.artifact_root / STATS_DAG_ID, "*/*/statistical_results.json")
     )
     out = Path(args.output) if args.output else stats_path.parent
     return gate_results(
@@ -363,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--mission", default=None)
     status.add_argument("--detailed", action="store_true")
-    status.add_argument("--dag-id", default="bem_fleet")
+    status.add_argument("--dag-id", default=FLEET_DAG_ID)
 
     def phase_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--output", required=True, help="folder for this phase's artifacts")

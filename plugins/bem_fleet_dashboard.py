@@ -6,7 +6,7 @@ depends on Airflow's own `get_user` (bearer token or the UI's `_token` cookie).
 
 from __future__ import annotations
 
-import os
+import functools
 from pathlib import Path
 
 from airflow.api_fastapi.core_api.security import get_user
@@ -14,15 +14,17 @@ from airflow.plugins_manager import AirflowPlugin
 from fastapi import Depends, FastAPI, Query
 from fastapi.responses import HTMLResponse
 
+from bem_tasks.config.loader import FleetConfig, load_fleet
 from bem_tasks.fleet.dashboard import fleet_overview, render_html
 
 
-def _artifact_root() -> Path:
-    if root := os.environ.get("BEM_FLEET_ARTIFACT_ROOT"):
-        return Path(root)
-    from bem_tasks.config.loader import load_fleet
+@functools.cache
+def _config() -> FleetConfig:
+    return load_fleet()  # once per api-server process, not on every (auto-refreshed) request
 
-    return load_fleet().artifact_root
+
+def _artifact_root() -> Path:
+    return _config().artifact_root  # BEM_FLEET_ARTIFACT_ROOT, else the config's
 
 
 app = FastAPI(title="BEM Fleet dashboard", dependencies=[Depends(get_user)])

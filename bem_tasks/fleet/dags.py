@@ -16,10 +16,8 @@ import pendulum
 from airflow.sdk import DAG, Asset, AssetAny, Param, TaskGroup, get_current_context, task
 
 from bem_tasks.config.loader import FleetConfig, load_fleet
+from bem_tasks.fleet.runs import FLEET_DAG_ID, GATES_DAG_ID, STATS_DAG_ID
 
-FLEET_DAG_ID = "bem_fleet"
-STATS_DAG_ID = "bem_statistical_validation"
-GATES_DAG_ID = "bem_promotion_gates"
 STATS_ASSET = Asset(uri="bem://statistics/results", name="statistical_results")
 START_DATE = pendulum.datetime(2026, 1, 1, tz="UTC")
 
@@ -30,10 +28,6 @@ def mission_dag_id(mission: str) -> str:
 
 def mission_asset(mission: str) -> Asset:
     return Asset(uri=f"bem://missions/{mission}/results", name=f"{mission}_results")
-
-
-def deployment_config(config_path: str | None = None) -> FleetConfig:
-    return load_fleet(config_path).deployment()
 
 
 def params_for(cfg: FleetConfig, missions_default: list[str]) -> dict[str, Param]:
@@ -374,7 +368,7 @@ def build_statistics_dags(cfg: FleetConfig) -> dict[str, DAG]:
 
 
 def build_all(config_path: str | None = None) -> dict[str, DAG]:
-    cfg = deployment_config(config_path)
+    cfg = load_fleet(config_path).deployment()
     dags = {FLEET_DAG_ID: build_fleet_dag(cfg), **build_statistics_dags(cfg)}
     for mission in cfg.topological_missions():
         dags[mission_dag_id(mission)] = build_mission_dag(cfg, mission)

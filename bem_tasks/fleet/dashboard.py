@@ -7,9 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bem_tasks.fleet.summary import phase_rows
-
-PHASE_HEADERS = ["mission", "phase", "seed", "status", "duration", "headline"]
+from bem_tasks.fleet.summary import PHASE_HEADERS, fmt_num, phase_rows
 
 
 def fleet_overview(artifact_root: Path, *, limit: int = 10) -> dict[str, Any]:
@@ -42,27 +40,21 @@ GATE_HEADERS = ["gate", "metric", "slice", "observed", "CI", "threshold", "p (BH
                 "n needed", "why"]  # fmt: skip
 
 
-def _num(v: Any, relative: bool = False) -> str:
-    if not isinstance(v, int | float):
-        return ""
-    return f"{v:+.1%}" if relative else f"{v:.4g}"
-
-
 def gate_rows(decision: dict[str, Any]) -> list[list[str]]:
     """One row per gate of a promotion decision (the report's JSON), formatted for reading."""
     rows = []
     for g in decision.get("gates", []):
         rel = bool(g.get("relative"))
         ci = (
-            f"[{_num(g['ci_low'], rel)}, {_num(g['ci_high'], rel)}]"
+            f"[{fmt_num(g['ci_low'], relative=rel)}, {fmt_num(g['ci_high'], relative=rel)}]"
             if g.get("ci_low") is not None
             else ""
         )
         stat = "" if g.get("statistic") in (None, "mean", "value") else f" ({g['statistic']})"
         rows.append([
             g.get("gate", ""), f"{g.get('metric', '')}{stat}", g.get("slice", ""),
-            _num(g.get("observed"), rel), ci, f"{g.get('op', '')} {_num(g.get('threshold'), rel)}",
-            _num(g.get("p_adjusted")), str(g.get("n") or ""), g.get("status", ""),
+            fmt_num(g.get("observed"), relative=rel), ci, f"{g.get('op', '')} {fmt_num(g.get('threshold'), relative=rel)}",
+            fmt_num(g.get("p_adjusted")), str(g.get("n") or ""), g.get("status", ""),
             str(g.get("n_needed") or ""), g.get("reason", ""),
         ])  # fmt: skip
     return rows

@@ -22,12 +22,10 @@ from typing import Any
 
 import httpx
 
+from bem_tasks.fleet.runs import FLEET_DAG_ID, GATES_DAG_ID, STATS_DAG_ID
+
 # Each asset-triggered DAG after the fleet run, with the task whose success emits its asset.
-DOWNSTREAM = (
-    ("bem_statistical_validation", "publish_results"),
-    ("bem_promotion_gates", "validate"),
-)
-DOWNSTREAM_DAGS = tuple(dag_id for dag_id, _ in DOWNSTREAM)
+DOWNSTREAM = ((STATS_DAG_ID, "publish_results"), (GATES_DAG_ID, "validate"))
 FINISHED = {"success", "failed"}
 TI_DONE = {"success", "failed", "skipped", "upstream_failed", "removed"}
 
@@ -278,19 +276,18 @@ def run_fleet(
     emb = Embedded(project, port)
     emb.start(say)
     api = emb.client()
-    dags = ["bem_fleet", *DOWNSTREAM_DAGS]
-    _wait_for_dag(api, "bem_fleet")
-    run = trigger_fleet(api, "bem_fleet", conf)
-    for dag_id in dags:
-        if api.get(f"/dags/{dag_id}").status_code == 200:
-            api.patch(f"/dags/{dag_id}", json={"is_paused": False}).raise_for_status()
-    say(f"Triggered bem_fleet run {run['dag_run_id']} with conf {json.dumps(conf)}")
-    state, tis = follow_run(api, "bem_fleet", run["dag_run_id"], say)
-    runs = [("bem_fleet", run["dag_run_id"], state, tis)]
+    _wait_for_dag(api, FLEET_DAG_ID)
+    run = trigger_fleet(api, FLEET_DAG_ID, conf)
+    deployed = [d for d, _ in DOWNSTREAM if api.get(f"/dags/{d}").status_code == 200]
+    for dag_id in (FLEET_DAG_ID, *deployed):
+        api.patch(f"/dags/{dag_id}", json={"is_paused": False}).raise_for_status()
+    say(f"Triggered {FLEET_DAG_ID} run {run['dag_run_id']} with conf {json.dumps(conf)}")
+    state, tis = follow_run(api, FLEET_DAG_ID, run["dag_run_id"], say)
+    runs = [(FLEET_DAG_ID, run["dag_run_id"], state, tis)]
 
     # Asset events from the missions schedule the statistics DAG, and its asset the gates DAG.
     for dag_id, emitter in DOWNSTREAM:
-        if api.get(f"/dags/{dag_id}").status_code != 200:
+        if dag_id not in deployed:
             say(f"  [{dag_id}] not deployed; skipping")
             continue
         expect = any(

@@ -19,6 +19,10 @@ from typing import Any
 
 from bem_tasks.io import atomic_write_json, file_digests, sha256_file, utc_now
 
+# The DAG ids live here, not in dags.py, so that the CLI can use them without importing Airflow.
+FLEET_DAG_ID = "bem_fleet"
+STATS_DAG_ID = "bem_statistical_validation"
+GATES_DAG_ID = "bem_promotion_gates"
 MANIFEST = "manifest.json"
 TRACKED_PACKAGES = (
     "bem-fleet",

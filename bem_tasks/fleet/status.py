@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 
 from bem_tasks.config.loader import load_fleet
-from bem_tasks.fleet.runs import RunLayout
-from bem_tasks.fleet.summary import format_table, phase_rows
+from bem_tasks.fleet.runs import FLEET_DAG_ID, RunLayout
+from bem_tasks.fleet.summary import PHASE_HEADERS, format_table, phase_rows
 
 
 def status(
-    *, dag_id: str = "bem_fleet", mission: str | None, detailed: bool, config: str | None
+    *, dag_id: str = FLEET_DAG_ID, mission: str | None, detailed: bool, config: str | None
 ) -> int:
     from airflow.models.dagrun import DagRun
     from airflow.models.taskinstance import TaskInstance
@@ -46,9 +46,5 @@ def status(
         run_dir = RunLayout(cfg.artifact_root, dag_id, latest.run_id).run_dir
         rows = [r for r in phase_rows(run_dir) if mission is None or r[0] == mission]
         print(f"\nLatest run {latest.run_id}: artifacts in {run_dir}")
-        print(
-            format_table(["mission", "phase", "seed", "status", "duration", "headline"], rows)
-            if rows
-            else "(no phase artifacts yet)"
-        )
+        print(format_table(PHASE_HEADERS, rows) if rows else "(no phase artifacts yet)")
     return 0

@@ -12,6 +12,16 @@ from bem_tasks.fleet.runs import RunLayout, read_manifest, safe_component
 HEADLINE_LIMIT = 6
 
 
+PHASE_HEADERS = ["mission", "phase", "seed", "status", "duration", "headline"]  # phase_rows
+
+
+def fmt_num(v: Any, *, relative: bool = False, missing: str = "") -> str:
+    """A number for a table: 4 significant digits, or a signed percentage when relative."""
+    if not isinstance(v, int | float):
+        return missing
+    return f"{v:+.1%}" if relative else f"{v:.4g}"
+
+
 def format_table(headers: list[str], rows: Iterable[list[Any]]) -> str:
     rows = [[str(c) for c in r] for r in rows]
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
@@ -81,7 +91,7 @@ def print_summary(
         rows = phase_rows(run_dir) if run_dir.exists() else []
         if rows:
             say("\nMetrics (from artifacts):")
-            say(format_table(["mission", "phase", "seed", "status", "duration", "headline"], rows))
+            say(format_table(PHASE_HEADERS, rows))
         report = artifact_root / safe_component(dag_id) / safe_component(run_id)
         for md in sorted(report.glob("**/promotion_report.md")):
             say(f"\nPromotion report ({md}):\n{md.read_text()}")
