@@ -196,7 +196,7 @@ def _gates_report(args: argparse.Namespace, missions: list[str] | None) -> dict:
     stats_path = (
         Path(args.stats)
         if args.stats
-        else latest(cfg.artifact_root / STATS_DAG_ID, "*/*/statistical_results.json")
+        else latest(cfg.artifact_root / STATS_DAG_ID, "*/statistical_results.json")
     )
     out = Path(args.output) if args.output else stats_path.parent
     return gate_results(

@@ -187,3 +187,22 @@ def test_reported_metrics_follow_the_gates_direction(tmp_path: Path) -> None:
     # flip_rate has no gate; the gates file declares it lower-is-better
     assert by[("flip_rate", "slice_a", "mean")]["higher_is_better"] is False
     assert by[("flip_rate", "slice_b", "mean")]["higher_is_better"] is False
+
+
+def test_cli_finds_the_latest_statistics_by_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """Without --stats, `gates check` reads the newest statistics run's file, where the
+    statistics DAG writes it: <artifact_root>/bem_statistical_validation/<run>/."""
+    from bem_tasks.cli import main
+
+    results = make_results(tmp_path, em_gain=0.3)
+    root = tmp_path / "artifacts"
+    stats = root / "bem_statistical_validation" / "run1" / "statistical_results.json"
+    argv = ["stats", "--results", str(results), "--output", str(stats), "--samples", "500"]
+    assert main(argv) == 0
+    monkeypatch.setenv("BEM_FLEET_ARTIFACT_ROOT", str(root))
+    capsys.readouterr()
+    assert main(["gates", "check", "--mission", "mission_a"]) == 0
+    assert "mission_a: PROMOTED" in capsys.readouterr().out
+    assert (stats.parent / "promotion_report.json").exists()
