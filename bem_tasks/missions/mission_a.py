@@ -26,30 +26,22 @@ Evaluation definitions (per example, batch-1 greedy decoding with a K/V cache):
     kv_hit_ratio_all  the same over every cached position, generated ones included
                     (evaluate.kv_all_positions; costs a second base decode per example)
 
-Every training loop checkpoints with ``CheckpointManager`` under ``<phase dir>/ckpt/<loop>`` and
-resumes from the newest verified checkpoint, so a retried task continues where it stopped.
-Batches are a function of (seed, step), so a resumed run sees the same data as an unbroken one.
+Training loops, resumable checkpoints, progress and plots come from ``bem_tasks.missions.common``.
 See ``bem_tasks.missions.planner`` for the router, routed decoding and the KV-hit measurement.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import io
 import json
-import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from bem_tasks.config.schema import TrainingSpec
 from bem_tasks.core import (
-    CheckpointManager,
     attach_bem,
     bem_disabled,
     bem_layers,
@@ -66,7 +58,16 @@ from bem_tasks.data import check_disjoint, extract_answer, generate_compositiona
 from bem_tasks.data.suites.compositional import SKILLS, read_compositional
 from bem_tasks.eval import ExampleRecord, LatencyProfiler, em_f1_points, write_records
 from bem_tasks.eval.latency import summarize_latencies
-from bem_tasks.io import atomic_write_bytes, atomic_write_json, sha256_file
+from bem_tasks.io import atomic_write_json
+from bem_tasks.missions.common import (
+    fingerprint_of,
+    fingerprinted_checkpoints,
+    input_digest,
+    plot_series,
+    progress,
+    step_rng,
+    train_loop,
+)
 from bem_tasks.missions.mission_a_params import MissionAParams
 from bem_tasks.missions.planner import (
     Batch,
@@ -107,122 +108,6 @@ def _params(ctx: Any) -> MissionAParams:
     return p
 
 
-def _progress(ctx: Any, loop: str, step: int, total: int, **values: float) -> None:
-    """Progress in the task log (about 10 lines per loop). Runs after a step's checkpoint."""
-    if step == total or step % max(total // 10, 1) == 0:
-        shown = " ".join(f"{k}={v:.4g}" for k, v in values.items())
-        ctx.log.info("%s.%s %s step %d/%d %s", ctx.mission, ctx.phase, loop, step, total, shown)
-
-
-def _step_rng(seed: int, step: int, salt: int) -> np.random.Generator:
-    return np.random.default_rng([seed, step, salt])
-
-
-def _fingerprint(*parts: Any) -> str:
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def _input_digest(ctx: Any, phase: str, seed: int | None, *names: str) -> list[str]:
-    """sha256 of an earlier phase's files (from its manifest when it lists them), so that a
-    checkpoint folder is never resumed on top of different inputs."""
-    d = ctx.input_dir(phase, seed)
-    listed: dict[str, Any] = {}
-    if (d / "manifest.json").is_file():
-        listed = json.loads((d / "manifest.json").read_text()).get("files", {})
-    return [
-        str(listed.get(n, {}).get("sha256") or sha256_file(d / n))
-        for n in names
-        if (d / n).is_file()
-    ]
-
-
-def _checkpoints(
-    directory: Path, keep: int, fingerprint: str, *, trainable_only: bool
-) -> CheckpointManager:
-    """A CheckpointManager whose folder only ever holds checkpoints of this exact setup."""
-    stamp = directory / "fingerprint.json"
-    if stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") != fingerprint:
-        shutil.rmtree(directory)  # left by a different config or seed: not ours to resume
-    atomic_write_json(stamp, {"fingerprint": fingerprint})
-    return CheckpointManager(directory, keep=keep, trainable_only=trainable_only)
-
-
-def _lr(spec: TrainingSpec, step: int) -> float:
-    """Linear warm-up, then linear decay to 10% of the peak at the last step."""
-    if step < spec.warmup_steps:
-        return spec.lr * (step + 1) / spec.warmup_steps
-    span = max(spec.steps - spec.warmup_steps, 1)
-    return spec.lr * (1.0 - 0.9 * (step - spec.warmup_steps) / span)
-
-
-def train_loop(
-    ctx: Any,
-    name: str,
-    model: nn.Module,
-    loss_fn: Callable[[int], torch.Tensor],
-    spec: TrainingSpec,
-    *,
-    fingerprint: str,
-    trainable_only: bool,
-) -> dict[str, Any]:
-    """AdamW on the model's trainable parameters with checkpoint/resume under ckpt/<name>."""
-    manager = _checkpoints(
-        ctx.out_dir / "ckpt" / name,
-        spec.keep_checkpoints,
-        fingerprint,
-        trainable_only=trainable_only,
-    )
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    loaded = manager.resume(model, opt)
-    start = loaded.step if loaded else 0
-    history: list[list[float]] = list(loaded.extra.get("history", [])) if loaded else []
-    if loaded:
-        ctx.log.info("%s: resumed %s from step %d (%s)", ctx.phase, name, start, loaded.path)
-    model.train()
-    for step in range(start, spec.steps):
-        for group in opt.param_groups:
-            group["lr"] = _lr(spec, step)
-        loss = loss_fn(step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if spec.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
-        opt.step()
-        history.append([step + 1, float(loss.detach())])
-        if (step + 1) % spec.checkpoint_every == 0 or step + 1 == spec.steps:
-            manager.save(step + 1, model, opt, extra={"history": history})
-        _progress(ctx, name, step + 1, spec.steps, loss=history[-1][1])
-    model.eval()
-    return {"history": history, "resumed_from": start, "final_loss": history[-1][1]}
-
-
-def _plot(
-    path: Path, series: Mapping[str, Sequence[Sequence[float]]], title: str, xlabel: str
-) -> None:
-    """One panel per series (x, y pairs) as a PNG (matplotlib Agg, atomic write)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(series), 1, figsize=(6, 2.4 * len(series)), squeeze=False)
-    for ax, (label, points) in zip(axes[:, 0], series.items(), strict=True):
-        if points:
-            xs, ys = zip(*[(p[0], p[1]) for p in points], strict=True)
-            ax.plot(xs, ys, marker="." if len(xs) < 30 else None)
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[-1, 0].set_xlabel(xlabel)
-    axes[0, 0].set_title(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def _read_split(ctx: Any, split: str) -> list[Any]:
     return read_compositional(ctx.input_dir("prepare") / f"{split}.jsonl")
 
@@ -243,7 +128,7 @@ def _base_dir(ctx: Any) -> Path:
 
 
 def _base_digest(ctx: Any) -> list[str]:
-    return _input_digest(ctx, "prepare", None, "train.jsonl") + _input_digest(
+    return input_digest(ctx, "prepare", None, "train.jsonl") + input_digest(
         ctx, "pretrain_base", None, "model/model.safetensors", "base.json"
     )
 
@@ -318,7 +203,7 @@ def _load_router(model: nn.Module, p: MissionAParams, path: Path) -> MacroRouter
 
 
 def _batch(examples: Sequence[Example], codec: TextCodec, seed: int, step: int, size: int) -> Batch:
-    idx = _step_rng(seed, step, 1).choice(
+    idx = step_rng(seed, step, 1).choice(
         len(examples), size=min(size, len(examples)), replace=False
     )
     return make_batch([examples[i] for i in idx], codec.pad_id, loss_on_prompt=False)
@@ -389,15 +274,15 @@ def pretrain_base(ctx: Any) -> dict[str, Any]:
     spec = p.training.pretrain_base
 
     def loss_fn(step: int) -> torch.Tensor:
-        idx = _step_rng(p.data.seed, step, 0).choice(len(train), spec.batch_size, replace=False)
+        idx = step_rng(p.data.seed, step, 0).choice(len(train), spec.batch_size, replace=False)
         b = make_batch([train[i] for i in idx], codec.pad_id, loss_on_prompt=True).to(ctx.device)
         out = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels)
         return out.loss  # type: ignore[no-any-return]
 
-    fp = _fingerprint(p.model, p.data, spec, _input_digest(ctx, "prepare", None, "train.jsonl"))
+    fp = fingerprint_of(p.model, p.data, spec, input_digest(ctx, "prepare", None, "train.jsonl"))
     run = train_loop(ctx, "base", model, loss_fn, spec, fingerprint=fp, trainable_only=False)
     save_model(model, ctx.out_dir / "model", codec.tok)
-    _plot(ctx.out_dir / "loss.png", {"LM loss": run["history"]}, "pretrain_base", "step")
+    plot_series(ctx.out_dir / "loss.png", {"LM loss": run["history"]}, "pretrain_base", "step")
     decoder = RoutedDecoder(
         model, eos_id=codec.eos_id, max_new_tokens=p.evaluate.max_new_tokens, device=ctx.device
     )
@@ -477,7 +362,7 @@ def train_experts(ctx: Any) -> dict[str, Any]:
         out = baseline(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels)
         return out.loss  # type: ignore[no-any-return]
 
-    fp = _fingerprint(p.model, p.bem, p.data, p.router, spec, seed, _base_digest(ctx))
+    fp = fingerprint_of(p.model, p.bem, p.data, p.router, spec, seed, _base_digest(ctx))
     run_e = train_loop(
         ctx, "experts", experts, expert_loss, spec, fingerprint=fp, trainable_only=True
     )
@@ -515,7 +400,7 @@ def train_experts(ctx: Any) -> dict[str, Any]:
         "param_parity": parity,
     }
     atomic_write_json(ctx.out_dir / "systems.json", parity_info)
-    _plot(
+    plot_series(
         ctx.out_dir / "loss.png",
         {"experts (oracle routing)": run_e["history"], "fused baseline": run_b["history"]},
         f"train_experts seed {seed}",
@@ -548,20 +433,20 @@ def behavioral_cloning(ctx: Any) -> dict[str, Any]:
     tau, penalty = p.bem.tau, p.router.step_penalty
 
     def loss_fn(step: int) -> torch.Tensor:
-        idx = _step_rng(seed, step, 2).choice(
+        idx = step_rng(seed, step, 2).choice(
             len(train), min(spec.batch_size, len(train)), replace=False
         )
         loss, _ = bc_loss(router, train, torch.as_tensor(idx), tau=tau, step_penalty=penalty)
         return loss
 
-    experts_digest = _input_digest(ctx, "train_experts", ctx.seed, "experts.safetensors")
-    fp = _fingerprint(p.bem, p.data, p.router, spec, seed, _base_digest(ctx), experts_digest)
+    experts_digest = input_digest(ctx, "train_experts", ctx.seed, "experts.safetensors")
+    fp = fingerprint_of(p.bem, p.data, p.router, spec, seed, _base_digest(ctx), experts_digest)
     run = train_loop(ctx, "router", router, loss_fn, spec, fingerprint=fp, trainable_only=False)
     save_weights(ctx.out_dir / "router.safetensors", router)
     atomic_write_json(ctx.out_dir / "router.json", router.config())
     acc_dev = closed_loop_accuracy(router, dev, chunk, tau=tau)
     acc_train = closed_loop_accuracy(router, train, chunk, tau=tau)
-    _plot(
+    plot_series(
         ctx.out_dir / "loss.png",
         {"BC loss": run["history"]},
         f"behavioral_cloning seed {seed}",
@@ -634,7 +519,7 @@ def policy_gradient(ctx: Any) -> dict[str, Any]:
         chunk=p.bem.chunk_size,
     )
     opt = torch.optim.Adam(router.parameters(), lr=spec.lr)
-    fp = _fingerprint(
+    fp = fingerprint_of(
         p.bem,
         p.data,
         p.router,
@@ -642,10 +527,10 @@ def policy_gradient(ctx: Any) -> dict[str, Any]:
         spec,
         seed,
         _base_digest(ctx),
-        _input_digest(ctx, "train_experts", ctx.seed, "experts.safetensors"),
-        _input_digest(ctx, "behavioral_cloning", ctx.seed, "router.safetensors"),
+        input_digest(ctx, "train_experts", ctx.seed, "experts.safetensors"),
+        input_digest(ctx, "behavioral_cloning", ctx.seed, "router.safetensors"),
     )
-    manager = _checkpoints(
+    manager = fingerprinted_checkpoints(
         ctx.out_dir / "ckpt" / "router", spec.keep_checkpoints, fp, trainable_only=False
     )
     loaded = manager.resume(router, opt)
@@ -657,10 +542,10 @@ def policy_gradient(ctx: Any) -> dict[str, Any]:
     for update in range(start, spec.steps):
         if stopped:
             break
-        idx = _step_rng(seed, update, 3).choice(
+        idx = step_rng(seed, update, 3).choice(
             len(train), min(spec.batch_size, len(train)), replace=False
         )
-        gen = torch.Generator().manual_seed(int(_step_rng(seed, update, 4).integers(2**62)))
+        gen = torch.Generator().manual_seed(int(step_rng(seed, update, 4).integers(2**62)))
         router.eval()
         batch, info = collect_rollouts(decoder, [train[i] for i in idx], codec, p, gen)
         before = expected_reward(router, batch, p.bem.tau)
@@ -696,11 +581,11 @@ def policy_gradient(ctx: Any) -> dict[str, Any]:
         )
         if (update + 1) % spec.checkpoint_every == 0 or update + 1 == spec.steps or stopped:
             manager.save(update + 1, router, opt, extra={"log": log, "stopped": stopped})
-        _progress(ctx, "ppo", update + 1, spec.steps, reward=log[-1]["reward"], kl=stats.kl)
+        progress(ctx, "ppo", update + 1, spec.steps, reward=log[-1]["reward"], kl=stats.kl)
     save_weights(ctx.out_dir / "router.safetensors", router)
     atomic_write_json(ctx.out_dir / "router.json", router.config())
     write_jsonl(ctx.out_dir / "updates.jsonl", log)
-    _plot(
+    plot_series(
         ctx.out_dir / "updates.png",
         {
             k: [(row["update"], row[k]) for row in log]
@@ -871,4 +756,4 @@ def _plot_eval(path: Path, rows: dict[str, list[dict[str, float]]], seed: int) -
             run += r["em"]
             pts.append([i + 1, run / (i + 1)])
         series[f"{s} running EM"] = pts
-    _plot(path, series, f"evaluate (test) seed {seed}", "example")
+    plot_series(path, series, f"evaluate (test) seed {seed}", "example")

@@ -25,7 +25,7 @@ from bem_tasks.core.tokenizer import ByteTokenizer
 from bem_tasks.data import DataFileError
 from bem_tasks.eval import read_records
 from bem_tasks.fleet.phases import PhaseContext, execute
-from bem_tasks.missions import mission_a
+from bem_tasks.missions import common, mission_a
 from bem_tasks.missions.planner import (
     MacroRouter,
     RoutedDecoder,
@@ -391,18 +391,20 @@ def test_interrupted_phase_resumes_to_identical_weights(
     weights: list[str],
 ) -> None:
     out = micro.tmp / f"resume_{phase}"
-    real_progress = mission_a._progress
+    real_progress = common.progress
 
     def crash(ctx, name, step, total, **values):
         real_progress(ctx, name, step, total, **values)
         if name == loop and step == crash_at:
             raise RuntimeError("simulated worker crash")
 
-    monkeypatch.setattr(mission_a, "_progress", crash)
+    for module in (common, mission_a):  # the shared training loop and PPO's own loop
+        monkeypatch.setattr(module, "progress", crash)
     with pytest.raises(RuntimeError, match="simulated worker crash"):
         execute(micro.ctx(phase, out), config_hash="micro")
     assert not (out / "manifest.json").exists()
-    monkeypatch.setattr(mission_a, "_progress", real_progress)
+    for module in (common, mission_a):
+        monkeypatch.setattr(module, "progress", real_progress)
     execute(micro.ctx(phase, out), config_hash="micro")
     m = json.loads((out / "metrics.json").read_text())
     key = {"train_experts": "resumed_from_baseline"}.get(phase, "resumed_from")
@@ -514,14 +516,14 @@ def test_cli_runs_the_manuals_mission_a_flow(micro: MicroRun, capsys) -> None:
     arch = str(micro.tmp / "project" / "configs" / "bem_fleet_architecture.yml")
     run_dir, ar0 = micro.tmp / "run", micro.tmp / "cli_ar0"
     ar1, results = micro.tmp / "cli_ar1", micro.tmp / "cli_eval"
-    common = ["--inputs-from", str(run_dir), "--config", arch, "--profile", "smoke"]
+    shared_args = ["--inputs-from", str(run_dir), "--config", arch, "--profile", "smoke"]
     assert main(["train", "mission_a", "--phase", "behavioral_cloning",
-                 "--output", str(ar0), *common]) == 0  # fmt: skip
+                 "--output", str(ar0), *shared_args]) == 0  # fmt: skip
     assert json.loads((ar0 / "metrics.json").read_text()) == micro.metrics["behavioral_cloning"]
     assert main(["train", "mission_a", "--phase", "policy_gradient", "--checkpoint",
-                 str(ar0), "--output", str(ar1), *common]) == 0  # fmt: skip
+                 str(ar0), "--output", str(ar1), *shared_args]) == 0  # fmt: skip
     assert main(["evaluate", "--mission", "mission_a", "--model", str(ar1),
-                 "--output", str(results), *common]) == 0  # fmt: skip
+                 "--output", str(results), *shared_args]) == 0  # fmt: skip
     metrics = json.loads((results / "metrics.json").read_text())
     assert {"router", "baseline", "param_parity"} <= set(metrics)
     records = read_records(results / "records.jsonl")
