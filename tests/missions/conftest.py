@@ -1,0 +1,104 @@
+"""Mission A's micro run, shared by every Mission A test module: all phases for seed 0 with
+explicit inputs (as `bem-fleet train` does), built once per test session."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bem_tasks.config.loader import FleetConfig, load_fleet
+from bem_tasks.fleet.phases import PhaseContext, execute
+from bem_tasks.missions import mission_a
+
+ROOT = Path(__file__).resolve().parents[2]
+PHASES = (
+    "prepare",
+    "pretrain_base",
+    "train_experts",
+    "behavioral_cloning",
+    "policy_gradient",
+    "evaluate",
+)
+PER_SEED = PHASES[2:]
+
+MICRO = {
+    "runtime": {"threads": 1},
+    "model": {"family": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2, "max_positions": 96},
+    "bem": {"rank": 2, "chunk_size": 2},
+    "data": {
+        "n_train": 96,
+        "n_dev": 8,
+        "n_test": 8,
+        "n_keys": 4,
+        "min_facts": 2,
+        "max_facts": 2,
+        "value_max": 5,
+    },
+    "training": {
+        "pretrain_base": {"lr": 0.003, "steps": 30, "batch_size": 16, "checkpoint_every": 10},
+        "train_experts": {"lr": 0.003, "steps": 10, "batch_size": 8, "checkpoint_every": 4},
+        "behavioral_cloning": {"lr": 0.01, "steps": 150, "batch_size": 64, "checkpoint_every": 50},
+        "policy_gradient": {"lr": 0.001, "steps": 3, "batch_size": 4, "checkpoint_every": 1},
+    },
+    "router": {"hidden": 16, "bc_examples": None},
+    "evaluate": {"max_new_tokens": 32, "latency_warmup": 1, "kv_all_positions": True},
+}
+
+
+def write_micro_project(root: Path, edit: Callable[[dict], None] | None = None) -> Path:
+    """A copy of configs/ and experiments/ whose mission_a smoke profile is the micro config."""
+    for name in ("configs", "experiments"):
+        shutil.copytree(ROOT / name, root / name, dirs_exist_ok=True)
+    path = root / "experiments" / "mission_a_agentic_planner.yml"
+    doc = yaml.safe_load(path.read_text())
+    doc["profiles"]["smoke"] = {"params": copy.deepcopy(MICRO)}
+    if edit:
+        edit(doc["profiles"]["smoke"]["params"])
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return root / "configs" / "bem_fleet_architecture.yml"
+
+
+@dataclass
+class MicroRun:
+    cfg: FleetConfig
+    dirs: dict[str, Path]
+    metrics: dict[str, dict]
+    tmp: Path
+
+    def ctx(self, phase: str, out: Path, seed: int | None = 0, cfg: FleetConfig | None = None):
+        inputs = {q: self.dirs[q] for q in PHASES[: PHASES.index(phase)]}
+        return PhaseContext(
+            "mission_a",
+            phase,
+            seed if phase in PER_SEED else None,
+            cfg or self.cfg,
+            out,
+            inputs=inputs,
+        )
+
+
+@pytest.fixture(scope="session")
+def micro(tmp_path_factory: pytest.TempPathFactory) -> MicroRun:
+    tmp = tmp_path_factory.mktemp("mission_a")
+    cfg = load_fleet(write_micro_project(tmp / "project"), "smoke")
+    run = MicroRun(cfg, {}, {}, tmp)
+    for phase in PHASES:
+        out = tmp / "run" / phase
+        execute(run.ctx(phase, out), config_hash="micro")
+        run.dirs[phase] = out
+        run.metrics[phase] = json.loads((out / "metrics.json").read_text())
+    return run
+
+
+def load_router_system(run: MicroRun):
+    ctx = run.ctx("evaluate", run.tmp / "unused")
+    p = mission_a._params(ctx)
+    model, codec = mission_a._experts_system(ctx, p)
+    return ctx, p, model, codec
