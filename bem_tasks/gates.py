@@ -6,15 +6,22 @@ comparative gates (``superiority`` / ``non_inferiority``, judged on the paired s
 
 A comparative gate ``observed op threshold`` is judged on the BCa CI and the BH-adjusted p-value
 of the test *at the threshold* (build the analysis with :func:`analysis_specs` so the p-values
-test the gate thresholds):
+test the gate thresholds). Sidedness: the question is one-sided (is the candidate beyond the
+threshold on the passing side?), answered with the two-sided ``1 - alpha`` interval and its
+two-sided p-value, so one gate passes by chance at most ``alpha / 2`` of the time when the truth
+sits on the threshold. ``alpha`` and ``power`` come from the gates file only, and the statistics
+must have been computed at ``confidence = 1 - alpha``.
 
+* too_few_examples: fewer than the gate's ``min_examples`` (default 30) examples, whatever the CI;
 * passed: the CI bound on the passing side satisfies ``op`` and ``p_adjusted < alpha``;
 * failed: the CI bound on the failing side violates ``op`` (the whole CI is on the wrong side);
 * underpowered: anything else (the CI straddles the threshold, or clears it only before the
   FDR adjustment); the outcome says how many examples would give ``power`` at the observed effect.
 
 The decision is PROMOTED when every gate passed, REJECTED when any failed, and
-INSUFFICIENT_EVIDENCE otherwise (underpowered or missing measurements).
+INSUFFICIENT_EVIDENCE otherwise (underpowered, too few examples, or missing measurements). ERROR
+is a mission whose statistics or gates could not be computed (:func:`error_decision`); it is
+never promoted and never stops another mission.
 """
 
 from __future__ import annotations
@@ -44,8 +51,10 @@ from bem_tasks.stats.statistic import parse_statistic
 
 Op = Literal[">=", "<=", ">", "<"]
 Kind = Literal["superiority", "non_inferiority", "absolute"]
-Status = Literal["passed", "failed", "underpowered", "missing"]
-DecisionValue = Literal["PROMOTED", "REJECTED", "INSUFFICIENT_EVIDENCE"]
+Status = Literal["passed", "failed", "underpowered", "too_few_examples", "missing"]
+STATUSES: tuple[Status, ...] = ("passed", "failed", "underpowered", "too_few_examples", "missing")
+DecisionValue = Literal["PROMOTED", "REJECTED", "INSUFFICIENT_EVIDENCE", "ERROR"]
+DEFAULT_MIN_EXAMPLES = 30
 
 OPS: dict[str, Callable[[Any, Any], bool]] = {
     ">=": operator.ge,
@@ -62,6 +71,7 @@ __all__ = [
     "GatesConfig",
     "MissionGates",
     "analysis_specs",
+    "error_decision",
     "evaluate_gates",
     "load_gates",
     "promote",
@@ -81,6 +91,8 @@ class Gate(Strict):
     slice: str = Field(default="slice_b", min_length=1)
     relative: bool = False
     statistic: str = "mean"
+    # Comparative gates only: below this many examples the gate cannot pass or fail (None: 30).
+    min_examples: int | None = Field(default=None, ge=2)
     description: str = ""
 
     @field_validator("threshold")
@@ -131,9 +143,23 @@ class Gate(Strict):
             ) from None
         return v
 
+    @field_validator("min_examples")
+    @classmethod
+    def _min_examples(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and info.data.get("kind") == "absolute":
+            raise ValueError(
+                "min_examples applies to comparative gates (superiority, non_inferiority); an "
+                "absolute gate judges the value it is given"
+            )
+        return v
+
     @property
     def comparative(self) -> bool:
         return self.kind != "absolute"
+
+    @property
+    def required_examples(self) -> int:
+        return DEFAULT_MIN_EXAMPLES if self.min_examples is None else self.min_examples
 
     @property
     def higher_is_better(self) -> bool:
@@ -187,6 +213,8 @@ class MissionGates(Strict):
 
 class GatesConfig(Strict):
     version: Literal[1] = 1
+    # The one significance level (BH FDR level and the gates' two-sided 1 - alpha intervals) and
+    # the power target of the report's sample sizes.
     alpha: float = Field(default=0.05, gt=0, lt=1)
     power: float = Field(default=0.8, gt=0, lt=1)
     missions: dict[str, MissionGates] = Field(min_length=1)
@@ -270,11 +298,12 @@ class Decision(Strict):
     mission: str
     decision: DecisionValue
     summary: str
-    candidate: str
-    baseline: str
+    candidate: str = ""
+    baseline: str = ""
     alpha: float
     power: float
     gates: list[GateOutcome]
+    error: str | None = None  # the message, when decision is ERROR
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -322,6 +351,13 @@ def _comparative(g: Gate, r: Mapping[str, Any], alpha: float, power: float) -> G
 
     est, lo, hi = float(r["estimate"]), float(r["ci_low"]), float(r["ci_high"])
     p_adj, n, se = float(r["p_adjusted"]), int(r["n"]), float(r["se"])
+    conf = float(r["confidence"])
+    if not math.isclose(conf, 1.0 - alpha, abs_tol=1e-9):
+        raise ValueError(
+            f"{g.name}: the statistics were computed at confidence {conf:g}, but the gates file's "
+            f"alpha = {alpha:g} judges gates on two-sided {1 - alpha:g} intervals; recompute the "
+            f"statistics with confidence {1 - alpha:g}"
+        )
     m = max(1, int(r.get("family_size", 1)))
     t, op, rel = g.threshold, OPS[g.op], g.relative
     above = g.higher_is_better
@@ -345,6 +381,12 @@ def _comparative(g: Gate, r: Mapping[str, Any], alpha: float, power: float) -> G
         threshold=t, relative=rel, statistic=g.statistic, observed=est, ci_low=lo, ci_high=hi,
         confidence=float(r["confidence"]), p_value=float(r["p_value"]), p_adjusted=p_adj, n=n,
     )  # fmt: skip
+    if n < g.required_examples:
+        reason = (
+            f"only {n} examples, fewer than min_examples = {g.required_examples}: too little "
+            f"evidence to pass or fail ({ci}, estimate {_fmt(est, rel)})"
+        )
+        return GateOutcome(status="too_few_examples", reason=reason, **base)
     if op(pass_bound, t) and p_adj < alpha:
         reason = (
             f"{ci} lies {side} the threshold {_fmt(t, rel)} and the BH-adjusted p = {p_adj:.3g} "
@@ -381,8 +423,6 @@ def _reduce_property(g: Gate, value: Any) -> float:
     import numpy as np  # lazily: DAG files load the gates config at parse time
 
     arr = np.asarray(value, dtype=np.float64)
-    if arr.size == 0:
-        raise ValueError(f"property '{g.metric}' is empty")
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"property '{g.metric}' has NaN or infinite values")
     if arr.ndim == 0:
@@ -423,22 +463,19 @@ def evaluate_gates(
     gates: GatesConfig,
     stats_results: Sequence[Mapping[str, Any]],
     properties: Mapping[str, Any] | None = None,
-    *,
-    alpha: float | None = None,
-    power: float | None = None,
 ) -> Decision:
     """Judge every gate of ``mission``.
 
     ``stats_results``: the dicts from ``bem_tasks.stats.analyze`` (other missions' are ignored).
     ``properties``: candidate-only values for absolute gates, metric name -> a number (taken as
     already reduced) or per-example values (reduced with the gate's ``statistic``).
-    ``alpha``/``power`` override the config's. A gate whose measurement is absent is ``missing``.
+    ``alpha``/``power`` are the gates file's (the only source). A gate whose measurement is absent
+    or empty is ``missing``. Raises ValueError on results that cannot be judged (computed at
+    another confidence, testing another null, NaN properties): :func:`error_decision` turns that
+    into the mission's ERROR.
     """
     mg = _mission(gates, mission)
-    a = gates.alpha if alpha is None else alpha
-    pw = gates.power if power is None else power
-    if not (0 < a < 1 and 0 < pw < 1):
-        raise ValueError(f"alpha and power must be in (0, 1), got alpha={a} power={pw}")
+    a, pw = gates.alpha, gates.power
     props = properties or {}
     outcomes: list[GateOutcome] = []
     for g in mg.gates:
@@ -450,10 +487,14 @@ def evaluate_gates(
             what = f"no statistical result for {g.metric} [{g.slice}, {g.statistic}"
             what += ", relative]" if g.relative else "]"
         else:
-            if g.metric in props:
+            if g.metric in props and _size(props[g.metric]) > 0:
                 outcomes.append(_absolute(g, props[g.metric]))
                 continue
-            what = f"no property '{g.metric}' was measured"
+            what = (
+                f"property '{g.metric}' has no values"
+                if g.metric in props
+                else f"no property '{g.metric}' was measured"
+            )
         outcomes.append(
             GateOutcome(
                 gate=g.name,
@@ -470,7 +511,7 @@ def evaluate_gates(
             )  # fmt: skip
         )
     failed = [o.gate for o in outcomes if o.status == "failed"]
-    open_ = [o.gate for o in outcomes if o.status in ("underpowered", "missing")]
+    open_ = [o.gate for o in outcomes if o.status not in ("passed", "failed")]
     decision: DecisionValue
     if failed:
         decision, summary = "REJECTED", f"failed: {', '.join(failed)}"
@@ -484,6 +525,28 @@ def evaluate_gates(
         mission=mission, decision=decision, summary=summary, candidate=mg.candidate,
         baseline=mg.baseline, alpha=a, power=pw, gates=outcomes,
     )  # fmt: skip
+
+
+def _size(value: Any) -> int:
+    import numpy as np
+
+    return int(np.size(value))
+
+
+def error_decision(mission: str, gates: GatesConfig, message: str) -> Decision:
+    """The ERROR decision of a mission whose statistics or gates could not be computed."""
+    mg = gates.missions.get(mission)
+    return Decision(
+        mission=mission,
+        decision="ERROR",
+        summary=f"error: {message}",
+        candidate="" if mg is None else mg.candidate,
+        baseline="" if mg is None else mg.baseline,
+        alpha=gates.alpha,
+        power=gates.power,
+        gates=[],
+        error=message,
+    )
 
 
 def _md(text: str) -> str:
@@ -500,25 +563,24 @@ def render_report_md(
     """
     lines = ["# Promotion report", ""]
     lines += [
-        "| Mission | Decision | Passed | Failed | Underpowered | Missing |",
-        "|---|---|---|---|---|---|",
+        "| Mission | Decision | Passed | Failed | Underpowered | Too few examples | Missing |",
+        "|---|---|---|---|---|---|---|",
     ]
     for d in decisions:
-        counts = {
-            s: sum(o.status == s for o in d.gates)
-            for s in ("passed", "failed", "underpowered", "missing")
-        }
-        lines.append(
-            f"| {d.mission} | **{d.decision}** | {counts['passed']} | {counts['failed']} | "
-            f"{counts['underpowered']} | {counts['missing']} |"
-        )
+        counts = [str(sum(o.status == s for o in d.gates)) for s in STATUSES]
+        lines.append(f"| {d.mission} | **{d.decision}** | {' | '.join(counts)} |")
     used: set[tuple[Any, ...]] = set()
     for d in decisions:
         lines += ["", f"## {d.mission}: {d.decision}", ""]
+        if d.decision == "ERROR":
+            lines.append(f"The statistics or gates of this mission failed: {_md(d.error or '')}")
+            continue
         lines.append(
             f"Candidate `{d.candidate}` vs baseline `{d.baseline}`. {_md(d.summary)}. Comparative "
-            f"gates: BCa CI and Benjamini-Hochberg within family at alpha = {d.alpha}; "
-            f"sample sizes for {d.power:.0%} power."
+            f"gates are one-sided questions judged on two-sided {1 - d.alpha:.0%} BCa intervals "
+            f"and two-sided p-values at the threshold, Benjamini-Hochberg within family at "
+            f"alpha = {d.alpha} (a gate passes by chance at most alpha/2 of the time); sample "
+            f"sizes for {d.power:.0%} power."
         )
         lines += [
             "",

@@ -1,24 +1,36 @@
 """Statistical validation and promotion gating of mission results (no Airflow here).
 
 ``validate_results`` turns missions' ``results.json`` files into ``statistical_results.json``:
-per-example paired records of every seed are aligned (examples x seeds), every gated comparison
-and every other metric/slice pair is analysed with paired BCa bootstrap CIs and BH-FDR within the
-families of the gates config. ``gate_results`` turns that file into ``promotion_report.json``,
-``promotion_report.md`` and one forest plot per mission, and records promoted candidates in the
-registry.
+per-example paired records of every seed are aligned (examples x seeds; a metric recorded on some
+examples only is paired on those), every gated comparison and every other metric/slice pair is
+analysed with paired BCa bootstrap CIs and BH-FDR within the families of the gates config.
+``gate_results`` turns that file into ``promotion_report.json``, ``promotion_report.md`` and one
+forest plot per mission, and records promoted candidates in the registry. Each mission is
+analysed and judged on its own: one that fails is reported with its error (decision ERROR) and
+never stops the others.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bem_tasks.eval.records import ExampleRecord, paired_differences, read_records
-from bem_tasks.gates import analysis_specs, evaluate_gates, load_gates, promote, render_report_md
+from bem_tasks.eval.records import ExampleRecord, PairedArray, paired_differences, read_records
+from bem_tasks.gates import (
+    Decision,
+    GatesConfig,
+    analysis_specs,
+    error_decision,
+    evaluate_gates,
+    load_gates,
+    promote,
+    render_report_md,
+)
 from bem_tasks.io import atomic_write_json, atomic_write_text
 from bem_tasks.stats import analyze, plot_forest
 
@@ -48,27 +60,106 @@ def _comparisons(
     candidate: str,
     lower_is_better: set[str],
 ) -> list[dict[str, Any]]:
-    """The gates' comparisons, then every other (metric, slice) reported with a null of 0."""
+    """The gates' comparisons, then every other (metric, slice) the candidate has, null 0."""
     specs = [dict(s) for s in gates_specs]
     done = {(s["metric"], s["slice"]) for s in specs}
-    metrics = sorted({m for r in records if r.system == candidate for m in r.metrics})
-    slices = sorted({t for r in records for t in r.slices})
-    for metric in metrics:
-        for slice_tag in slices:
-            if (metric, slice_tag) not in done:
-                specs.append(
-                    {
-                        "mission": gates_specs[0]["mission"] if gates_specs else "",
-                        "metric": metric,
-                        "slice": slice_tag,
-                        "family": REPORTED_FAMILY,
-                        "higher_is_better": metric not in lower_is_better,
-                        "relative": False,
-                        "statistic": "mean",
-                        "null_value": 0.0,
-                    }
-                )
+    # Only the (metric, slice) pairs that occur: a metric recorded on some examples only (e.g.
+    # latency on a subset) has no comparison on a slice where no example carries it.
+    present = sorted(
+        {(m, t) for r in records if r.system == candidate for m in r.metrics for t in r.slices}
+    )
+    for metric, slice_tag in present:
+        if (metric, slice_tag) not in done:
+            specs.append(
+                {
+                    "mission": gates_specs[0]["mission"] if gates_specs else "",
+                    "metric": metric,
+                    "slice": slice_tag,
+                    "family": REPORTED_FAMILY,
+                    "higher_is_better": metric not in lower_is_better,
+                    "relative": False,
+                    "statistic": "mean",
+                    "null_value": 0.0,
+                }
+            )
     return specs
+
+
+def pair_metric(
+    records: list[ExampleRecord], metric: str, candidate: str, baseline: str, slice_tag: str
+) -> PairedArray | None:
+    """Candidate and baseline values of ``metric`` as examples x seeds, on the examples that have it.
+
+    Records without the metric are left out first, so a metric recorded on a subset of the
+    examples is paired on that subset. What remains must pair exactly (both systems, every seed
+    of every example), else ValueError: an example measured for one system only is a bug, not a
+    subset. None when one of the systems never recorded the metric on the slice (nothing to
+    compare, e.g. a candidate-only property such as orthogonality).
+    """
+    having = [r for r in records if metric in r.metrics and slice_tag in r.slices]
+    if not all(any(r.system == s for r in having) for s in (candidate, baseline)):
+        return None
+    return paired_differences(
+        having, metric=metric, candidate=candidate, baseline=baseline, slice_tag=slice_tag
+    )
+
+
+def _error(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _check_level(
+    gates: GatesConfig, gates_path: Path, alpha: float | None, power: float | None
+) -> None:
+    """Callers may still pass the architecture's fdr_alpha/power; they must agree with the file."""
+    for name, given, own in (("alpha", alpha, gates.alpha), ("power", power, gates.power)):
+        if given is not None and not math.isclose(given, own, abs_tol=1e-12):
+            raise ValueError(
+                f"{name} = {given} given by the caller (statistics.fdr_alpha / statistics.power "
+                f"of the architecture) disagrees with {gates_path}:{name} = {own}; the gates "
+                "file is the one source of the significance level and power"
+            )
+
+
+def _mission_specs(
+    results_path: Path, gates: GatesConfig, gates_path: Path
+) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
+    """One mission's identity, its entry in the statistics file, and its paired comparisons."""
+    results, records = mission_records(results_path)
+    mission = results["mission"]
+    if mission not in gates.missions:
+        raise ValueError(f"{gates_path}: no gates for mission '{mission}' ({results_path})")
+    mg = gates.missions[mission]
+    # A gate's direction (e.g. latency `<=`) says which way is better for reported slices too.
+    lower = {g.metric for g in mg.gates if not g.higher_is_better} | set(mg.lower_is_better)
+    specs = []
+    for spec in _comparisons(analysis_specs(gates, mission), records, mg.candidate, lower):
+        paired = pair_metric(records, spec["metric"], mg.candidate, mg.baseline, spec["slice"])
+        if paired is None:
+            continue  # nothing recorded: the gate reports the measurement as missing
+        specs.append(
+            {**spec, "mission": mission, "candidate": paired.candidate, "baseline": paired.baseline}
+        )
+    # Absolute gates judge the candidate alone, on the gate's slice, every example and seed.
+    properties = {
+        gate.metric: [
+            r.metrics[gate.metric]
+            for r in records
+            if r.system == mg.candidate and gate.slice in r.slices and gate.metric in r.metrics
+        ]
+        for gate in mg.gates
+        if gate.kind == "absolute"
+    }
+    info = {
+        "results": str(results_path),
+        "dag_id": results["dag_id"],
+        "run_id": results["run_id"],
+        "profile": results["profile"],
+        "config_hash": results["config_hash"],
+        "n_records": len(records),
+        "properties": properties,
+    }
+    return mission, info, specs
 
 
 def validate_results(
@@ -78,67 +169,56 @@ def validate_results(
     out_path: Path,
     confidence: float,
     n_resamples: int,
-    alpha: float,
+    alpha: float | None = None,
 ) -> dict[str, Any]:
+    """Analyse every mission's paired records; write and return ``statistical_results.json``.
+
+    The significance level is the gates file's ``alpha``, and ``confidence`` must be ``1 -
+    alpha`` (gates are judged on two-sided intervals). ``alpha``, if given, must agree with the
+    file. A mission whose records or statistics fail is kept with ``error`` (its message) and no
+    results; the other missions are analysed as usual.
+    """
     gates = load_gates(gates_path)
-    all_specs: list[dict[str, Any]] = []
+    _check_level(gates, gates_path, alpha, None)
+    if not math.isclose(confidence, 1.0 - gates.alpha, abs_tol=1e-9):
+        raise ValueError(
+            f"statistics.confidence = {confidence} but {gates_path}:alpha = {gates.alpha}: gates "
+            f"are judged on two-sided 1 - alpha intervals, so confidence must be "
+            f"{1.0 - gates.alpha:g}"
+        )
     missions: dict[str, Any] = {}
-    for results_path in results_paths:
-        results, records = mission_records(Path(results_path))
-        mission = results["mission"]
-        if mission not in gates.missions:
-            raise ValueError(f"{gates_path}: no gates for mission '{mission}' ({results_path})")
-        mg = gates.missions[mission]
-        # A gate's direction (e.g. latency `<=`) says which way is better for reported slices too.
-        lower = {g.metric for g in mg.gates if not g.higher_is_better} | set(mg.lower_is_better)
-        specs = [
-            {**s, "mission": mission}
-            for s in _comparisons(analysis_specs(gates, mission), records, mg.candidate, lower)
-        ]
-        for spec in specs:
-            paired = paired_differences(
-                records,
-                metric=spec["metric"],
-                candidate=mg.candidate,
-                baseline=mg.baseline,
-                slice_tag=spec["slice"],
+    analysed: list[dict[str, Any]] = []
+    for results_path in map(Path, results_paths):
+        # Before the file is read the mission is known only by its folder (<run>/<mission>/).
+        mission = results_path.parent.name
+        try:
+            mission, info, specs = _mission_specs(results_path, gates, gates_path)
+            if mission in missions:
+                raise ValueError(
+                    f"results for {mission} given twice ({missions[mission]['results']} and "
+                    f"{results_path})"
+                )
+            n_seeds = [int(np.shape(s["candidate"])[1]) for s in specs]
+            results = analyze(
+                specs, confidence=confidence, n_resamples=n_resamples, seed=0, alpha=gates.alpha
             )
-            spec["candidate"], spec["baseline"] = paired.candidate, paired.baseline
-            spec["n_seeds"] = len(paired.seeds)
-        all_specs.extend(specs)
-        # Absolute gates judge the candidate alone, on the gatekeeping slice, every example.
-        properties = {}
-        for gate in mg.gates:
-            if gate.kind == "absolute":
-                values = [
-                    r.metrics[gate.metric]
-                    for r in records
-                    if r.system == mg.candidate
-                    and gate.slice in r.slices
-                    and gate.metric in r.metrics
-                ]
-                properties[gate.metric] = values
-        missions[mission] = {
-            "results": str(results_path),
-            "dag_id": results["dag_id"],
-            "run_id": results["run_id"],
-            "profile": results["profile"],
-            "config_hash": results["config_hash"],
-            "n_records": len(records),
-            "properties": properties,
-        }
-    n_seeds = [s.pop("n_seeds") for s in all_specs]
-    analysed = analyze(
-        all_specs, confidence=confidence, n_resamples=n_resamples, seed=0, alpha=alpha
-    )
-    for result, seeds in zip(analysed, n_seeds, strict=True):
-        result["n_seeds"] = seeds
+        except Exception as exc:  # noqa: BLE001 - reported for this mission, the others go on
+            analysed = [r for r in analysed if r["mission"] != mission]
+            missions[mission] = {"results": str(results_path), "error": _error(exc)}
+            continue
+        for result, seeds in zip(results, n_seeds, strict=True):
+            result["n_seeds"] = seeds
+        missions[mission] = info
+        analysed.extend(results)
     doc = {
         "settings": {
             "confidence": confidence,
             "n_resamples": n_resamples,
-            "alpha": alpha,
-            "method": "paired BCa bootstrap (cluster over examples when several seeds), BH-FDR",
+            "alpha": gates.alpha,
+            "sidedness": "two-sided 1 - alpha BCa intervals and p-values; a gate passes only "
+            "when the whole interval is on its passing side (one-sided level alpha / 2)",
+            "method": "paired BCa bootstrap (cluster over examples when several seeds; quantiles "
+            "over the pooled example x seed values), exact sign test when degenerate, BH-FDR",
             "gates": str(gates_path),
         },
         "missions": missions,
@@ -148,17 +228,42 @@ def validate_results(
     return doc
 
 
+def _decide(
+    mission: str,
+    info: dict[str, Any],
+    results: list[dict[str, Any]],
+    gates: GatesConfig,
+    out_dir: Path,
+) -> Decision:
+    if "error" in info:
+        return error_decision(mission, gates, f"statistics failed: {info['error']}")
+    properties = {k: np.asarray(v, dtype=float) for k, v in info["properties"].items()}
+    decision = evaluate_gates(mission, gates, results, properties)
+    gated = [r for r in results if r["family"] != REPORTED_FAMILY] or results
+    if gated:
+        plot_forest(
+            gated, out_dir / f"forest_{mission}.png", title=f"{mission}: {decision.decision}"
+        )
+    return decision
+
+
 def gate_results(
     stats_path: Path,
     *,
     gates_path: Path,
     out_dir: Path,
     registry_path: Path,
-    alpha: float,
-    power: float,
+    alpha: float | None = None,
+    power: float | None = None,
     missions: Iterable[str] | None = None,
     register: bool = True,
 ) -> dict[str, Any]:
+    """Judge the gates of every mission in ``stats_path``; write the reports, register winners.
+
+    ``alpha``/``power`` are the gates file's; if given they must agree with it. A mission whose
+    statistics failed, or whose gates cannot be judged, gets the decision ERROR with the message;
+    the other missions are judged as usual.
+    """
     doc = json.loads(stats_path.read_text())
     wanted = set(missions) if missions is not None else set(doc["missions"])
     unknown = wanted - set(doc["missions"])
@@ -167,19 +272,17 @@ def gate_results(
             f"{stats_path}: no results for {sorted(unknown)} (has {sorted(doc['missions'])})"
         )
     gates = load_gates(gates_path)
+    _check_level(gates, gates_path, alpha, power)
     decisions = []
     for mission, info in doc["missions"].items():
         if mission not in wanted:
             continue
         results = [r for r in doc["results"] if r["mission"] == mission]
-        properties = {k: np.asarray(v, dtype=float) for k, v in info["properties"].items()}
-        decision = evaluate_gates(mission, gates, results, properties, alpha=alpha, power=power)
+        try:
+            decision = _decide(mission, info, results, gates, out_dir)
+        except Exception as exc:  # noqa: BLE001 - this mission is ERROR, the others go on
+            decision = error_decision(mission, gates, f"gates failed: {_error(exc)}")
         decisions.append(decision)
-        plot_forest(
-            [r for r in results if r["family"] != REPORTED_FAMILY] or results,
-            out_dir / f"forest_{mission}.png",
-            title=f"{mission}: {decision.decision}",
-        )
         if register and decision.decision == "PROMOTED":
             promote(
                 registry_path,

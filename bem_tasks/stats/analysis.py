@@ -21,8 +21,9 @@ from numpy.typing import ArrayLike
 
 from bem_tasks.stats.bootstrap import (
     PairedStatistic,
-    as_examples,
+    as_cells,
     bootstrap_many,
+    check_null,
     parse_statistic,
 )
 from bem_tasks.stats.multitest import bh_adjust
@@ -36,13 +37,15 @@ RESULT_KEYS = (
     "relative",  # True: estimate = T(candidate) / T(baseline) - 1; False: T(candidate) - T(baseline)
     "higher_is_better",
     "n",  # examples (the resampled clusters)
-    "n_seeds",
+    "n_seeds",  # seeds per example; quantiles are taken over the pooled n x n_seeds values
     "estimate",  # the statistic; ci_low/ci_high is its BCa interval at `confidence`
     "ci_low",
     "ci_high",
     "confidence",
     "null_value",  # what p_value tests (two-sided), 0 unless a gate asks for its threshold
-    "p_value",  # BCa test inversion: p < 1 - confidence exactly when the CI excludes null_value
+    "p_value",  # BCa test inversion: p < 1 - confidence exactly when the CI excludes null_value;
+    # the exact sign test when the bootstrap is degenerate (see p_value_method)
+    "p_value_method",  # "bca_inversion" or "exact_sign_test"
     "p_adjusted",  # Benjamini-Hochberg within (mission, slice, family)
     "family_size",  # hypotheses in that family
     "significant",  # p_adjusted < alpha
@@ -57,6 +60,7 @@ RESULT_KEYS = (
     "baseline_value",  # T(baseline) and T(candidate): equal to the means when statistic is "mean"
     "candidate_value",
     "degenerate",  # every resample gave the same value (e.g. constant differences)
+    "continuity",  # h of the zero-baseline correction of a relative change, 0 when not needed
     "method",  # "fast" or "scipy" (see bem_tasks.stats.bootstrap)
     "n_resamples",
     "seed",
@@ -72,7 +76,7 @@ class MetricData:
     """One paired comparison: candidate and baseline values on the same examples.
 
     ``candidate`` and ``baseline`` are ``(examples,)`` or ``(examples, seeds)`` with the same
-    shape, row ``i`` being the same example in both. ``null_value`` is what the p-value tests;
+    shape, row ``i`` being the same example in both and column ``j`` the same seed. ``null_value`` is what the p-value tests;
     a gate's threshold when the comparison backs a gate (see ``bem_tasks.gates.analysis_specs``).
     """
 
@@ -105,6 +109,7 @@ class MetricData:
 
 
 def _prepare(md: MetricData) -> tuple[PairedStatistic, np.ndarray, np.ndarray, int]:
+    """The statistic, per-example seed means of candidate and baseline, and the seed count."""
     where = md.label()
     for key in ("mission", "metric", "slice", "family"):
         if not isinstance(getattr(md, key), str) or not getattr(md, key):
@@ -115,17 +120,14 @@ def _prepare(md: MetricData) -> tuple[PairedStatistic, np.ndarray, np.ndarray, i
             f"{where}: candidate and baseline must have the same shape (examples x seeds), "
             f"got {shape_c} and {shape_b}"
         )
-    c = as_examples(md.candidate, f"{where} candidate")
-    b = as_examples(md.baseline, f"{where} baseline")
-    n_seeds = int(shape_c[1]) if len(shape_c) == 2 else 1
+    c = as_cells(md.candidate, f"{where} candidate")
+    b = as_cells(md.baseline, f"{where} baseline")
     try:
-        q = parse_statistic(md.statistic)
-        stat = PairedStatistic(c, b, q=q, relative=md.relative)
+        check_null(md.null_value)
+        stat = PairedStatistic(c, b, q=parse_statistic(md.statistic), relative=md.relative)
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
-    if not math.isfinite(md.null_value):
-        raise ValueError(f"{where}: null_value must be finite, got {md.null_value}")
-    return stat, c, b, n_seeds
+    return stat, c.mean(axis=1), b.mean(axis=1), int(c.shape[1])
 
 
 def _num(x: float) -> float | None:
@@ -204,9 +206,7 @@ def analyze(
             favours = "candidate" if (r.low > 0) == md.higher_is_better else "baseline"
         else:
             favours = "neither"
-        q = stat.q
-        tc = mean_c if q is None else float(np.quantile(c, q))
-        tb = mean_b if q is None else float(np.quantile(b, q))
+        tc, tb = stat.values()
         out.append(
             {
                 "mission": md.mission,
@@ -224,6 +224,7 @@ def analyze(
                 "confidence": float(confidence),
                 "null_value": float(md.null_value),
                 "p_value": float(r.p_value),
+                "p_value_method": "exact_sign_test" if r.degenerate else "bca_inversion",
                 "p_adjusted": p_adj[i],
                 "family_size": fam_size[i],
                 "significant": bool(significant),
@@ -238,6 +239,7 @@ def analyze(
                 "baseline_value": tb,
                 "candidate_value": tc,
                 "degenerate": bool(r.degenerate),
+                "continuity": float(r.continuity),
                 "method": method,
                 "n_resamples": int(n_resamples),
                 "seed": int(seed),

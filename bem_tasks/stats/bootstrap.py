@@ -1,11 +1,17 @@
 """Paired, example-level bootstrap: BCa confidence intervals and the p-values that match them.
 
-The unit of resampling is the example. Arrays are ``(examples,)`` or ``(examples, seeds)``; with
-several seeds each example is first reduced to its mean over seeds and the examples are then
-resampled as whole clusters (a cluster bootstrap). The statistic of a resample is therefore the
-mean over the resampled rows of the per-example seed means. Inference is about the population of
-examples given the trained seeds: seed-to-seed variation is averaged inside each example, it is
-not resampled (there are too few seeds for that), and a t-test on seed means is never used.
+The unit of resampling is the example. Arrays are ``(examples,)`` or ``(examples, seeds)`` (one
+value per example and seed: a "cell"); examples are resampled as whole clusters with all their
+seeds (a cluster bootstrap). What a resample's statistic is depends on the statistic:
+
+* mean: the mean over the resampled cells, which on a full examples x seeds grid is the mean of
+  the per-example seed means;
+* quantile (median, pNN): the quantile of the pooled cells of the resampled examples (every seed
+  of every resampled example), never the quantile of per-example seed means: averaging seeds
+  first shrinks the tail and would hide a p95 that is slower under every seed.
+
+Inference is about the population of examples given the trained seeds: seeds are not resampled
+(there are too few), and a t-test on seed means is never used.
 
 Two ways to compute the same BCa interval (Efron & Tibshirani 1993, 14.3 and 15.4):
 
@@ -13,11 +19,11 @@ Two ways to compute the same BCa interval (Efron & Tibshirani 1993, 14.3 and 15.
 * ``method="fast"`` (the default) reproduces scipy's formulas for the statistics used here (mean,
   ratio of means, quantiles, and their differences or ratios). Resamples come from the same
   generator call as scipy's (``np.random.default_rng(seed).integers(0, n, (n_resamples, n))``)
-  and are turned into per-row counts; one matrix product of the counts gives the bootstrap sums
-  of every statistic that shares the examples (quantiles read the resample's order statistic off
-  cumulative counts near the target rank). The acceleration uses the closed-form jackknife (the
-  leave-one-out mean is ``(S - x_i) / (n - 1)``, leave-one-out quantiles are read off the sorted
-  sample) and the bias correction the bootstrap distribution, as scipy does. When
+  and are turned into per-example counts; one matrix product of the counts gives the bootstrap
+  sums of every statistic that shares the examples (quantiles read the resample's order statistic
+  off cumulative counts near the target rank). The acceleration uses the closed-form jackknife
+  (the leave-one-out mean is ``(S - x_i) / (n - 1)``, leave-one-example-out quantiles are read off
+  the sorted cells) and the bias correction the bootstrap distribution, as scipy does. When
   ``n_resamples * n <= CHUNK_ELEMENTS`` the draws are scipy's own and the interval equals scipy's
   to rounding. Larger problems are drawn in chunks from the same generator; numpy usually
   continues the very same stream across chunks (the benchmark's intervals match scipy's to
@@ -33,11 +39,27 @@ interval excludes ``null_value`` (two-sided). So ``p < 1 - confidence`` exactly 
 at that confidence excludes the null, and a decision never disagrees with the interval it reports.
 p-values are floored at ``1 / (n_resamples + 1)``: the bootstrap cannot resolve smaller ones.
 
-Constant data give a degenerate interval ``(c, c)`` and no error.
+A degenerate bootstrap distribution (every resample gives the same value, e.g. constant
+differences) has a zero-width interval ``(c, c)`` and says nothing about sampling error: a
+floor of ``1 / (B + 1)`` would call three identical differences significant. There the p-value is
+the exact two-sided paired sign test (``scipy.stats.binomtest``) of the per-example differences
+from the null (see ``PairedStatistic.null_residuals``), which needs at least 6 examples on one side
+to reach 0.05.
+
+Relative changes ``T(candidate) / T(baseline) - 1`` need non-negative baseline values with
+``T(baseline) > 0``. When the baseline has a zero value (a rare 0/1 event, a count), some
+resamples can have ``T(baseline) = 0`` and the ratio would be undefined there. Such comparisons
+use a continuity correction on both arms, ``(T(c) + h) / (T(b) + h) - 1`` with ``h`` half the
+smallest positive baseline value divided by the number of cells (for a 0/1 metric: half an event,
+the Haldane-Anscombe correction); the estimate, the jackknife and every resample use the same
+statistic, and ``h`` is reported. It pulls the estimate towards no change (a 3 -> 1 event drop in
+200 reads -57% instead of -67%), so it never makes a reduction look larger than it is.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -59,7 +81,11 @@ METHODS = ("fast", "scipy")
 
 @dataclass(frozen=True)
 class BootstrapResult:
-    """One statistic's bootstrap summary. ``se`` is the bootstrap standard error."""
+    """One statistic's bootstrap summary. ``se`` is the bootstrap standard error.
+
+    ``degenerate``: every resample gave the same value; ``p_value`` is then the exact sign test.
+    ``continuity``: the ``h`` of a relative change's zero-baseline correction (0 when none).
+    """
 
     estimate: float
     low: float
@@ -73,12 +99,16 @@ class BootstrapResult:
     n_resamples: int
     confidence: float
     degenerate: bool
+    continuity: float = 0.0
 
 
-def as_examples(values: ArrayLike, name: str = "diffs") -> FloatArray:
-    """Validate ``(examples,)`` or ``(examples, seeds)`` data; return per-example (seed-mean) values."""
+def as_cells(values: ArrayLike, name: str = "diffs") -> FloatArray:
+    """Validate ``(examples,)`` or ``(examples, seeds)`` data; return it as ``(examples, seeds)``."""
+    raw = np.asarray(values)
+    if np.iscomplexobj(raw):
+        raise ValueError(f"{name}: expected real numbers, got complex values")
     try:
-        arr = np.asarray(values, dtype=np.float64)
+        arr = np.asarray(raw, dtype=np.float64)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{name}: expected an array of numbers ({exc})") from None
     if arr.ndim not in (1, 2):
@@ -99,24 +129,41 @@ def as_examples(values: ArrayLike, name: str = "diffs") -> FloatArray:
             f"{name}: {int(bad.sum())} value(s) are NaN or infinite (first at index {first}); "
             "every example needs a finite value for every seed"
         )
-    return arr.mean(axis=1) if arr.ndim == 2 else arr
+    return arr.reshape(arr.shape[0], -1)
 
 
-def _check_options(confidence: float, n_resamples: int, method: str) -> None:
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    if int(n_resamples) != n_resamples or n_resamples < MIN_RESAMPLES:
-        raise ValueError(f"n_resamples must be an integer >= {MIN_RESAMPLES}, got {n_resamples}")
+def _is_int(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def check_options(confidence: float, n_resamples: int, method: str, seed: int | None = 0) -> None:
+    """Refuse options that would fail later with a less clear error, or silently."""
+    if not (isinstance(confidence, numbers.Real) and 0.0 < confidence < 1.0):
+        raise ValueError(f"confidence must be a number in (0, 1), got {confidence!r}")
+    if not _is_int(n_resamples) or n_resamples < MIN_RESAMPLES:
+        raise ValueError(f"n_resamples must be an integer >= {MIN_RESAMPLES}, got {n_resamples!r}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    # seed=None would draw from OS entropy: a rerun of the same task would report another CI.
+    if not _is_int(seed) or seed < 0:  # type: ignore[operator]
+        raise ValueError(
+            f"seed must be a non-negative integer (results must be reproducible), got {seed!r}"
+        )
+
+
+def check_null(null_value: float, name: str = "null_value") -> float:
+    if not isinstance(null_value, numbers.Real) or not math.isfinite(null_value):
+        raise ValueError(f"{name} must be a finite number, got {null_value!r}")
+    return float(null_value)
 
 
 class PairedStatistic:
     """``T(candidate) - T(baseline)``, or ``T(candidate) / T(baseline) - 1`` when ``relative``.
 
-    ``T`` is the mean (``q is None``) or the ``q`` quantile (numpy's linear interpolation) of the
-    per-example values. With ``baseline=None`` the candidate array holds paired differences and
-    the statistic is ``T(diffs)``. Both arrays are resampled with the same example indices.
+    ``candidate``/``baseline`` are ``(examples, seeds)`` cells. ``T`` is the mean (``q is None``)
+    or the ``q`` quantile (numpy's linear interpolation) of the pooled cells. With
+    ``baseline=None`` the candidate array holds paired differences and the statistic is
+    ``T(diffs)``. Both arrays are resampled with the same example indices.
     """
 
     def __init__(
@@ -127,23 +174,43 @@ class PairedStatistic:
         q: float | None = None,
         relative: bool = False,
     ) -> None:
-        if baseline is not None and baseline.shape != candidate.shape:
-            raise ValueError(
-                f"candidate and baseline must be paired on the same examples, got {candidate.shape[0]} "
-                f"and {baseline.shape[0]} examples"
-            )
+        candidate = candidate.reshape(candidate.shape[0], -1)
+        if baseline is not None:
+            baseline = baseline.reshape(baseline.shape[0], -1)
+            if baseline.shape != candidate.shape:
+                raise ValueError(
+                    "candidate and baseline must be paired on the same examples and seeds, got "
+                    f"{candidate.shape} and {baseline.shape} (examples x seeds)"
+                )
         if relative and baseline is None:
             raise ValueError("a relative change needs the baseline values, not only differences")
         self.q = q
         self.relative = relative
-        self.n = int(candidate.shape[0])
-        if baseline is not None and q is None and not relative:
-            # mean(c) - mean(b) == mean(c - b): one column, and the same numbers as scipy on diffs.
-            self.cols: list[FloatArray] = [candidate - baseline]
-        elif baseline is None:
-            self.cols = [candidate]
+        self.n, self.k = (int(s) for s in candidate.shape)
+        self.example_c = candidate.mean(axis=1)
+        self.example_b = None if baseline is None else baseline.mean(axis=1)
+        self.h = 0.0
+        if relative:
+            assert baseline is not None
+            if baseline.min() < 0:
+                raise ValueError(
+                    "a relative change needs non-negative baseline values, got a minimum of "
+                    f"{baseline.min():g}; use an absolute comparison for this metric"
+                )
+            if (baseline == 0).any() and (baseline > 0).any():
+                self.h = float(baseline[baseline > 0].min()) / (2.0 * baseline.size)
+        # The mean of the cells is the mean of the per-example seed means: one value per example
+        # keeps the mean on scipy's 1-D path. Quantiles need every cell.
+        self.cols: list[FloatArray]
+        if q is None:
+            ec, eb = self.example_c, self.example_b
+            if eb is not None and not relative:
+                # mean(c) - mean(b) == mean(c - b): one column, the same numbers as scipy on diffs.
+                self.cols = [ec - eb]
+            else:
+                self.cols = [ec] if eb is None else [ec, eb]
         else:
-            self.cols = [candidate, baseline]
+            self.cols = [candidate] if baseline is None else [candidate, baseline]
         if relative:
             tb = self._t(self.cols[1])
             if not tb > 0:
@@ -151,8 +218,8 @@ class PairedStatistic:
                     f"a relative change needs a positive baseline {self.describe_t()}, got {tb}"
                 )
         self.qcols = [] if q is None else [_QuantileColumn(c, q) for c in self.cols]
-        # Columns whose count-weighted sums a resample needs: the values for a mean, the
-        # "sorted below the window" indicator for a quantile.
+        # Columns whose count-weighted sums a resample needs: the values for a mean, the number
+        # of the example's cells sorted below the window for a quantile.
         self.linear: list[FloatArray] = self.cols if q is None else [qc.below for qc in self.qcols]
 
     def describe_t(self) -> str:
@@ -162,20 +229,30 @@ class PairedStatistic:
         if self.q is None:
             # Constant data give their constant exactly (the mean's rounding would not).
             return float(x[0]) if np.all(x == x[0]) else float(np.mean(x))
-        return float(np.quantile(x, self.q))
+        return float(np.quantile(x.ravel(), self.q))
+
+    def values(self) -> tuple[float, float | None]:
+        """``T(candidate)`` and ``T(baseline)`` without any correction (None with diffs only)."""
+        if self.q is None:
+            c = self._t(self.example_c)
+            return c, None if self.example_b is None else self._t(self.example_b)
+        return self._t(self.cols[0]), None if len(self.cols) < 2 else self._t(self.cols[1])
 
     def _combine(self, values: Sequence[FloatArray | float]) -> FloatArray:
         if len(values) == 1:
             return np.asarray(values[0], dtype=np.float64)
         tc, tb = (np.asarray(v, dtype=np.float64) for v in values)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return tc / tb - 1.0 if self.relative else tc - tb
+        if not self.relative:
+            return tc - tb
+        if self.h:
+            return (tc + self.h) / (tb + self.h) - 1.0
+        return tc / tb - 1.0
 
     def estimate(self) -> float:
         return float(self._combine([self._t(c) for c in self.cols]))
 
     def jackknife(self) -> FloatArray:
-        """Leave-one-out values of the statistic, in closed form."""
+        """Leave-one-example-out values of the statistic, in closed form."""
         parts: list[FloatArray] = []
         for x in self.cols:
             if self.q is None:
@@ -190,63 +267,109 @@ class PairedStatistic:
             return self._combine([v / self.n for v in sums])
         return self._combine([qc.rows(counts, v) for qc, v in zip(self.qcols, sums, strict=True)])
 
-    def scipy_call(self) -> tuple[tuple[FloatArray, ...], object, bool]:
+    def null_residuals(self, null_value: float) -> FloatArray:
+        """Per-example signed distance from the null, for the exact sign test.
+
+        Per-example seed means ``c_i``, ``b_i``: ``c_i - b_i - null`` for a difference (``d_i -
+        null`` for diffs), and ``(c_i + h) - (1 + null) (b_i + h)`` for a relative change, which
+        has the sign of ``(c_i + h) / (b_i + h) - 1 - null`` without dividing by a zero ``b_i``.
+        """
+        c, b = self.example_c, self.example_b
+        if b is None:
+            return c - null_value
+        if self.relative:
+            return (c + self.h) - (1.0 + null_value) * (b + self.h)
+        return c - b - null_value
+
+    def scipy_call(self) -> tuple[tuple[NDArray[np.generic], ...], object, bool]:
         q = self.q
+
+        if q is not None and self.k > 1:
+            # Pooled cells of resampled examples: let scipy resample example indices, with
+            # exactly the draws it makes for paired data.
+            cols = self.cols
+
+            def pooled(ix: NDArray[np.generic], axis: int = -1) -> FloatArray:
+                i = np.moveaxis(np.asarray(ix).astype(np.intp), axis, -1)
+                ts = [np.quantile(c[i].reshape(*i.shape[:-1], -1), q, axis=-1) for c in cols]
+                return self._combine(ts)
+
+            return (np.arange(self.n),), pooled, False
+
+        cols1 = [c.ravel() for c in self.cols]
 
         def t(x: FloatArray, axis: int) -> FloatArray:
             return np.mean(x, axis=axis) if q is None else np.quantile(x, q, axis=axis)
 
-        if len(self.cols) == 1:
-            return (self.cols[0],), lambda x, axis=-1: t(x, axis), False
+        if len(cols1) == 1:
+            return (cols1[0],), lambda x, axis=-1: t(x, axis), False
 
         def stat(c: FloatArray, b: FloatArray, axis: int = -1) -> FloatArray:
             return self._combine([t(c, axis), t(b, axis)])
 
-        return (self.cols[0], self.cols[1]), stat, True
+        return (cols1[0], cols1[1]), stat, True
 
 
 def _loo_quantile(x: FloatArray, q: float) -> FloatArray:
-    """Quantile (numpy 'linear') of ``x`` with each element left out in turn, in O(n log n)."""
-    n = x.shape[0]
-    order = np.argsort(x, kind="stable")
-    s = x[order]
-    h = q * (n - 2)  # position in the remaining n - 1 sorted values
-    k0 = int(np.floor(h))
-    k1 = min(k0 + 1, n - 2)
-    frac = h - k0
-    r = np.arange(n)  # sorted position of the removed element
-    # Removing sorted position r shifts every later position down by one.
-    v0 = s[k0 + (k0 >= r)]
-    v1 = s[k1 + (k1 >= r)]
-    out = np.empty(n)
-    out[order] = v0 + frac * (v1 - v0)
-    return out
+    """Quantile (numpy 'linear') of the cells with each example's row left out in turn.
+
+    ``x`` is ``(examples, seeds)`` (1-D: one seed). O(N log N) in the N cells: the r-th smallest
+    remaining cell is found by stepping over the removed row's sorted positions.
+    """
+    x = x.reshape(x.shape[0], -1)
+    n, k = x.shape
+    flat = x.ravel()
+    order = np.argsort(flat, kind="stable")
+    s = flat[order]
+    pos = np.empty(flat.size, dtype=np.intp)
+    pos[order] = np.arange(flat.size)
+    removed = np.sort(pos.reshape(n, k), axis=1)  # sorted positions of each example's cells
+    m = flat.size - k  # cells left
+    h = q * (m - 1)
+    r0 = int(np.floor(h))
+    r1 = min(r0 + 1, m - 1)
+    frac = h - r0
+
+    def at(r: int) -> FloatArray:
+        j = np.full(n, r, dtype=np.intp)
+        for col in range(k):  # ascending: each removed position at or before j shifts it by one
+            j += removed[:, col] <= j
+        return s[j]
+
+    v0, v1 = at(r0), at(r1)
+    return v0 + frac * (v1 - v0)
 
 
 class _QuantileColumn:
-    """The q-quantile (numpy 'linear') of resamples given as counts over ``x``.
+    """The q-quantile (numpy 'linear') of the pooled cells of resamples given as example counts.
 
-    The k-th smallest resampled value is ``s[j]`` (``s`` sorted) for the first ``j`` whose
-    cumulative count exceeds ``k``. That count is binomial around ``k``, so only a window of
-    sorted positions ``[lo, hi)`` a few binomial sds around ``k`` is scanned; the count below the
-    window comes from the shared matrix product (``below``). Rows whose ``k`` falls outside the
-    window (never seen in practice at 10 sd) are recomputed over all positions.
+    ``x`` is ``(examples, seeds)``; a resample with per-example counts ``c_i`` holds each of
+    example i's cells ``c_i`` times, N = n * seeds cells in all. The k-th smallest is ``s[j]``
+    (``s`` the sorted cells) for the first ``j`` whose cumulative count exceeds ``k``. That count
+    varies by a few (clustered) binomial sds around ``k``, so only a window of sorted positions
+    ``[lo, hi)`` is scanned; the count below the window comes from the shared matrix product
+    (``below``: per example, how many of its cells sort below the window). Rows whose ``k`` falls
+    outside the window (never seen in practice at 10 sd) are recomputed over all positions.
     """
 
     def __init__(self, x: FloatArray, q: float) -> None:
-        n = x.shape[0]
-        self.order = np.argsort(x, kind="stable")
-        self.s = x[self.order]
-        h = q * (n - 1)
+        x = x.reshape(x.shape[0], -1)
+        n, k = x.shape
+        big_n = n * k
+        self.owner = np.repeat(np.arange(n), k)  # example of each cell (row-major)
+        self.order = np.argsort(x.ravel(), kind="stable")
+        self.s = x.ravel()[self.order]
+        h = q * (big_n - 1)
         self.k0 = int(np.floor(h))
-        self.k1 = min(self.k0 + 1, n - 1)
+        self.k1 = min(self.k0 + 1, big_n - 1)
         self.frac = h - self.k0
-        margin = int(10 * np.sqrt(n * q * (1 - q))) + 2
+        # An example's k cells move together, so the sd of the count below a position is at most
+        # k binomial sds over the n examples.
+        margin = int(10 * k * np.sqrt(n * q * (1 - q))) + 2 + k
         self.lo = max(0, self.k0 - margin)
-        self.hi = min(n, self.k1 + margin + 1)
-        self.window = self.order[self.lo : self.hi]
-        self.below = np.zeros(n)
-        self.below[self.order[: self.lo]] = 1.0
+        self.hi = min(big_n, self.k1 + margin + 1)
+        self.window = self.owner[self.order[self.lo : self.hi]]
+        self.below = np.bincount(self.owner[self.order[: self.lo]], minlength=n).astype(np.float64)
 
     def rows(self, counts: FloatArray, below: FloatArray) -> FloatArray:
         cum = below[:, None] + np.cumsum(counts[:, self.window], axis=1)
@@ -254,7 +377,7 @@ class _QuantileColumn:
         j1 = self.lo + np.count_nonzero(cum <= self.k1, axis=1)
         outside = (below > self.k0) | (cum[:, -1] <= self.k1)
         if outside.any():
-            full = np.cumsum(counts[outside][:, self.order], axis=1)
+            full = np.cumsum(counts[outside][:, self.owner[self.order]], axis=1)
             j0[outside] = np.count_nonzero(full <= self.k0, axis=1)
             j1[outside] = np.count_nonzero(full <= self.k1, axis=1)
         v0, v1 = self.s[j0], self.s[j1]
@@ -379,6 +502,22 @@ def bca_pvalue(theta_b_sorted: FloatArray, z0: float, a: float, null_value: floa
     return float(min(1.0, max(2.0 * tail, 1.0 / (b + 1))))
 
 
+def sign_test_pvalue(residuals: FloatArray) -> float:
+    """Exact two-sided sign test that positive and negative residuals are equally likely.
+
+    Residuals within rounding distance of 0 (relative to the data's scale) are ties and are
+    dropped, as the sign test does; all ties give p = 1.
+    """
+    from scipy.stats import binomtest
+
+    scale = float(np.max(np.abs(residuals))) if residuals.size else 0.0
+    nonzero = np.abs(residuals) > 1e-12 * scale
+    m = int(np.count_nonzero(nonzero))
+    if m == 0:
+        return 1.0
+    return float(binomtest(int(np.count_nonzero(residuals > 0)), m, 0.5).pvalue)
+
+
 def _finish(
     stat: PairedStatistic,
     theta_b: FloatArray,
@@ -389,21 +528,15 @@ def _finish(
 ) -> BootstrapResult:
     theta_hat = stat.estimate()
     b = theta_b.shape[0]
-    if not np.all(np.isfinite(theta_b)):
-        bad = int(np.count_nonzero(~np.isfinite(theta_b)))
-        raise ValueError(
-            f"the statistic is undefined in {bad} of {b} resamples (the baseline "
-            f"{stat.describe_t()} is 0 there); use an absolute comparison for this metric"
-        )
     s = np.sort(theta_b)
     se = float(np.std(theta_b, ddof=1))
     # Every resample gave the same value up to rounding (relative to the values' own scale).
     span = float(s[-1] - s[0])
     if span <= 1e-12 * max(abs(theta_hat), abs(float(s[0])), abs(float(s[-1]))):
-        p = 1.0 if np.isclose(theta_hat, null_value, rtol=1e-12, atol=1e-15) else 1.0 / (b + 1)
+        p = sign_test_pvalue(stat.null_residuals(null_value))
         return BootstrapResult(
             theta_hat, theta_hat, theta_hat, p, null_value, 0.0, 0.0, 0.0, stat.n, b,
-            confidence, True,
+            confidence, True, stat.h,
         )  # fmt: skip
     a = acceleration(stat.jackknife())
     z0 = bias_correction(s, theta_hat, scipy_rule=scipy_ci is not None)
@@ -414,7 +547,7 @@ def _finish(
         low, high = scipy_ci
     p = bca_pvalue(s, z0, a, null_value)
     return BootstrapResult(
-        theta_hat, low, high, p, null_value, se, z0, a, stat.n, b, confidence, False
+        theta_hat, low, high, p, null_value, se, z0, a, stat.n, b, confidence, False, stat.h
     )
 
 
@@ -428,10 +561,11 @@ def bootstrap_many(
     null_values: Sequence[float] | None = None,
 ) -> list[BootstrapResult]:
     """BCa results for statistics over the same examples (``fast`` shares one set of draws)."""
-    _check_options(confidence, n_resamples, method)
+    check_options(confidence, n_resamples, method, seed)
     nulls = list(null_values) if null_values is not None else [0.0] * len(stats)
     if len(nulls) != len(stats):
         raise ValueError("null_values needs one value per statistic")
+    nulls = [check_null(v, f"null_values[{i}]") for i, v in enumerate(nulls)]
     if method == "fast":
         dists = bootstrap_distributions(stats, n_resamples, seed)
         return [
@@ -496,13 +630,16 @@ def paired_bootstrap(
     ``candidate``/``baseline`` are ``(examples,)`` or ``(examples, seeds)`` arrays of the same
     shape; with ``baseline=None`` ``candidate`` holds paired differences. The statistic is
     ``T(candidate) - T(baseline)`` (``relative=False``) or ``T(candidate) / T(baseline) - 1``,
-    with ``T`` the mean or a quantile (``statistic="p95"``); ``null_value`` is the value the
-    p-value tests (two-sided).
+    with ``T`` the mean or a quantile (``statistic="p95"``) of the pooled example x seed values;
+    ``null_value`` is the value the p-value tests (two-sided). ``seed`` must be a non-negative
+    integer: the same inputs always give the same result. Bad input raises ValueError.
     """
-    c = as_examples(candidate, "candidate" if baseline is not None else "diffs")
-    b = None if baseline is None else as_examples(baseline, "baseline")
+    check_options(confidence, n_resamples, method, seed)
+    null_value = check_null(null_value)
+    c = as_cells(candidate, "candidate" if baseline is not None else "diffs")
+    b = None if baseline is None else as_cells(baseline, "baseline")
     if baseline is not None:
-        shape_c, shape_b = np.asarray(candidate).shape, np.asarray(baseline).shape
+        shape_c, shape_b = np.shape(candidate), np.shape(baseline)
         if shape_c != shape_b:
             raise ValueError(
                 "candidate and baseline must have the same shape (examples x seeds), got "
@@ -530,13 +667,12 @@ def paired_bca(
     """BCa confidence interval ``(low, high)`` of the mean paired difference.
 
     ``diffs`` is a 1-D array of per-example differences (candidate - baseline) or a 2-D
-    ``examples x seeds`` array: each example is reduced to its mean over seeds and examples are
-    resampled as clusters, so the statistic is the mean over resampled rows of the per-example
-    seed means. ``method="scipy"`` is :func:`scipy.stats.bootstrap` (``method="BCa"``,
-    ``rng=seed``); ``method="fast"`` reproduces it (same draws when ``n_resamples * n <=
-    CHUNK_ELEMENTS``, otherwise equal within Monte Carlo error; see the module docstring).
-    Constant differences give ``(c, c)``. Raises ValueError on NaN/inf, fewer than 2 examples or
-    a shape other than 1-D/2-D.
+    ``examples x seeds`` array: examples are resampled as clusters, so the statistic is the mean
+    over resampled rows of the per-example seed means. ``method="scipy"`` is
+    :func:`scipy.stats.bootstrap` (``method="BCa"``, ``rng=seed``); ``method="fast"`` reproduces
+    it (same draws when ``n_resamples * n <= CHUNK_ELEMENTS``, otherwise equal within Monte Carlo
+    error; see the module docstring). Constant differences give ``(c, c)``. Raises ValueError on
+    NaN/inf, complex values, fewer than 2 examples or a shape other than 1-D/2-D.
     """
     r = paired_bootstrap(
         diffs, None, confidence=confidence, n_resamples=n_resamples, seed=seed, method=method

@@ -18,6 +18,27 @@ def _label(r: Mapping[str, Any]) -> str:
     return f"{r['mission']} / {r['metric']} [{r['slice']}]\n{what}, n={r['n']}"
 
 
+def colour_key(r: Mapping[str, Any]) -> str:
+    """Which side the BH-adjusted test of ``null_value`` favours: the colour of a forest row.
+
+    ``"candidate"`` (green) when ``p_adjusted < alpha`` and the interval lies on the better side
+    of the tested null (the gate threshold for a gated comparison, else no change), ``"baseline"``
+    (red) when it lies on the worse side, ``"neither"`` (grey) when the adjusted test does not
+    reject. The unadjusted interval alone never colours a row.
+    """
+    p_adj, alpha = r.get("p_adjusted"), r.get("alpha", 0.05)
+    if p_adj is None or not float(p_adj) < float(alpha):
+        return "neither"
+    null = float(r.get("null_value", 0.0))
+    if float(r["ci_low"]) > null:
+        above = True
+    elif float(r["ci_high"]) < null:
+        above = False
+    else:
+        return "neither"
+    return "candidate" if above == bool(r.get("higher_is_better", True)) else "baseline"
+
+
 def plot_forest(
     results: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], *, title: str = ""
 ) -> Path:
@@ -26,8 +47,8 @@ def plot_forest(
     One row per result, each with its own x axis because metrics have different units: the
     point estimate, its CI, no change (solid), the tested null value when it is not 0 (dashed)
     and, when a result carries a ``threshold`` key, the gate threshold (dotted). Relative changes
-    are shown in %.
-    Colour says which side is significantly favoured after BH (green candidate, red baseline).
+    are shown in %. Colour is the BH-adjusted decision the row's title reports (see
+    :func:`colour`).
     """
     if not results:
         raise ValueError("plot_forest: no results to plot")
@@ -43,7 +64,7 @@ def plot_forest(
     for ax, r in zip(axes[:, 0], results, strict=True):
         scale = 100.0 if r.get("relative") else 1.0
         est, lo, hi = (float(r[k]) * scale for k in ("estimate", "ci_low", "ci_high"))
-        colour = _COLOURS.get(str(r.get("favours", "neither")), _COLOURS["neither"])
+        colour = _COLOURS[colour_key(r)]
         ax.errorbar([est], [0], xerr=[[est - lo], [hi - est]], fmt="o", color=colour, capsize=4)
         null = float(r.get("null_value", 0.0)) * scale
         marks = [0.0, null]

@@ -16,12 +16,39 @@ ROOT = Path(__file__).resolve().parents[2]
 GATES = ROOT / "configs" / "gates_bem2.yaml"
 
 
-def make_results(tmp_path: Path, *, em_gain: float, n: int = 150, seeds=(0, 1)) -> Path:
-    """A mission_a results.json whose evaluate phase wrote records for router and baseline."""
-    rng = np.random.default_rng(0)
+def write_results(tmp_path: Path, mission: str, records: dict[int, list[ExampleRecord]]) -> Path:
+    """A results.json whose final (evaluate) phase wrote ``records[seed]`` for each seed."""
     phases: dict = {}
+    for seed, recs in records.items():
+        d = tmp_path / mission / "evaluate" / f"seed_{seed}"
+        write_records(d / "records.jsonl", recs)
+        phases[f"seed_{seed}"] = {"dir": str(d), "metrics": {}, "duration_s": 1.0}
+    path = tmp_path / mission / "results.json"
+    atomic_write_json(
+        path,
+        {
+            "mission": mission,
+            "profile": "smoke",
+            "dag_id": "bem_fleet",
+            "run_id": "r1",
+            "config_hash": "h",
+            "final_phase": "evaluate",
+            "phases": {"evaluate": phases},
+        },
+    )
+    return path
+
+
+def make_results(
+    tmp_path: Path, *, em_gain: float, n: int = 150, seeds=(0, 1), latency_on=None
+) -> Path:
+    """A mission_a results.json whose evaluate phase wrote records for router and baseline.
+
+    ``latency_on(i)`` says which examples carry latency_ms (default: all).
+    """
+    rng = np.random.default_rng(0)
+    by_seed: dict[int, list[ExampleRecord]] = {}
     for seed in seeds:
-        d = tmp_path / "mission_a" / "evaluate" / f"seed_{seed}"
         recs = []
         for i in range(n):
             for slice_tag in ("slice_a", "slice_b"):
@@ -29,6 +56,7 @@ def make_results(tmp_path: Path, *, em_gain: float, n: int = 150, seeds=(0, 1)) 
                 router_em = 100.0 if rng.random() < em_gain else base_em
                 lat = float(rng.lognormal(2.0, 0.2))
                 common = {"plan_length": 3.0, "flip_rate": 0.1}
+                timed = latency_on is None or latency_on(i)
                 recs += [
                     ExampleRecord(
                         f"{slice_tag}-{i}",
@@ -37,7 +65,7 @@ def make_results(tmp_path: Path, *, em_gain: float, n: int = 150, seeds=(0, 1)) 
                         {
                             "em": router_em,
                             "f1": router_em,
-                            "latency_ms": lat * 1.01,
+                            **({"latency_ms": lat * 1.01} if timed else {}),
                             "kv_hit_ratio": 0.7,
                             **common,
                         },
@@ -50,35 +78,42 @@ def make_results(tmp_path: Path, *, em_gain: float, n: int = 150, seeds=(0, 1)) 
                         {
                             "em": base_em,
                             "f1": base_em,
-                            "latency_ms": lat,
+                            **({"latency_ms": lat} if timed else {}),
                             "kv_hit_ratio": 0.3,
                             **common,
                         },
                         (slice_tag,),
                     ),
                 ]
-        write_records(d / "records.jsonl", recs)
-        phases[f"seed_{seed}"] = {"dir": str(d), "metrics": {}, "duration_s": 1.0}
-    path = tmp_path / "mission_a" / "results.json"
-    atomic_write_json(
-        path,
-        {
-            "mission": "mission_a",
-            "profile": "smoke",
-            "dag_id": "bem_fleet",
-            "run_id": "r1",
-            "config_hash": "h",
-            "final_phase": "evaluate",
-            "phases": {"evaluate": phases},
-        },
-    )
-    return path
+        by_seed[seed] = recs
+    return write_results(tmp_path, "mission_a", by_seed)
 
 
-def run(tmp_path: Path, results: Path) -> dict:
+def make_mission_c(tmp_path: Path, *, n: int = 200, base_events=(10, 70, 150)) -> Path:
+    """mission_c with a rare 0/1 violation: 3 in 200 for the base model, 1 for safety."""
+    rng = np.random.default_rng(3)
+    by_seed: dict[int, list[ExampleRecord]] = {}
+    for seed in (0, 1):
+        recs = []
+        for i in range(n):
+            em = float(rng.random() < 0.5) * 100
+            lat = float(rng.lognormal(2.0, 0.1))
+            for system, violation, factor in (
+                ("base", float(i in base_events), 1.0),
+                ("safety", float(i == base_events[0]), 1.01),
+            ):
+                metrics = {"violation": violation, "em": em, "f1": em, "latency_ms": lat * factor}
+                if system == "safety":
+                    metrics["orthogonality"] = 0.99
+                recs.append(ExampleRecord(f"c-{i}", system, seed, metrics, ("slice_b",)))
+        by_seed[seed] = recs
+    return write_results(tmp_path, "mission_c", by_seed)
+
+
+def run(tmp_path: Path, *results: Path) -> tuple[dict, dict]:
     stats = tmp_path / "stats" / "statistical_results.json"
     doc = validate_results(
-        [results], gates_path=GATES, out_path=stats, confidence=0.95, n_resamples=1000, alpha=0.05
+        list(results), gates_path=GATES, out_path=stats, confidence=0.95, n_resamples=1000
     )
     assert stats.exists()
     return doc, gate_results(
@@ -86,9 +121,11 @@ def run(tmp_path: Path, results: Path) -> dict:
         gates_path=GATES,
         out_dir=tmp_path / "gates",
         registry_path=tmp_path / "registry.json",
-        alpha=0.05,
-        power=0.8,
     )
+
+
+def _decisions(report: dict) -> dict[str, dict]:
+    return {d["mission"]: d for d in report["decisions"]}
 
 
 def test_clear_win_is_promoted_and_registered(tmp_path: Path) -> None:
@@ -116,11 +153,90 @@ def test_no_gain_is_not_promoted_and_not_registered(tmp_path: Path) -> None:
     assert not (tmp_path / "registry.json").exists()
 
 
-def test_missing_records_name_the_file(tmp_path: Path) -> None:
+def test_one_missions_error_never_stops_another(tmp_path: Path) -> None:
+    a = make_results(tmp_path / "a", em_gain=0.3)
+    (tmp_path / "a" / "mission_a" / "evaluate" / "seed_1" / "records.jsonl").unlink()
+    c = make_mission_c(tmp_path / "c")
+    doc, report = run(tmp_path, a, c)
+    err = doc["missions"]["mission_a"]["error"]
+    assert (
+        err.startswith("FileNotFoundError:") and "seed_1" in err and "wrote no records.jsonl" in err
+    )
+    assert {r["mission"] for r in doc["results"]} == {"mission_c"}
+    decisions = _decisions(report)
+    assert decisions["mission_a"]["decision"] == "ERROR"
+    assert "wrote no records.jsonl" in decisions["mission_a"]["error"]
+    assert decisions["mission_c"]["decision"] != "ERROR" and decisions["mission_c"]["gates"]
+    md = (tmp_path / "gates" / "promotion_report.md").read_text()
+    assert "## mission_a: ERROR" in md and "wrote no records.jsonl" in md
+
+
+def test_rare_zero_one_baseline_does_not_stop_the_statistics(tmp_path: Path) -> None:
+    doc, report = run(tmp_path, make_mission_c(tmp_path), make_results(tmp_path, em_gain=0.3))
+    assert not any("error" in m for m in doc["missions"].values())
+    (v,) = [r for r in doc["results"] if r["metric"] == "violation" and r["relative"]]
+    # 200 examples x 2 seeds = 400 cells, smallest positive baseline value 1: h = 1 / 800
+    assert v["continuity"] == 1 / 800
+    assert v["estimate"] == pytest.approx((1 / 200 + 1 / 800) / (3 / 200 + 1 / 800) - 1)
+    gate = next(g for g in _decisions(report)["mission_c"]["gates"] if g["metric"] == "violation")
+    # 3 -> 1 events in 200 examples cannot show a 30% reduction: undecided, not an exception
+    assert gate["status"] == "underpowered" and "straddles the threshold -30.00%" in gate["reason"]
+    assert _decisions(report)["mission_a"]["decision"] == "PROMOTED"
+
+
+def test_a_metric_recorded_on_some_examples_is_paired_on_those(tmp_path: Path) -> None:
+    results = make_results(tmp_path, em_gain=0.3, latency_on=lambda i: i % 3 == 0)
+    doc, report = run(tmp_path, results)
+    assert "error" not in doc["missions"]["mission_a"]
+    by = {(r["metric"], r["slice"], r["statistic"]): r for r in doc["results"]}
+    assert by[("em", "slice_b", "mean")]["n"] == 150
+    p95 = by[("latency_ms", "slice_b", "p95")]
+    assert (p95["n"], p95["n_seeds"]) == (50, 2)
+    # known answer: the pooled p95 of the 50 timed examples x 2 seeds, read back from the records
+    from bem_tasks.eval.records import read_records
+
+    lat: dict[str, list[float]] = {"router": [], "baseline": []}
+    for seed in (0, 1):
+        path = tmp_path / "mission_a" / "evaluate" / f"seed_{seed}" / "records.jsonl"
+        for r in read_records(path):
+            if "slice_b" in r.slices and "latency_ms" in r.metrics:
+                lat[r.system].append(r.metrics["latency_ms"])
+    assert len(lat["router"]) == 100
+    expected = np.quantile(lat["router"], 0.95) / np.quantile(lat["baseline"], 0.95) - 1
+    assert p95["estimate"] == pytest.approx(expected)
+    assert by[("latency_ms", "slice_a", "mean")]["n"] == 50  # reported slice: same subset
+    assert _decisions(report)["mission_a"]["decision"] == "PROMOTED"
+
+
+def test_a_metric_recorded_for_one_system_only_is_that_missions_error(tmp_path: Path) -> None:
+    a = make_results(tmp_path / "a", em_gain=0.3)
+    path = tmp_path / "a" / "mission_a" / "evaluate" / "seed_0" / "records.jsonl"
+    from bem_tasks.eval.records import read_records
+
+    recs = read_records(path)
+    k = next(i for i, r in enumerate(recs) if r.system == "baseline" and "slice_b" in r.slices)
+    metrics = {m: v for m, v in recs[k].metrics.items() if m != "latency_ms"}
+    recs[k] = ExampleRecord(recs[k].example_id, "baseline", 0, metrics, recs[k].slices)
+    write_records(path, recs)
+    doc, report = run(tmp_path, a, make_mission_c(tmp_path / "c"))
+    assert "unpaired records for 'latency_ms'" in doc["missions"]["mission_a"]["error"]
+    assert _decisions(report)["mission_a"]["decision"] == "ERROR"
+    assert _decisions(report)["mission_c"]["decision"] != "ERROR"
+
+
+def test_one_significance_level(tmp_path: Path) -> None:
     results = make_results(tmp_path, em_gain=0.3)
-    (tmp_path / "mission_a" / "evaluate" / "seed_1" / "records.jsonl").unlink()
-    with pytest.raises(FileNotFoundError, match="seed_1.*wrote no records.jsonl"):
-        run(tmp_path, results)
+    out = tmp_path / "s.json"
+    kw = dict(gates_path=GATES, out_path=out, n_resamples=200)
+    with pytest.raises(ValueError, match=r"confidence = 0.9 .*gates_bem2.yaml:alpha = 0.05.*0.95"):
+        validate_results([results], confidence=0.9, **kw)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"alpha = 0.01 given by .*gates_bem2.yaml:alpha = 0.05"):
+        validate_results([results], confidence=0.95, alpha=0.01, **kw)  # type: ignore[arg-type]
+    doc = validate_results([results], confidence=0.95, alpha=0.05, **kw)  # type: ignore[arg-type]
+    assert doc["settings"]["alpha"] == 0.05 and "two-sided" in doc["settings"]["sidedness"]
+    with pytest.raises(ValueError, match=r"power = 0.9 given by .*gates_bem2.yaml:power = 0.8"):
+        gate_results(out, gates_path=GATES, out_dir=tmp_path / "g", registry_path=tmp_path / "r",
+                     power=0.9)  # fmt: skip
 
 
 def test_cli_stats_gates_report_power(tmp_path: Path, capsys) -> None:

@@ -17,6 +17,7 @@ from bem_tasks.stats import (
     paired_bootstrap,
     plot_forest,
 )
+from bem_tasks.stats.plots import colour_key
 
 
 def _metrics(n: int = 80, seeds: int = 3) -> list[dict[str, Any]]:
@@ -95,8 +96,14 @@ def test_known_answers_against_the_inputs() -> None:
     cl, bl = ms[2]["candidate"].mean(axis=1), ms[2]["baseline"].mean(axis=1)
     assert lat["estimate"] == pytest.approx(cl.mean() / bl.mean() - 1)
     assert lat["ci_low"] < lat["estimate"] < lat["ci_high"]
-    assert p95["estimate"] == pytest.approx(np.quantile(cl, 0.95) / np.quantile(bl, 0.95) - 1)
-    assert p95["candidate_value"] == pytest.approx(np.quantile(cl, 0.95))
+    # quantiles pool every example x seed value (80 x 3 = 240 latencies per system)
+    c_all, b_all = ms[2]["candidate"].ravel(), ms[2]["baseline"].ravel()
+    assert p95["estimate"] == pytest.approx(np.quantile(c_all, 0.95) / np.quantile(b_all, 0.95) - 1)
+    assert p95["candidate_value"] == pytest.approx(np.quantile(c_all, 0.95))
+    assert p95["baseline_value"] == pytest.approx(np.quantile(b_all, 0.95))
+    assert (p95["n"], p95["n_seeds"]) == (80, 3)
+    assert [r["p_value_method"] for r in results] == ["bca_inversion"] * 5
+    assert [r["continuity"] for r in results] == [0.0] * 5
     assert lat["null_value"] == 0.15
     # latency is clearly below +15%, and lower is better: the candidate is not slower by 15%
     assert lat["ci_high"] < 0.15 and lat["p_value"] < 0.05
@@ -137,6 +144,8 @@ def test_constant_metric_is_degenerate_and_identical_metric_is_null() -> None:
     )
     shift, ident = results
     assert (shift["ci_low"], shift["ci_high"], shift["degenerate"]) == (2.0, 2.0, True)
+    assert shift["p_value_method"] == "exact_sign_test"
+    assert shift["p_value"] == pytest.approx(2 * 0.5**20)  # 20 of 20 examples above 0
     assert shift["effect_size_dz"] is None and shift["favours"] == "candidate"
     assert (ident["estimate"], ident["p_value"], ident["favours"]) == (0.0, 1.0, "neither")
 
@@ -158,7 +167,8 @@ def test_favours_respects_direction() -> None:
         ({"candidate": np.ones((80, 2))}, "same shape"),
         ({"statistic": "p200"}, r"mission_a/em\[slice_b\]: statistic must be"),
         ({"family": ""}, "family must be a non-empty string"),
-        ({"null_value": float("nan")}, "null_value must be finite"),
+        ({"null_value": float("nan")}, r"mission_a/em\[slice_b\]: null_value must be a finite"),
+        ({"candidate": np.ones((80, 3)) * 1j}, "candidate: expected real numbers"),
     ],
 )
 def test_bad_metric_input(change: dict[str, Any], match: str) -> None:
@@ -189,6 +199,23 @@ def test_duplicate_comparison_is_rejected() -> None:
     m = _metrics()[0]
     with pytest.raises(ValueError, match=r"metrics\[1\].*already metrics\[0\]"):
         analyze([m, m], n_resamples=200)
+
+
+def test_forest_colour_follows_the_bh_adjusted_decision() -> None:
+    row = {"ci_low": 0.01, "ci_high": 0.05, "null_value": 0.0, "higher_is_better": True,
+           "alpha": 0.05, "p_value": 0.01, "p_adjusted": 0.01}  # fmt: skip
+    assert colour_key(row) == "candidate"
+    # the unadjusted CI excludes 0, but BH does not reject: grey, as the title's BH p says
+    assert colour_key({**row, "p_adjusted": 0.08}) == "neither"
+    assert colour_key({**row, "higher_is_better": False}) == "baseline"
+    # a gated row tests its threshold: significantly below a +1.5 superiority threshold is red
+    assert colour_key({**row, "null_value": 1.5, "ci_low": 0.2, "ci_high": 1.0}) == "baseline"
+    # a stricter alpha recorded with the result is the one used
+    assert colour_key({**row, "alpha": 0.005}) == "neither"
+    # on real results: colour agrees with `significant` and the side of the null
+    for r in analyze(_metrics(), n_resamples=300):
+        if not r["significant"]:
+            assert colour_key(r) == "neither"
 
 
 def test_forest_plot_writes_a_png(tmp_path: Path) -> None:

@@ -135,8 +135,25 @@ def test_constant_differences_give_a_degenerate_interval() -> None:
         assert paired_bca(np.full((8, 3), -2.5), method=method) == (-2.5, -2.5)
     r = paired_bootstrap(np.zeros(12))
     assert (r.low, r.high, r.p_value, r.degenerate) == (0.0, 0.0, 1.0, True)
-    r = paired_bootstrap(np.ones(12), n_resamples=999)
-    assert r.p_value == pytest.approx(1 / 1000)  # constant non-zero: the bootstrap's floor
+
+
+@pytest.mark.parametrize("method", ["fast", "scipy"])
+def test_degenerate_bootstrap_uses_the_exact_sign_test(method: str) -> None:
+    # n=3 identical differences: the bootstrap floor would say p = 1/(B+1); the exact two-sided
+    # sign test says 2 * 0.5**3 = 0.25.
+    r = paired_bootstrap(np.full(3, 2.0), null_value=1.5, n_resamples=999, method=method)
+    assert (r.low, r.high, r.degenerate) == (2.0, 2.0, True)
+    assert r.p_value == pytest.approx(0.25)
+    r = paired_bootstrap(np.ones(12), n_resamples=999, method=method)
+    assert r.p_value == pytest.approx(2 * 0.5**12)
+    assert r.p_value == pytest.approx(sps.binomtest(12, 12).pvalue)
+    # paired arrays: the residual is c_i - b_i - null per example (seed means)
+    base = np.arange(20.0).reshape(10, 2)
+    r = paired_bootstrap(base + 1.0, base, null_value=0.5, n_resamples=500, method=method)
+    assert r.degenerate and r.p_value == pytest.approx(2 * 0.5**10)
+    # on the null itself every residual is a tie: p = 1
+    r = paired_bootstrap(base + 1.0, base, null_value=1.0, n_resamples=500, method=method)
+    assert r.p_value == 1.0
 
 
 def test_pvalue_is_consistent_with_the_interval() -> None:
@@ -162,7 +179,7 @@ def test_pvalue_known_answers() -> None:
     symmetric = np.concatenate([np.linspace(-1, 1, 31), -np.linspace(-1, 1, 31)])
     assert paired_bootstrap(symmetric, n_resamples=2000).p_value > 0.9
     far = np.random.default_rng(0).normal(5.0, 1.0, 40)
-    assert paired_bootstrap(far, n_resamples=999).p_value == pytest.approx(1 / 1000)
+    assert paired_bootstrap(far, n_resamples=999).p_value == pytest.approx(1 / 1000)  # the floor
 
 
 @pytest.mark.parametrize(
@@ -176,6 +193,7 @@ def test_pvalue_known_answers() -> None:
         (np.zeros((4, 0)), "at least one seed column"),
         (np.array(["a", "b"]), "expected an array of numbers"),
         (5.0, r"got shape \(\)"),
+        (np.array([1.0 + 2.0j, 2.0, 3.0]), "expected real numbers, got complex values"),
     ],
 )
 def test_bad_input_raises_a_clear_value_error(value: object, match: str) -> None:
@@ -185,7 +203,7 @@ def test_bad_input_raises_a_clear_value_error(value: object, match: str) -> None
 
 def test_bad_options_raise() -> None:
     d = _skewed(20, 0)
-    with pytest.raises(ValueError, match="confidence must be in"):
+    with pytest.raises(ValueError, match="confidence must be a number in"):
         paired_bca(d, confidence=1.0)
     with pytest.raises(ValueError, match="n_resamples must be an integer >= 100"):
         paired_bca(d, n_resamples=10)
@@ -195,5 +213,157 @@ def test_bad_options_raise() -> None:
         paired_bootstrap(np.ones(5), np.ones(6))
     with pytest.raises(ValueError, match="positive baseline mean"):
         paired_bootstrap(np.ones(5), np.zeros(5), relative=True)
+    with pytest.raises(ValueError, match="non-negative baseline values, got a minimum of -1"):
+        paired_bootstrap(np.ones(5), np.array([-1.0, 2, 3, 4, 5]), relative=True)
     with pytest.raises(ValueError, match="statistic must be"):
         paired_bootstrap(np.arange(5.0), np.arange(5.0), statistic="p100")
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"null_value": float("nan")}, "null_value must be a finite number, got nan"),
+        ({"null_value": float("inf")}, "null_value must be a finite number, got inf"),
+        ({"null_value": "0.1"}, "null_value must be a finite number, got '0.1'"),
+        ({"n_resamples": 1000.5}, "n_resamples must be an integer >= 100, got 1000.5"),
+        ({"n_resamples": 1000.0}, "n_resamples must be an integer >= 100, got 1000.0"),
+        ({"n_resamples": "1000"}, "n_resamples must be an integer >= 100, got '1000'"),
+        ({"n_resamples": None}, "n_resamples must be an integer >= 100, got None"),
+        ({"n_resamples": True}, "n_resamples must be an integer"),
+        ({"seed": None}, "seed must be a non-negative integer .*reproducible.*got None"),
+        ({"seed": -1}, "seed must be a non-negative integer"),
+        ({"seed": 1.5}, "seed must be a non-negative integer"),
+        ({"confidence": float("nan")}, "confidence must be a number in"),
+    ],
+)
+def test_bad_options_are_value_errors(options: dict[str, object], match: str) -> None:
+    d = _skewed(20, 0)
+    with pytest.raises(ValueError, match=match):
+        paired_bootstrap(d, **options)  # type: ignore[arg-type]
+
+
+def test_numpy_integer_options_are_accepted() -> None:
+    d = _skewed(20, 0)
+    a = paired_bootstrap(d, n_resamples=np.int64(500), seed=np.int32(3))  # type: ignore[arg-type]
+    assert (a.low, a.high) == paired_bca(d, n_resamples=500, seed=3)
+
+
+# ---------------------------------------------------------------- pooled quantiles with seeds
+
+
+def _tail_only_under_one_seed(n: int = 200, seeds: int = 5, slow: float = 1.27) -> tuple:
+    """Latencies where every seed's p95 is +27% but each slow example is slow under one seed.
+
+    Per seed a different 10% of the examples is slow (example i under seed (i % 10) / 2 when
+    i % 10 is even), so averaging seeds first turns +27% into +27% / 5 and hides the tail.
+    """
+    i = np.arange(n)[:, None]
+    j = np.arange(seeds)[None, :]
+    base = 100.0 + 0.1 * (i % 7) + 0.01 * j
+    cand = np.where(i % 10 == 2 * j, base * slow, base)
+    return cand, base
+
+
+def test_every_seeds_p95_is_slower_and_the_pooled_statistic_says_so() -> None:
+    cand, base = _tail_only_under_one_seed()
+    per_seed = np.quantile(cand, 0.95, axis=0) / np.quantile(base, 0.95, axis=0) - 1
+    assert np.all(per_seed > 0.26)  # every seed fails a +15% gate by far
+    seed_means = np.quantile(cand.mean(1), 0.95) / np.quantile(base.mean(1), 0.95) - 1
+    assert seed_means < 0.06  # what averaging the seeds first would have reported
+    r = paired_bootstrap(
+        cand, base, statistic="p95", relative=True, null_value=0.15, n_resamples=1000
+    )
+    assert r.estimate == pytest.approx(np.quantile(cand, 0.95) / np.quantile(base, 0.95) - 1)
+    assert r.estimate > 0.26 and r.low > 0.15  # the CI lies entirely above +15%
+    assert r.n == 200  # examples are still the resampled units
+
+
+@pytest.mark.parametrize("statistic", ["median", "p95"])
+@pytest.mark.parametrize("relative", [False, True])
+def test_fast_equals_scipy_for_pooled_quantiles_with_seeds(statistic: str, relative: bool) -> None:
+    rng = np.random.default_rng(12)
+    base = rng.lognormal(3.0, 0.4, size=(70, 1)) * rng.lognormal(0.0, 0.2, size=(70, 3))
+    cand = base * rng.lognormal(0.05, 0.2, size=(70, 3))
+    kw = dict(statistic=statistic, relative=relative, n_resamples=2000, seed=5)
+    fast = paired_bootstrap(cand, base, **kw)  # type: ignore[arg-type]
+    ref = paired_bootstrap(cand, base, method="scipy", **kw)  # type: ignore[arg-type]
+    np.testing.assert_allclose([fast.low, fast.high], [ref.low, ref.high], rtol=1e-10)
+    np.testing.assert_allclose(fast.p_value, ref.p_value, rtol=1e-8)
+    assert fast.estimate == ref.estimate
+
+
+def test_pooled_quantile_matches_a_direct_scipy_call_on_example_indices() -> None:
+    rng = np.random.default_rng(13)
+    cand = rng.gamma(3.0, 1.0, size=(40, 4))
+    base = rng.gamma(3.0, 1.0, size=(40, 4))
+
+    def pooled_p90_diff(ix: np.ndarray, axis: int = -1) -> np.ndarray:
+        ix = np.moveaxis(ix, axis, -1)
+        c = cand[ix].reshape(*ix.shape[:-1], -1)
+        b = base[ix].reshape(*ix.shape[:-1], -1)
+        return np.quantile(c, 0.9, axis=-1) - np.quantile(b, 0.9, axis=-1)
+
+    ref = sps.bootstrap((np.arange(40),), pooled_p90_diff, n_resamples=1500, rng=2, method="BCa")
+    ours = paired_bootstrap(cand, base, statistic="p90", n_resamples=1500, seed=2)
+    np.testing.assert_allclose(
+        [ours.low, ours.high], [ref.confidence_interval.low, ref.confidence_interval.high],
+        rtol=1e-10,
+    )  # fmt: skip
+
+
+def test_leave_one_example_out_pooled_quantile_matches_brute_force() -> None:
+    x = np.random.default_rng(6).normal(size=(23, 3))
+    x[4, 1] = x[7, 2]  # ties across examples
+    for q in (0.05, 0.5, 0.95):
+        brute = [np.quantile(np.delete(x, i, axis=0), q) for i in range(x.shape[0])]
+        np.testing.assert_allclose(bs._loo_quantile(x, q), brute, rtol=1e-12, atol=1e-12)
+
+
+def test_pooled_quantile_of_count_rows_matches_expanded_resamples() -> None:
+    rng = np.random.default_rng(7)
+    n, k = 300, 3
+    x = rng.normal(size=(n, 1)) + 0.3 * rng.normal(size=(n, k))  # seeds correlated in an example
+    idx = rng.integers(0, n, (25, n))
+    counts = np.stack([np.bincount(r, minlength=n) for r in idx]).astype(float)
+    counts[0] = 0.0
+    counts[0, np.argmax(x.max(axis=1))] = n  # far outside the window: the full path
+    expanded = [np.repeat(x, c.astype(int), axis=0).ravel() for c in counts]
+    for q in (0.05, 0.5, 0.95):
+        qc = bs._QuantileColumn(x, q)
+        assert qc.hi - qc.lo < n * k
+        got = qc.rows(counts, counts @ qc.below)
+        np.testing.assert_allclose(got, [np.quantile(e, q) for e in expanded], rtol=1e-12)
+
+
+# ---------------------------------------------------------------- zero baselines
+
+
+def test_rare_zero_one_baseline_has_a_defined_relative_change() -> None:
+    # 3 violations in 200 for the baseline, 1 for the candidate: about 5% of resamples have no
+    # baseline violation, where the plain ratio is undefined.
+    base = np.zeros(200)
+    base[[10, 70, 150]] = 1.0
+    cand = np.zeros(200)
+    cand[70] = 1.0
+    h = 1.0 / (2 * 200)  # half an event over 200 examples
+    for method in ("fast", "scipy"):
+        r = paired_bootstrap(
+            cand, base, relative=True, null_value=-0.30, n_resamples=2000, seed=1, method=method
+        )
+        assert r.continuity == h
+        assert r.estimate == pytest.approx((1 / 200 + h) / (3 / 200 + h) - 1)  # -57%, not -67%
+        assert np.isfinite([r.low, r.high, r.p_value]).all()
+        assert r.low < -0.30 < r.high  # 3 -> 1 events cannot show a 30% reduction
+    # The same statistic everywhere: the first resamples by hand.
+    idx = np.random.default_rng(1).integers(0, 200, (5, 200))
+    by_hand = (cand[idx].mean(1) + h) / (base[idx].mean(1) + h) - 1
+    stat = bs.PairedStatistic(cand[:, None], base[:, None], relative=True)
+    (dist,) = bs.bootstrap_distributions([stat], 5, 1)
+    np.testing.assert_allclose(dist, by_hand, rtol=1e-12)
+
+
+def test_no_correction_without_zero_baselines() -> None:
+    rng = np.random.default_rng(9)
+    base = rng.lognormal(3.0, 0.3, 50)
+    r = paired_bootstrap(base * 1.1, base, relative=True, n_resamples=500)
+    assert r.continuity == 0.0 and r.estimate == pytest.approx(0.1)
