@@ -363,9 +363,12 @@ class _QuantileColumn:
         self.k0 = int(np.floor(h))
         self.k1 = min(self.k0 + 1, big_n - 1)
         self.frac = h - self.k0
-        # An example's k cells move together, so the sd of the count below a position is at most
-        # k binomial sds over the n examples.
-        margin = int(10 * k * np.sqrt(n * q * (1 - q))) + 2 + k
+        # A resample's count of cells below the target rank is sum_i c_i m_i (m_i: example i's
+        # cells below it, c_i multinomial(n, 1/n)); its variance is sum m_i^2 - (sum m_i)^2 / n,
+        # which for one seed is the binomial n q (1 - q).
+        m = np.bincount(self.owner[self.order[: self.k0]], minlength=n).astype(np.float64)
+        sd = float(np.sqrt(max(float(m @ m) - float(m.sum()) ** 2 / n, 0.0)))
+        margin = int(10 * sd) + 2 + k
         self.lo = max(0, self.k0 - margin)
         self.hi = min(big_n, self.k1 + margin + 1)
         self.window = self.owner[self.order[self.lo : self.hi]]

@@ -10,10 +10,14 @@ import pytest
 
 from bem_tasks.eval.records import ExampleRecord, write_records
 from bem_tasks.fleet.promotion import gate_results, validate_results
+from bem_tasks.gates import load_gates
 from bem_tasks.io import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[2]
 GATES = ROOT / "configs" / "gates_bem2.yaml"
+# Mission A's gated metrics by gate name (the mission defines them; these tests feed them)
+A_METRIC = {g.name: g.metric for g in load_gates(GATES).missions["mission_a"].gates}
+LAT, PLAN, KV = A_METRIC["latency_p95"], A_METRIC["plan_length"], A_METRIC["kv_hit_ratio"]
 
 
 def write_results(tmp_path: Path, mission: str, records: dict[int, list[ExampleRecord]]) -> Path:
@@ -40,11 +44,11 @@ def write_results(tmp_path: Path, mission: str, records: dict[int, list[ExampleR
 
 
 def make_results(
-    tmp_path: Path, *, em_gain: float, n: int = 150, seeds=(0, 1), latency_on=None
+    tmp_path: Path, *, em_gain: float, n: int = 200, seeds=(0, 1), latency_on=None
 ) -> Path:
     """A mission_a results.json whose evaluate phase wrote records for router and baseline.
 
-    ``latency_on(i)`` says which examples carry latency_ms (default: all).
+    ``latency_on(i)`` says which examples carry the gated latency metric (default: all).
     """
     rng = np.random.default_rng(0)
     by_seed: dict[int, list[ExampleRecord]] = {}
@@ -55,7 +59,7 @@ def make_results(
                 base_em = float(rng.random() < 0.4) * 100
                 router_em = 100.0 if rng.random() < em_gain else base_em
                 lat = float(rng.lognormal(2.0, 0.2))
-                common = {"plan_length": 3.0, "flip_rate": 0.1}
+                common = {PLAN: 3.0, "flip_rate": 0.1}
                 timed = latency_on is None or latency_on(i)
                 recs += [
                     ExampleRecord(
@@ -65,8 +69,8 @@ def make_results(
                         {
                             "em": router_em,
                             "f1": router_em,
-                            **({"latency_ms": lat * 1.01} if timed else {}),
-                            "kv_hit_ratio": 0.7,
+                            **({LAT: lat * 1.01} if timed else {}),
+                            KV: 0.7,
                             **common,
                         },
                         (slice_tag,),
@@ -78,8 +82,8 @@ def make_results(
                         {
                             "em": base_em,
                             "f1": base_em,
-                            **({"latency_ms": lat} if timed else {}),
-                            "kv_hit_ratio": 0.3,
+                            **({LAT: lat} if timed else {}),
+                            KV: 0.3,
                             **common,
                         },
                         (slice_tag,),
@@ -132,7 +136,7 @@ def test_clear_win_is_promoted_and_registered(tmp_path: Path) -> None:
     doc, report = run(tmp_path, make_results(tmp_path, em_gain=0.3))
     by = {(r["metric"], r["slice"], r["statistic"]): r for r in doc["results"]}
     em = by[("em", "slice_b", "mean")]
-    assert em["family"] == "performance" and em["n"] == 150 and em["n_seeds"] == 2
+    assert em["family"] == "performance" and em["n"] == 200 and em["n_seeds"] == 2
     assert em["ci_low"] > 1.5  # ~ +18 points
     assert by[("flip_rate", "slice_a", "mean")]["family"] == "reported"
     (decision,) = report["decisions"]
@@ -185,12 +189,12 @@ def test_rare_zero_one_baseline_does_not_stop_the_statistics(tmp_path: Path) -> 
 
 
 def test_a_metric_recorded_on_some_examples_is_paired_on_those(tmp_path: Path) -> None:
-    results = make_results(tmp_path, em_gain=0.3, latency_on=lambda i: i % 3 == 0)
+    results = make_results(tmp_path, em_gain=0.3, latency_on=lambda i: i % 4 == 0)
     doc, report = run(tmp_path, results)
     assert "error" not in doc["missions"]["mission_a"]
     by = {(r["metric"], r["slice"], r["statistic"]): r for r in doc["results"]}
-    assert by[("em", "slice_b", "mean")]["n"] == 150
-    p95 = by[("latency_ms", "slice_b", "p95")]
+    assert by[("em", "slice_b", "mean")]["n"] == 200
+    p95 = by[(LAT, "slice_b", "p95")]
     assert (p95["n"], p95["n_seeds"]) == (50, 2)
     # known answer: the pooled p95 of the 50 timed examples x 2 seeds, read back from the records
     from bem_tasks.eval.records import read_records
@@ -199,13 +203,17 @@ def test_a_metric_recorded_on_some_examples_is_paired_on_those(tmp_path: Path) -
     for seed in (0, 1):
         path = tmp_path / "mission_a" / "evaluate" / f"seed_{seed}" / "records.jsonl"
         for r in read_records(path):
-            if "slice_b" in r.slices and "latency_ms" in r.metrics:
-                lat[r.system].append(r.metrics["latency_ms"])
+            if "slice_b" in r.slices and LAT in r.metrics:
+                lat[r.system].append(r.metrics[LAT])
     assert len(lat["router"]) == 100
     expected = np.quantile(lat["router"], 0.95) / np.quantile(lat["baseline"], 0.95) - 1
     assert p95["estimate"] == pytest.approx(expected)
-    assert by[("latency_ms", "slice_a", "mean")]["n"] == 50  # reported slice: same subset
-    assert _decisions(report)["mission_a"]["decision"] == "PROMOTED"
+    assert by[(LAT, "slice_a", "mean")]["n"] == 50  # reported slice: same subset
+    # 50 timed examples are too few for a p95 gate (10 expected beyond p95 needs 200)
+    gates = {g["gate"]: g for g in _decisions(report)["mission_a"]["gates"]}
+    assert gates["latency_p95"]["status"] == "too_few_examples"
+    assert gates["latency_p50"]["status"] == "passed" and gates["em_gain"]["status"] == "passed"
+    assert _decisions(report)["mission_a"]["decision"] == "INSUFFICIENT_EVIDENCE"
 
 
 def test_a_metric_recorded_for_one_system_only_is_that_missions_error(tmp_path: Path) -> None:
@@ -215,11 +223,11 @@ def test_a_metric_recorded_for_one_system_only_is_that_missions_error(tmp_path: 
 
     recs = read_records(path)
     k = next(i for i, r in enumerate(recs) if r.system == "baseline" and "slice_b" in r.slices)
-    metrics = {m: v for m, v in recs[k].metrics.items() if m != "latency_ms"}
+    metrics = {m: v for m, v in recs[k].metrics.items() if m != LAT}
     recs[k] = ExampleRecord(recs[k].example_id, "baseline", 0, metrics, recs[k].slices)
     write_records(path, recs)
     doc, report = run(tmp_path, a, make_mission_c(tmp_path / "c"))
-    assert "unpaired records for 'latency_ms'" in doc["missions"]["mission_a"]["error"]
+    assert f"unpaired records for '{LAT}'" in doc["missions"]["mission_a"]["error"]
     assert _decisions(report)["mission_a"]["decision"] == "ERROR"
     assert _decisions(report)["mission_c"]["decision"] != "ERROR"
 
@@ -298,7 +306,7 @@ def test_reported_metrics_follow_the_gates_direction(tmp_path: Path) -> None:
     doc, _ = run(tmp_path, make_results(tmp_path, em_gain=0.3))
     by = {(r["metric"], r["slice"], r["statistic"]): r for r in doc["results"]}
     # latency is gated `<=` on slice_b, so on slice_a (reported only) lower is better too
-    assert by[("latency_ms", "slice_a", "mean")]["higher_is_better"] is False
+    assert by[(LAT, "slice_a", "mean")]["higher_is_better"] is False
     assert by[("em", "slice_a", "mean")]["higher_is_better"] is True
     # flip_rate has no gate; the gates file declares it lower-is-better
     assert by[("flip_rate", "slice_a", "mean")]["higher_is_better"] is False

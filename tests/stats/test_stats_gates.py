@@ -29,6 +29,10 @@ from bem_tasks.stats.power import achieved_power, n_for_margin
 
 ROOT = Path(__file__).resolve().parents[2]
 GATES_FILE = ROOT / "configs" / "gates_bem2.yaml"
+# Mission A's gated metrics by gate name: the gates are defined by the mission (e.g. latency per
+# generated token), the statistics tests only need to feed them.
+A_METRIC = {g.name: g.metric for g in load_gates(GATES_FILE).missions["mission_a"].gates}
+LAT, PLAN, KV = A_METRIC["latency_p95"], A_METRIC["plan_length"], A_METRIC["kv_hit_ratio"]
 
 
 # ---------------------------------------------------------------- the shipped gates file
@@ -39,13 +43,10 @@ def test_shipped_gates_cover_every_mission_target() -> None:
     assert sorted(cfg.missions) == [f"mission_{m}" for m in "abcde"]
     names = {m: {g.name: g for g in mg.gates} for m, mg in cfg.missions.items()}
     a = names["mission_a"]
-    assert {g.metric for g in a.values()} == {
-        "em",
-        "f1",
-        "latency_ms",
-        "plan_length",
-        "kv_hit_ratio",
-    }
+    assert set(a) == {"em_gain", "f1_gain", "latency_p50", "latency_p95", "plan_length",
+                      "kv_hit_ratio"}  # fmt: skip
+    assert (a["em_gain"].metric, a["f1_gain"].metric) == ("em", "f1")
+    assert a["latency_p50"].metric == a["latency_p95"].metric == LAT
     # em / f1 are per-example points (0..100), so +1.5 points is 1.5
     assert (a["em_gain"].kind, a["em_gain"].op, a["em_gain"].threshold) == (
         "superiority",
@@ -96,13 +97,12 @@ def test_analysis_specs_test_the_gate_thresholds() -> None:
     specs = analysis_specs(cfg, "mission_a")
     by = {(s["metric"], s["statistic"]): s for s in specs}
     assert set(by) == {
-        ("em", "mean"), ("f1", "mean"), ("latency_ms", "p50"), ("latency_ms", "p95"),
-        ("kv_hit_ratio", "mean"),
+        ("em", "mean"), ("f1", "mean"), (LAT, "p50"), (LAT, "p95"), (KV, "mean"),
     }  # fmt: skip
     assert by[("em", "mean")]["null_value"] == 1.5
-    assert by[("kv_hit_ratio", "mean")]["relative"] is True
-    assert by[("latency_ms", "p95")] == {
-        "mission": "mission_a", "metric": "latency_ms", "slice": "slice_b", "family": "system",
+    assert by[(KV, "mean")]["relative"] is True
+    assert by[(LAT, "p95")] == {
+        "mission": "mission_a", "metric": LAT, "slice": "slice_b", "family": "system",
         "relative": True, "statistic": "p95", "higher_is_better": False, "null_value": 0.15,
     }  # fmt: skip
     with pytest.raises(ValueError, match="no gates for mission 'nope'"):
@@ -244,8 +244,8 @@ def _mission_a_data(
     return {
         "em": (100 * em_c, 100 * em_b),
         "f1": (100 * f1_c, 100 * f1_b),
-        "latency_ms": (lat_c, lat_b),
-        "kv_hit_ratio": (kv_c, kv_b),
+        LAT: (lat_c, lat_b),
+        KV: (kv_c, kv_b),
     }
 
 
@@ -261,7 +261,7 @@ def _run_mission_a(
 
 
 def test_end_to_end_promoted_and_rejected() -> None:
-    props = {"plan_length": np.full(300, 3)}
+    props = {PLAN: np.full(300, 3)}
     good, results = _run_mission_a(_mission_a_data(300, em_gain=0.2, slow=0.01), props)
     assert good.decision == "PROMOTED", render_report_md([good])
     slow, _ = _run_mission_a(_mission_a_data(300, em_gain=0.2, slow=0.4), props)
@@ -270,13 +270,13 @@ def test_end_to_end_promoted_and_rejected() -> None:
     leaky, _ = _run_mission_a(_mission_a_data(300, 0.2, 0.01, kv_gain=-0.1), props)
     assert leaky.decision == "REJECTED"
     assert {o.gate for o in leaky.gates if o.status == "failed"} == {"kv_hit_ratio"}
-    too_long = {"plan_length": np.r_[np.full(299, 3), 4]}
+    too_long = {PLAN: np.r_[np.full(299, 3), 4]}
     assert _run_mission_a(_mission_a_data(300, 0.2, 0.01), too_long)[0].decision == "REJECTED"
     json.dumps(good.to_json(), allow_nan=False)
 
 
 def test_report_lists_every_gate_and_reported_only_results(tmp_path: Path) -> None:
-    props = {"plan_length": np.full(100, 2)}
+    props = {PLAN: np.full(100, 2)}
     decision, results = _run_mission_a(_mission_a_data(100, em_gain=0.02, slow=0.0), props)
     rng = np.random.default_rng(1)
     extra = analyze(
@@ -354,6 +354,14 @@ def test_concurrent_promotions_lose_nothing(tmp_path: Path) -> None:
 def test_too_few_examples_is_insufficient_evidence_whatever_the_ci() -> None:
     small = SUP.model_copy(update={"min_examples": 40})
     assert SUP.required_examples == 30 and small.required_examples == 40
+    # a quantile also needs 10 examples expected beyond it
+    p95 = NI.model_copy(update={"statistic": "p95"})
+    assert (
+        p95.required_examples,
+        NI.model_copy(update={"statistic": "median"}).required_examples,
+    ) == (200, 30)
+    d = evaluate_gates("m", _cfg(p95), [_res(p95, 0.01, -0.02, 0.04, 0.001, n=199)])
+    assert d.gates[0].status == "too_few_examples" and "min_examples = 200" in d.gates[0].reason
     clear_win = _res(small, 0.05, 0.03, 0.07, 0.001, n=39)
     d = evaluate_gates("m", _cfg(small), [clear_win])
     assert d.decision == "INSUFFICIENT_EVIDENCE" and d.gates[0].status == "too_few_examples"
@@ -417,8 +425,8 @@ def test_every_seed_slower_at_p95_is_rejected_with_the_shipped_gates() -> None:
     assert np.all(per_seed > 0.26)
     data = _mission_a_data(n, em_gain=0.3, slow=0.0)
     data = {k: (c[:, :1].repeat(seeds, 1), b[:, :1].repeat(seeds, 1)) for k, (c, b) in data.items()}
-    data["latency_ms"] = (lat_c, lat_b)
-    d, results = _run_mission_a(data, {"plan_length": np.full(n, 3)})
+    data[LAT] = (lat_c, lat_b)
+    d, results = _run_mission_a(data, {PLAN: np.full(n, 3)})
     p95 = next(o for o in d.gates if o.gate == "latency_p95")
     assert p95.status == "failed" and p95.observed is not None and p95.observed > 0.26
     assert d.decision == "REJECTED"

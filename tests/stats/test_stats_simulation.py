@@ -5,9 +5,15 @@ Fixed seeds, sized to run in seconds on 2 cores through the fast path.
 
 from __future__ import annotations
 
-import numpy as np
+from typing import Any
 
+import numpy as np
+import pytest
+from scipy.stats import norm
+
+from bem_tasks.gates import Gate, GatesConfig, MissionGates, analysis_specs, evaluate_gates
 from bem_tasks.stats import MetricData, analyze, paired_bca
+from bem_tasks.stats.statistic import parse_statistic
 
 
 def test_bca_coverage_is_nominal_under_a_true_effect() -> None:
@@ -59,3 +65,127 @@ def test_bh_false_discovery_proportion_is_controlled() -> None:
     assert np.mean(fdp) <= 0.05, np.mean(fdp)
     # and the procedure is not vacuous: with 80% power per test most effects are found
     assert np.mean(discoveries_of_effects) >= 6.0
+
+
+# ---------------------------------------------------------------- seeds, quantiles, small n
+#
+# Latency-like data with a known truth: log latency = 3 + example effect (sd 0.3) + seed noise
+# (sd 0.1) for the baseline; the candidate adds delta + its own noise (sd `su`) per example and
+# seed. Every cell is lognormal, so the pooled (example x seed) quantile of each system and the
+# mean are known in closed form, and so is the relative change the gates test.
+SA, SS = 0.3, 0.1
+
+
+def _latencies(
+    rng: np.random.Generator, n: int, seeds: int, delta: float, su: float
+) -> tuple[np.ndarray, np.ndarray]:
+    log_b = 3.0 + rng.normal(0, SA, (n, 1)) + rng.normal(0, SS, (n, seeds))
+    return np.exp(log_b + delta + rng.normal(0, su, (n, seeds))), np.exp(log_b)
+
+
+def _true_relative(statistic: str, delta: float, su: float) -> float:
+    sd_b = np.sqrt(SA**2 + SS**2)
+    sd_c = np.sqrt(SA**2 + SS**2 + su**2)
+    if statistic == "mean":
+        return float(np.exp(delta + (sd_c**2 - sd_b**2) / 2) - 1)
+    z = norm.ppf(parse_statistic(statistic))
+    return float(np.exp(delta + z * (sd_c - sd_b)) - 1)
+
+
+def test_coverage_of_relative_mean_and_pooled_quantiles_with_seeds() -> None:
+    # n = 500 examples x 3 seeds, relative change of the mean, the median and the p95 of the
+    # pooled example x seed latencies. Target: coverage 95% +- 1.5%. With 800 replications the
+    # binomial SE of an observed coverage is sqrt(.95 * .05 / 800) = 0.0077, so the band allows
+    # the target's 1.5% plus 2 SE: [0.92, 0.98]. The replications of one statistic share one set
+    # of bootstrap draws (as the metrics of one run do); the data differ in every replication.
+    reps, n, seeds, delta, su = 800, 500, 3, 0.05, 0.3
+    stats = ("mean", "median", "p95")
+    truth = {s: _true_relative(s, delta, su) for s in stats}
+    rng = np.random.default_rng(31)
+    metrics = []
+    for r in range(reps):
+        cand, base = _latencies(rng, n, seeds, delta, su)
+        for s in stats:
+            metrics.append(
+                MetricData(f"rep{r}", "latency_ms", "slice_b", "system", cand, base,
+                           higher_is_better=False, relative=True, statistic=s)
+            )  # fmt: skip
+    results = analyze(metrics, n_resamples=500, seed=5)
+    for s in stats:
+        rows = [x for x in results if x["statistic"] == s]
+        assert len(rows) == reps and all(x["n_seeds"] == seeds for x in rows)
+        coverage = np.mean([x["ci_low"] <= truth[s] <= x["ci_high"] for x in rows])
+        assert 0.92 <= coverage <= 0.98, (s, coverage)
+
+
+def _gate_config(gate: Gate, missions: int) -> GatesConfig:
+    mg = MissionGates(candidate="c", baseline="b", families=[gate.family], gates=[gate])
+    return GatesConfig(missions={f"rep{r}": mg for r in range(missions)})
+
+
+def _promotion_rate(gate: Gate, reps: int, make: Any, seed: int = 0) -> tuple[float, int]:
+    """Share of replications PROMOTED, and the number of examples, through analyze + gates."""
+    cfg = _gate_config(gate, reps)
+    specs = []
+    for r in range(reps):
+        cand, base = make()
+        specs += [{**spec, "mission": f"rep{r}", "candidate": cand, "baseline": base}
+                  for spec in analysis_specs(cfg, f"rep{r}")]  # fmt: skip
+    results = analyze(specs, n_resamples=500, seed=seed)
+    decisions = [evaluate_gates(f"rep{r}", cfg, results).decision for r in range(reps)]
+    return decisions.count("PROMOTED") / reps, int(np.shape(specs[0]["candidate"])[0])
+
+
+MEAN_GAIN = Gate(name="gain", metric="score", kind="superiority", op=">=", threshold=1.5,
+                 family="performance")  # fmt: skip
+P95_LATENCY = Gate(name="p95", metric="latency_ms", kind="non_inferiority", op="<=",
+                   threshold=0.15, relative=True, statistic="p95", family="system")  # fmt: skip
+
+
+def test_false_promotion_rate_on_the_threshold_is_at_most_5_percent() -> None:
+    # The true effect sits exactly on each gate's threshold, so every PROMOTED is false. A gate
+    # passes by chance at most alpha / 2 = 2.5% when the interval is right; the bound asserted
+    # is 5% (about 3 binomial SEs above 2.5% at 300 replications).
+    reps = 300
+    rng = np.random.default_rng(11)
+
+    def scores(n: int) -> Any:
+        def make() -> tuple[np.ndarray, np.ndarray]:
+            base = rng.normal(50, 10, (n, 2))
+            return base + rng.normal(1.5, 4.0, (n, 1)) + rng.normal(0, 2.0, (n, 2)), base
+
+        return make
+
+    # delta such that the true pooled p95 ratio is exactly +15%
+    su = 0.1
+    delta = float(
+        np.log(1.15) - norm.ppf(0.95) * (np.sqrt(SA**2 + SS**2 + su**2) - np.hypot(SA, SS))
+    )
+    assert _true_relative("p95", delta, su) == pytest.approx(0.15)
+
+    def latencies(n: int) -> Any:
+        return lambda: _latencies(rng, n, 2, delta, su)
+
+    for gate, make in (
+        (MEAN_GAIN, scores(5)),  # below min_examples (30): never decided
+        (MEAN_GAIN, scores(30)),
+        (MEAN_GAIN, scores(60)),
+        (P95_LATENCY, latencies(60)),  # below the p95 default (200): never decided
+        (P95_LATENCY, latencies(200)),
+    ):
+        rate, n = _promotion_rate(gate, reps, make)
+        assert rate <= 0.05, (gate.name, n, rate)
+        if n < gate.required_examples:
+            assert rate == 0.0
+    # Without the rule, small samples do promote falsely: p95 of 10 examples x 2 seeds.
+    loose = P95_LATENCY.model_copy(update={"min_examples": 2})
+    rate, _ = _promotion_rate(loose, 200, latencies(10))
+    assert rate > 0.10, rate
+
+
+def test_constant_differences_on_three_examples_are_never_promoted() -> None:
+    # The issue's reproduction: n = 3, a constant +2 against a +1.5 gate, even with the minimum
+    # lowered to 3: the exact sign test gives p = 0.25.
+    loose = MEAN_GAIN.model_copy(update={"min_examples": 3})
+    rate, _ = _promotion_rate(loose, 5, lambda: (np.full(3, 2.0), np.zeros(3)))
+    assert rate == 0.0
