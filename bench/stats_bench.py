@@ -5,8 +5,9 @@ scores, and latency-like metrics analysed as relative changes of the mean and of
 
 * full:  ``bem_tasks.stats.analyze`` (fast BCa: shared draws, closed-form jackknife; plus p-values,
          BH within families and effect sizes) with 10,000 resamples;
-* naive: ``scipy.stats.bootstrap(..., method="BCa")`` once per metric on the same per-example
-         (seed-mean) data with the same seed and resamples.
+* naive: ``scipy.stats.bootstrap(..., method="BCa")`` once per metric on the same data with the
+         same seed and resamples: per-example seed means for means, and for the p95 the pooled
+         example x seed latencies of the resampled examples (scipy resamples example indices).
 
 Prints both times, the ratio and the largest difference between the two sets of CI bounds (also
 in units of the bootstrap standard error, the scale of the Monte Carlo error). Not a test; run:
@@ -60,19 +61,26 @@ def make_metrics(n: int, seeds: int, count: int, rng: np.random.Generator) -> li
 
 
 def naive_ci(spec: dict[str, Any], n_resamples: int, seed: int) -> tuple[float, float]:
-    """scipy.stats.bootstrap on the per-example seed means: the path analyze() replaces."""
-    c = np.asarray(spec["candidate"]).mean(axis=1)
-    b = np.asarray(spec["baseline"]).mean(axis=1)
+    """scipy.stats.bootstrap computing what analyze() computes, the path analyze() replaces."""
+    cand, base = np.asarray(spec["candidate"]), np.asarray(spec["baseline"])
+    c, b = cand.mean(axis=1), base.mean(axis=1)
     if not spec.get("relative"):
         res = sps.bootstrap((c - b,), np.mean, n_resamples=n_resamples, rng=seed, method="BCa")
-    else:
-        q = 0.95 if spec.get("statistic") == "p95" else None
+    elif spec.get("statistic") == "p95":
+        # quantiles pool every seed of the resampled examples: resample example indices
+        def pooled(ix: np.ndarray, axis: int = -1) -> np.ndarray:
+            ix = np.moveaxis(ix, axis, -1)
+            tc = np.quantile(cand[ix].reshape(*ix.shape[:-1], -1), 0.95, axis=-1)
+            tb = np.quantile(base[ix].reshape(*ix.shape[:-1], -1), 0.95, axis=-1)
+            return tc / tb - 1.0
 
-        def t(x: np.ndarray, axis: int) -> np.ndarray:
-            return np.mean(x, axis=axis) if q is None else np.quantile(x, q, axis=axis)
+        res = sps.bootstrap(
+            (np.arange(c.shape[0]),), pooled, n_resamples=n_resamples, rng=seed, method="BCa"
+        )
+    else:
 
         def ratio(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
-            return t(x, axis) / t(y, axis) - 1.0
+            return np.mean(x, axis=axis) / np.mean(y, axis=axis) - 1.0
 
         res = sps.bootstrap(
             (c, b), ratio, paired=True, n_resamples=n_resamples, rng=seed, method="BCa"
