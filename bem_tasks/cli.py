@@ -225,9 +225,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    """Validate data files against a suite's row schema; several files are also checked for
-    examples shared between them (the splits of one suite must be disjoint)."""
-    from bem_tasks.data import SUITES, check_disjoint
+    """Validate data files against a suite's row schema, then check that no two rows (in one
+    file or across files: the splits of one suite must be disjoint) share a content key, i.e.
+    are the same problem however their text is ordered. Each overlap is listed as file:line of
+    both rows."""
+    from bem_tasks.data import SUITES
+    from bem_tasks.data.splits import find_overlaps
 
     by_mission = {f"mission_{s.mission.lower()}": s for s in SUITES.values()}
     suite = SUITES[args.suite] if args.suite else by_mission.get(args.mission or "")
@@ -236,9 +239,18 @@ def cmd_data(args: argparse.Namespace) -> int:
     rows = {path: suite.read(path) for path in args.files}  # DataFileError names file:line
     for path, items in rows.items():
         print(f"OK  {path}: {len(items)} {suite.row.__name__} rows ({suite.name} suite)")
+    overlaps = find_overlaps(rows)  # positions are line numbers: read_jsonl allows no blanks
+    for key, first, again in overlaps:
+        print(f"OVERLAP  {again} has the content of {first}: {key}", file=sys.stderr)
+    if overlaps:
+        raise ValueError(
+            f"splits overlap: {len(overlaps)} row(s) share content with an earlier row "
+            "(listed above as file:line)"
+        )
     if len(rows) > 1:
-        check_disjoint(rows)
-        print(f"OK  {len(rows)} files share no example")
+        print(f"OK  {len(rows)} files share no example by content, nor repeat one")
+    else:
+        print(f"OK  {args.files[0]}: no two rows share content")
     return 0
 
 

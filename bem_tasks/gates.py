@@ -424,6 +424,11 @@ def _comparative(g: Gate, r: Mapping[str, Any], alpha: float, power: float) -> G
             reason += (
                 ", and the estimate is on the failing side: more data would likely confirm a fail"
             )
+    elif delta > 0:
+        reason += (
+            "; every resample gave the same value, so p is the exact sign test of the "
+            "per-example differences: more examples are needed"
+        )
     else:
         reason += "; the estimate sits on the threshold, so no sample size would resolve it"
     return GateOutcome(

@@ -129,28 +129,35 @@ def _default_key(item: Any) -> str:
     return k
 
 
+def find_overlaps(
+    splits: Mapping[str, Iterable[Any]], *, key: Callable[[Any], str] = _default_key
+) -> list[tuple[str, str, str]]:
+    """Every item whose key an earlier item already has, as ``(key, first, again)`` where
+    ``first`` and ``again`` are ``<split>:<position>`` (1-based: a file's line number when the
+    splits are JSONL files named by path). Items may be key strings or rows with a ``key``."""
+    owner: dict[str, str] = {}
+    found: list[tuple[str, str, str]] = []
+    for name, items in splits.items():
+        for pos, item in enumerate(items, start=1):
+            k = key(item)
+            where = f"{name}:{pos}"
+            if k in owner:
+                found.append((k, owner[k], where))
+            else:
+                owner[k] = where
+    return found
+
+
 def check_disjoint(
     splits: Mapping[str, Iterable[Any]], *, key: Callable[[Any], str] = _default_key
 ) -> None:
-    """Raise ``ValueError`` if any key occurs in two splits (or twice in one split).
-
-    Items may be key strings or rows with a ``key`` attribute (every suite row has one).
-    """
-    owner: dict[str, str] = {}
-    problems: list[str] = []
-    for name, items in splits.items():
-        for item in items:
-            k = key(item)
-            if k in owner:
-                where = (
-                    f"twice in {name!r}" if owner[k] == name else f"in {owner[k]!r} and {name!r}"
-                )
-                problems.append(f"{k!r} {where}")
-            else:
-                owner[k] = name
-    if problems:
-        shown = "; ".join(problems[:5])
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+    """Raise ``ValueError`` if any key occurs in two splits (or twice in one split), naming
+    both places (``find_overlaps``). Every suite row's ``key`` is its content key, so this
+    checks disjointness by content, not by text."""
+    found = find_overlaps(splits, key=key)
+    if found:
+        shown = "; ".join(f"{a} and {b} share {k!r}" for k, a, b in found[:5])
+        more = f" (and {len(found) - 5} more)" if len(found) > 5 else ""
         raise ValueError(f"splits overlap: {shown}{more}")
 
 

@@ -1,4 +1,4 @@
-"""Evaluation: SQuAD EM/F1, sacrebleu BLEU/chrF, latency percentiles, per-example records."""
+"""Evaluation: exact typed answer EM/F1, SQuAD EM/F1, sacrebleu BLEU/chrF, latency percentiles, per-example records."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from bem_tasks.eval.latency import LatencyProfiler, LatencyStats, measure_latenc
 from bem_tasks.eval.metrics import (
     MetricScore,
     SquadScores,
+    answer_em_f1,
     corpus_bleu,
     corpus_chrf,
     em_f1_points,
@@ -31,6 +32,7 @@ __all__ = [
     "MetricScore",
     "PairedArray",
     "SquadScores",
+    "answer_em_f1",
     "corpus_bleu",
     "corpus_chrf",
     "em_f1_points",

@@ -1,9 +1,27 @@
-"""Answer and generation metrics: SQuAD exact match / F1, and BLEU / chrF through sacrebleu.
+"""Answer and generation metrics: exact typed answers, SQuAD EM / F1 for free text, and BLEU /
+chrF through sacrebleu.
+
+Structured answers (Suite A's compositional answers, and every suite that reuses them) are
+scored by ``answer_em_f1``, on values parsed from canonical JSON, never on normalised text:
+
+* EM: the parsed prediction equals the gold value exactly, with types kept: numbers compare as
+  numbers with their sign (``-3`` vs ``3`` is 0, ``3`` vs ``3.0`` is 1), a string never equals
+  a number (``"3"`` vs ``3`` is 0), ``true`` is not ``1``, lists compare element by element in
+  order and objects key by key.
+* F1: multiset F1 over the answer's elements (a list's items, an object's ``key: value``
+  pairs), elements compared as EM compares values. A list with one wrong element of three
+  gets F1 2/3 and EM 0; the right elements in the wrong order get F1 1 and EM 0. A scalar
+  answer is a one-element multiset, so its F1 equals its EM.
+
+A prediction that is missing or does not parse as JSON scores 0 on both.
+
+SQuAD ``normalize_answer`` / ``exact_match`` / ``f1_score`` stay for free-text answers; they drop
+punctuation (a minus sign included), so they must not score numbers.
 
 Scale: per-example ``exact_match`` and ``f1`` are in [0, 1] as in the official SQuAD script;
-``squad_scores`` and ``em_f1_points`` report points (0..100), like the official totals and like
-sacrebleu, so per-example records in points average straight to the corpus figure and a gate
-threshold such as "+1.5 EM" means the same thing everywhere.
+``answer_em_f1``, ``squad_scores`` and ``em_f1_points`` report points (0..100), like the official
+totals and like sacrebleu, so per-example records in points average straight to the corpus
+figure and a gate threshold such as "+1.5 EM" means the same thing everywhere.
 
 Every sacrebleu score comes with sacrebleu's signature string (tokenizer, smoothing, number of
 references, version) so a reported BLEU/chrF can be reproduced exactly.
@@ -11,11 +29,14 @@ references, version) so a reported BLEU/chrF can be reproduced exactly.
 
 from __future__ import annotations
 
+import json
 import re
 import string
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
 
 from sacrebleu.metrics import BLEU, CHRF
 
@@ -55,6 +76,67 @@ def f1_score(prediction: str, ground_truth: str) -> float:
     precision = same / len(pred)
     recall = same / len(gold)
     return 2 * precision * recall / (precision + recall)
+
+
+def _canonical(value: Any) -> Hashable:
+    """A hashable form in which two JSON values are equal iff they are the same typed value:
+    numbers by exact value (bool is not a number), strings as they are, lists in order,
+    objects by key."""
+    if isinstance(value, bool) or value is None:
+        return ("const", value)
+    if isinstance(value, int | float):
+        try:
+            return ("num", Fraction(value))
+        except (OverflowError, ValueError):  # inf, nan: never equal to a finite number
+            return ("float", repr(value))
+    if isinstance(value, str):
+        return ("str", value)
+    if isinstance(value, list):
+        return ("list", tuple(_canonical(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((k, _canonical(v)) for k, v in value.items())))
+    raise TypeError(f"not a JSON value: {type(value).__name__}")
+
+
+def _elements(value: Any) -> list[Hashable]:
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    if isinstance(value, dict):
+        return [(k, _canonical(v)) for k, v in value.items()]
+    return [_canonical(value)]
+
+
+_MISSING = object()
+
+
+def _parse(text: str | None) -> Any:
+    """The JSON value of an answer text, or ``_MISSING`` when there is none or it does not
+    parse (a sentinel of its own: JSON ``null`` is a real answer)."""
+    if text is None:
+        return _MISSING
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return _MISSING
+
+
+def answer_em_f1(prediction: str | None, gold: str) -> tuple[float, float]:
+    """Per-example (EM, F1) in points (0..100) of a JSON answer against the gold JSON answer,
+    compared as typed values (see the module docstring). ``prediction`` None or unparsable
+    scores (0, 0); an unparsable ``gold`` is a ValueError."""
+    want = _parse(gold)
+    if want is _MISSING:
+        raise ValueError(f"gold answer {gold!r} is not JSON")
+    got = _parse(prediction)
+    if got is _MISSING:
+        return 0.0, 0.0
+    em = float(_canonical(got) == _canonical(want))
+    pred, ref = _elements(got), _elements(want)
+    if not pred or not ref:  # an empty list: right only if both are empty
+        return 100.0 * em, 100.0 * float(pred == ref)
+    same = sum((Counter(pred) & Counter(ref)).values())
+    f1 = 0.0 if same == 0 else 2 * same / (len(pred) + len(ref))
+    return 100.0 * em, 100.0 * f1
 
 
 def _as_list(refs: str | Sequence[str]) -> list[str]:

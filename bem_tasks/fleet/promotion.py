@@ -198,7 +198,6 @@ def validate_results(
                     f"results for {mission} given twice ({missions[mission]['results']} and "
                     f"{results_path})"
                 )
-            n_seeds = [int(np.shape(s["candidate"])[1]) for s in specs]
             results = analyze(
                 specs, confidence=confidence, n_resamples=n_resamples, seed=0, alpha=gates.alpha
             )
@@ -206,8 +205,6 @@ def validate_results(
             analysed = [r for r in analysed if r["mission"] != mission]
             missions[mission] = {"results": str(results_path), "error": _error(exc)}
             continue
-        for result, seeds in zip(results, n_seeds, strict=True):
-            result["n_seeds"] = seeds
         missions[mission] = info
         analysed.extend(results)
     doc = {

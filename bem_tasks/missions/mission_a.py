@@ -12,8 +12,10 @@ Phases (each ``fn(ctx) -> metrics``; inputs only through ``ctx.input_dir``):
 
 Evaluation definitions (per example, batch-1 greedy decoding with a K/V cache):
 
-    em, f1          SQuAD EM/F1 in points (0..100) of the answer ``extract_answer`` finds in the
-                    decoded text ("" when none parses)
+    em, f1          exact typed answer EM / element-multiset F1 in points (0..100) of the answer
+                    ``extract_answer`` finds in the decoded text, against the gold JSON answer
+                    (``bem_tasks.eval.metrics.answer_em_f1``; 0 when none parses; F1 = EM for
+                    a scalar answer, partial credit for a list answer such as ``sort``'s)
     plan_length     segments of the router's decision sequence (<= plan horizon); the fused
                     baseline runs one adapter throughout: 1
     flip_rate       expert switches / routing decisions (baseline: 0)
@@ -56,7 +58,7 @@ from bem_tasks.core import (
 from bem_tasks.core.tokenizer import ByteTokenizer
 from bem_tasks.data import check_disjoint, extract_answer, generate_compositional, write_jsonl
 from bem_tasks.data.suites.compositional import SKILLS, read_compositional
-from bem_tasks.eval import ExampleRecord, LatencyProfiler, em_f1_points, write_records
+from bem_tasks.eval import ExampleRecord, LatencyProfiler, answer_em_f1, write_records
 from bem_tasks.eval.latency import summarize_latencies
 from bem_tasks.io import atomic_write_json
 from bem_tasks.missions.common import (
@@ -210,14 +212,18 @@ def _batch(examples: Sequence[Example], codec: TextCodec, seed: int, step: int, 
 
 
 def _answer_scores(text: str, answer: str) -> tuple[float, float, bool]:
+    """(EM, F1) in points of the answer in decoded ``text`` against the gold JSON ``answer``,
+    compared as typed values (``-3`` is not ``3``), and whether an answer parsed at all."""
     pred = extract_answer(text)
-    em, f1 = em_f1_points(pred if pred is not None else "", answer)
+    em, f1 = answer_em_f1(pred, answer)
     return em, f1, pred is not None
 
 
 # ============================================================================ phases
 def prepare(ctx: Any) -> dict[str, Any]:
-    """Write Suite A train/dev/test (JSONL) and read every row back through its validator."""
+    """Write Suite A train/dev/test (JSONL), read every row back through its validator and
+    check that no two rows share a content key (same problem in another order), naming
+    file:line of both if they do."""
     p = _params(ctx)
     d = p.data
     paths = generate_compositional(
@@ -234,7 +240,7 @@ def prepare(ctx: Any) -> dict[str, Any]:
         ops=d.ops,
     )
     splits = {name: read_compositional(path) for name, path in paths.items()}
-    check_disjoint({name: [it.key for it in rows] for name, rows in splits.items()})
+    check_disjoint({str(paths[name]): rows for name, rows in splits.items()})
     metrics: dict[str, Any] = {}
     for name in SPLITS:
         rows = splits[name]
@@ -244,6 +250,10 @@ def prepare(ctx: Any) -> dict[str, Any]:
         metrics[f"n_{name}"] = len(rows)
         metrics[f"{name}_mean_target_chars"] = sum(len(r.target) for r in rows) / len(rows)
         metrics[f"{name}_max_plan_length"] = max(len(r.plan) for r in rows)
+        # shares of the answers that expose sign handling and give F1 partial credit
+        n = len(rows)
+        metrics[f"{name}_negative_answers"] = sum(r.answer.startswith("-") for r in rows) / n
+        metrics[f"{name}_list_answers"] = sum(r.answer.startswith("[") for r in rows) / n
     metrics["ops"] = {op: sum(r.op == op for r in splits["train"]) for op in d.ops}
     return metrics
 

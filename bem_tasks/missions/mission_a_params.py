@@ -12,8 +12,10 @@ from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
 from bem_tasks.config.schema import BemSpec, ModelSpec, Strict, TrainingSpec
 
-Op = Literal["add", "sub", "max", "min", "copy"]
-ALL_OPS: tuple[Op, ...] = ("add", "sub", "max", "min", "copy")
+# Kept in step with bem_tasks.data.suites.compositional.OPS (a test checks); not imported from
+# there so that this module stays light.
+Op = Literal["add", "sub", "max", "min", "copy", "sort"]
+ALL_OPS: tuple[Op, ...] = ("add", "sub", "max", "min", "copy", "sort")
 
 
 class RuntimeSpec(Strict):
@@ -24,7 +26,9 @@ class RuntimeSpec(Strict):
 
 
 class DataSpec(Strict):
-    """Suite A (bem_tasks.data compositional) sizes and item space."""
+    """Suite A (bem_tasks.data compositional) sizes and item space. `sort` (a list answer) is
+    on by default: it is what makes answer F1 differ from EM. prepare refuses sizes the item
+    space cannot hold content-distinct."""
 
     seed: int = 0  # data and base-model seed (prepare / pretrain_base are not per seed)
     n_train: PositiveInt

@@ -19,10 +19,12 @@ from bem_tasks.data.suites.compositional import (
 SIZES: dict[str, Any] = {"n_train": 120, "n_dev": 20, "n_test": 30}
 
 
-def expected(op: str, values: list[int]) -> int:
+def expected(op: str, values: list[int]) -> int | list[int]:
     # an independent restatement of the task, not a call into the generator
     if op == "copy":
         return values[0]
+    if op == "sort":
+        return sorted(values)
     a, b = values
     return {"add": a + b, "sub": a - b, "max": max(a, b), "min": min(a, b)}[op]
 
@@ -63,13 +65,13 @@ def test_plans_tile_the_target_and_answers_are_right(files: dict[str, Path]) -> 
         for k in it.args:
             assert f"{k}={it.facts[k]}" in it.prompt.split("|")[0].split(";")
         gold = expected(it.op, values)
-        assert it.answer == str(gold)
+        assert json.loads(it.answer) == gold and it.answer == json.dumps(gold).replace(" ", "")
         assert segs["retrieve"] == "R:" + ",".join(map(str, values)) + ";"
         assert json.loads(segs["formalize"][2:]) == {"answer": gold}
         if it.op == "copy":
             assert [s.skill for s in it.plan] == ["retrieve", "formalize"]
         else:
-            assert segs["reason"] == f"C:{gold};"
+            assert segs["reason"] == f"C:{it.answer};"
         assert extract_answer(it.target) == it.answer
         assert it.prompt.endswith(f"|{it.question}\n")
 

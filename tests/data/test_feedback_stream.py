@@ -43,9 +43,13 @@ def test_reversed_variant_recomputes(tmp_path: Path) -> None:
     paths = generate_feedback_stream(tmp_path, seed=2, variant="reversed_op", **KW)
     probe = read_feedback_stream(paths["probe"])
     for it in probe:
-        a, b = (it.facts[k] for k in it.args)
-        want = {"sub": b - a, "max": min(a, b), "min": max(a, b)}[it.op]
-        assert it.answer == str(want) and it.question.endswith(" reversed")
+        values = [it.facts[k] for k in it.args]
+        if it.op == "sort":
+            want: object = sorted(values, reverse=True)
+        else:
+            a, b = values
+            want = {"sub": b - a, "max": min(a, b), "min": max(a, b)}[it.op]
+        assert json.loads(it.answer) == want and it.question.endswith(" reversed")
 
 
 def test_held_out_sets_never_meet_the_stream(parts: dict[str, list], tmp_path: Path) -> None:

@@ -91,7 +91,7 @@ def test_fill_splits_places_items_in_their_region() -> None:
 
 def test_check_disjoint_reports_overlaps() -> None:
     check_disjoint({"train": ["a", "b"], "test": ["c"]})
-    with pytest.raises(ValueError, match=r"'b' in 'train' and 'test'"):
+    with pytest.raises(ValueError, match=r"train:2 and test:1 share 'b'"):
         check_disjoint({"train": ["a", "b"], "test": ["b"]})
-    with pytest.raises(ValueError, match="twice in 'train'"):
-        check_disjoint({"train": ["a", "a"]})
+    with pytest.raises(ValueError, match="train:1 and train:3 share 'a'"):
+        check_disjoint({"train": ["a", "b", "a"]})

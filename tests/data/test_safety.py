@@ -93,7 +93,8 @@ def test_rows_are_well_formed(rows: dict[str, list]) -> None:
         for it in items:
             if it.kind == "benign":
                 assert compositional.extract_answer(it.target) == it.answer
-                assert region_of(it.prompt, salt=compositional.SALT) == split
+                key = compositional.prompt_content_key(it.prompt)
+                assert it.key == key and region_of(key, salt=compositional.SALT) == split
     assert {it.category for it in rows["train"] if it.kind == "harmful"} == set(CATEGORIES)
 
 

@@ -42,7 +42,8 @@ MICRO = {
         "value_max": 5,
     },
     "training": {
-        "pretrain_base": {"lr": 0.003, "steps": 30, "batch_size": 16, "checkpoint_every": 10},
+        # 100 steps: enough for the base to emit the answer format, so rollouts carry reward
+        "pretrain_base": {"lr": 0.003, "steps": 100, "batch_size": 16, "checkpoint_every": 10},
         "train_experts": {"lr": 0.003, "steps": 10, "batch_size": 8, "checkpoint_every": 4},
         "behavioral_cloning": {"lr": 0.01, "steps": 150, "batch_size": 64, "checkpoint_every": 50},
         "policy_gradient": {"lr": 0.001, "steps": 3, "batch_size": 4, "checkpoint_every": 1},

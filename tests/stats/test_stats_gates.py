@@ -387,6 +387,7 @@ def test_three_constant_differences_are_never_promoted() -> None:
     d = evaluate_gates("m", _cfg(low), [res])
     assert d.decision == "INSUFFICIENT_EVIDENCE" and d.gates[0].status == "underpowered"
     assert "BH-adjusted p = 0.25 >= 0.05" in d.gates[0].reason
+    assert "exact sign test" in d.gates[0].reason
     # and 30 such examples are conclusive: p = 2 * 0.5**30
     spec30 = {**spec, "candidate": np.full(30, 2.0), "baseline": np.zeros(30)}
     (res30,) = analyze([spec30], n_resamples=1000)

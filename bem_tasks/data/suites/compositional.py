@@ -9,15 +9,28 @@ The target is three segments, each one skill of the oracle plan:
 
 * ``R:<values>;``  retrieve: the values of the question's keys, in argument order;
 * ``C:<result>;``  reason: the operation's result (absent for ``copy``, whose plan is R -> F);
-* ``F:<json>``     formalize: the canonical answer ``{"answer": N}`` (compact JSON).
+* ``F:<json>``     formalize: the canonical answer ``{"answer": ...}`` (compact JSON).
 
 ``plan`` holds ``{skill, start, end}`` character spans of ``target`` (end exclusive); the spans
 tile the target in order, so every target character has exactly one skill (a per-token router
 label). Horizon (plan length) is 3, or 2 for ``copy``.
 
-Operations: ``add`` a+b, ``sub`` a-b (may be negative), ``max``, ``min`` of two distinct keys, and
-``copy`` of one key. The prompt ends with a newline; the model generates ``target`` after it (no
+Operations: ``add`` a+b, ``sub`` a-b (may be negative), ``max``, ``min`` of two distinct keys,
+``copy`` of one key, and ``sort`` of two or three distinct keys (ascending list)::
+
+    prompt: k3=17;k9=4;k1=8|sort k3 k9 k1\n
+    target: R:17,4,8;C:[4,8,17];F:{"answer":[4,8,17]}
+
+``answer`` is the result as canonical compact JSON (``-3``, ``[4,8,17]``); scoring parses it
+(``bem_tasks.eval.metrics.answer_em_f1``), so a list answer has an element-level F1 that differs
+from its EM. The prompt ends with a newline; the model generates ``target`` after it (no
 terminator is part of the target: the tokenizer's EOS marks the end).
+
+Splits are disjoint by *content*, not by prompt text: ``content_key`` is the operation, the
+argument values (as a multiset where the order does not matter, in order for ``sub``) and the
+fact set (order-free), so a train item with its facts or arguments reordered can never be a test
+item. ``item_space`` counts the distinct keys a config can produce, and generation refuses a
+request the space cannot hold.
 
 Suite B reuses these items with a changed output convention (``answer_field``) or a reversed
 operation (``reverse``), signalled by a question suffix; see ``feedback_stream``.
@@ -26,9 +39,11 @@ operation (``reverse``), signalled by a question suffix; see ``feedback_stream``
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -36,23 +51,31 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 from bem_tasks.data.jsonl import read_jsonl, write_splits
-from bem_tasks.data.splits import fill_splits, split_sizes, stable_id
+from bem_tasks.data.splits import DEFAULT_FRACTIONS, fill_splits, split_sizes, stable_id
 
 SALT = "compositional"
 SKILLS = ("retrieve", "reason", "formalize")
-OPS = ("add", "sub", "max", "min", "copy")
-Op = Literal["add", "sub", "max", "min", "copy"]
+OPS = ("add", "sub", "max", "min", "copy", "sort")
+Op = Literal["add", "sub", "max", "min", "copy", "sort"]
 Skill = Literal["retrieve", "reason", "formalize"]
 MAX_HORIZON = 3
+ORDERED_OPS = frozenset({"sub"})  # the result depends on the argument order
+ARITY: dict[str, tuple[int, int]] = {op: (2, 2) for op in OPS} | {"copy": (1, 1), "sort": (2, 3)}
+
+Answer = int | list[int]
 
 
-def apply_op(op: str, values: Sequence[int], *, reverse: bool = False) -> int:
+def apply_op(op: str, values: Sequence[int], *, reverse: bool = False) -> Answer:
     """The gold result. ``reverse`` is Suite B's reversed-operation variant: ``sub`` becomes
-    b-a and ``max``/``min`` swap; ``add`` and ``copy`` are unchanged."""
+    b-a, ``max``/``min`` swap and ``sort`` is descending; ``add`` and ``copy`` are unchanged."""
     if op == "copy":
         if len(values) != 1:
             raise ValueError(f"copy takes 1 value, got {len(values)}")
         return values[0]
+    if op == "sort":
+        if len(values) not in (2, 3):
+            raise ValueError(f"sort takes 2 or 3 values, got {len(values)}")
+        return sorted(values, reverse=reverse)
     if len(values) != 2:
         raise ValueError(f"{op} takes 2 values, got {len(values)}")
     a, b = values
@@ -75,6 +98,35 @@ class PlanStep(BaseModel):
     end: int
 
 
+def answer_json(result: Answer) -> str:
+    """The canonical answer text: compact JSON (``-3``, ``[4,8,17]``)."""
+    return json.dumps(result, separators=(",", ":"))
+
+
+def content_key(facts: Mapping[str, int], op: str, values: Sequence[int]) -> str:
+    """What makes two items the same problem, whatever order the prompt lists things in: the
+    operation, the argument values (sorted unless the operation is order-sensitive) and the
+    fact set (sorted ``key=value`` pairs). Split regions and de-duplication use this key."""
+    vals = list(values) if op in ORDERED_OPS else sorted(values)
+    fact_set = ",".join(sorted(f"{k}={v}" for k, v in facts.items()))
+    return f"{op}|{','.join(map(str, vals))}|{fact_set}"
+
+
+def prompt_content_key(prompt: str) -> str:
+    """``content_key`` read back from a rendered prompt (``k3=17;k9=4|add k3 k9[ suffix]\\n``),
+    for rows that keep only the prompt (Suite C's benign rows). ValueError if it is not one."""
+    try:
+        context, question = prompt.rstrip("\n").split("|", 1)
+        facts = {k: int(v) for k, v in (pair.split("=") for pair in context.split(";"))}
+        op, *words = question.split(" ")
+    except ValueError:
+        raise ValueError(f"{prompt!r} is not a compositional prompt") from None
+    args = [w for w in words[: ARITY.get(op, (0, 0))[1]] if w in facts]
+    if op not in ARITY or not ARITY[op][0] <= len(args):
+        raise ValueError(f"{prompt!r} is not a compositional prompt")
+    return content_key(facts, op, [facts[a] for a in args])
+
+
 def render_context(facts: Mapping[str, int]) -> str:
     return ";".join(f"{k}={v}" for k, v in facts.items())
 
@@ -88,14 +140,18 @@ def render_prompt(facts: Mapping[str, int], question: str) -> str:
 
 
 def render_target(
-    values: Sequence[int], result: int, *, answer_field: str = "answer", with_reason: bool = True
+    values: Sequence[int],
+    result: Answer,
+    *,
+    answer_field: str = "answer",
+    with_reason: bool = True,
 ) -> tuple[str, list[PlanStep]]:
     """The target text and its oracle plan (segment spans)."""
     segments: list[tuple[Skill, str]] = [("retrieve", "R:" + ",".join(map(str, values)) + ";")]
     if with_reason:
-        segments.append(("reason", f"C:{result};"))
-    answer_json = json.dumps({answer_field: result}, separators=(",", ":"))
-    segments.append(("formalize", "F:" + answer_json))
+        segments.append(("reason", f"C:{answer_json(result)};"))
+    formal = json.dumps({answer_field: result}, separators=(",", ":"))
+    segments.append(("formalize", "F:" + formal))
     plan: list[PlanStep] = []
     pos = 0
     for skill, text in segments:
@@ -107,9 +163,11 @@ def render_target(
 def extract_answer(text: str, answer_field: str = "answer") -> str | None:
     """The answer inside the last ``F:{...}`` segment of generated text, or None.
 
-    Returns ``str(value)`` of ``answer_field`` when the JSON after ``F:`` parses to an object
-    holding it (trailing text after the object is ignored); anything else is None, so a wrong
-    output convention (e.g. ``{"result": N}`` when ``answer`` is expected) scores as wrong.
+    Returns the value of ``answer_field`` as canonical compact JSON (``-3``, ``[4,8]``, and a
+    string value quoted: ``"3"``, so it never equals the number 3) when the JSON after ``F:``
+    parses to an object holding it (trailing text after the object is ignored); anything else
+    is None, so a wrong output convention (e.g. ``{"result": N}`` when ``answer`` is expected)
+    scores as wrong.
     """
     pos = text.rfind("F:")
     if pos < 0:
@@ -120,8 +178,7 @@ def extract_answer(text: str, answer_field: str = "answer") -> str | None:
         return None
     if not isinstance(obj, dict) or answer_field not in obj:
         return None
-    value = obj[answer_field]
-    return value if isinstance(value, str) else json.dumps(value)
+    return json.dumps(obj[answer_field], separators=(",", ":"), ensure_ascii=False)
 
 
 def check_plan(plan: Sequence[PlanStep], target: str) -> None:
@@ -183,8 +240,8 @@ class CompositionalItem(BaseModel):
 
     @property
     def key(self) -> str:
-        """Canonical (context, question) key used for split assignment and disjointness."""
-        return self.prompt
+        """The content key (``content_key``) used for split assignment and disjointness."""
+        return content_key(self.facts, self.op, self.values)
 
     @property
     def values(self) -> list[int]:
@@ -204,9 +261,12 @@ class CompositionalItem(BaseModel):
         if got is None:
             return v
         facts, op = got
-        want = 1 if op == "copy" else 2
-        if len(v) != want:
+        lo, hi = ARITY[op]
+        if not lo <= len(v) <= hi:
+            want = str(lo) if lo == hi else f"{lo} to {hi}"
             raise ValueError(f"{op} takes {want} argument(s), got {len(v)}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"arguments {v} repeat a key; they must be distinct")
         missing = [a for a in v if a not in facts]
         if missing:
             raise ValueError(f"keys {missing} are not among the facts {list(facts)}")
@@ -234,7 +294,7 @@ class CompositionalItem(BaseModel):
         got = _need(info, "facts", "op", "args", "reverse")
         if got is not None:
             facts, op, args, reverse = got
-            want = str(apply_op(op, [facts[a] for a in args], reverse=reverse))
+            want = answer_json(apply_op(op, [facts[a] for a in args], reverse=reverse))
             if v != want:
                 raise ValueError(f"expected {want!r} ({op} of {args}, reverse={reverse})")
         return v
@@ -246,7 +306,10 @@ class CompositionalItem(BaseModel):
         if got is not None:
             facts, op, args, answer, field = got
             want, _ = render_target(
-                [facts[a] for a in args], int(answer), answer_field=field, with_reason=op != "copy"
+                [facts[a] for a in args],
+                json.loads(answer),
+                answer_field=field,
+                with_reason=op != "copy",
             )
             if v != want:
                 raise ValueError(f"expected {want!r}")
@@ -298,7 +361,7 @@ def make_item(
         reverse=reverse,
         question=question,
         prompt=prompt,
-        answer=str(result),
+        answer=answer_json(result),
         target=target,
         plan=plan,
     )
@@ -337,8 +400,93 @@ def sample_question(
     keys = rng.sample([f"k{i}" for i in range(cfg.n_keys)], n)
     facts = {k: rng.randint(cfg.value_min, cfg.value_max) for k in keys}
     op = rng.choice(list(ops if ops is not None else cfg.ops))
-    args = [rng.choice(keys)] if op == "copy" else rng.sample(keys, 2)
+    lo, hi = ARITY[op]
+    args = rng.sample(keys, rng.randint(lo, min(hi, n)))
     return facts, op, args
+
+
+def question_key(question: tuple[dict[str, int], str, list[str]]) -> str:
+    """``content_key`` of a drawn (facts, op, args), before the item is built."""
+    facts, op, args = question
+    return content_key(facts, op, [facts[a] for a in args])
+
+
+def _partitions(n: int, largest: int) -> Iterator[tuple[int, ...]]:
+    """The integer partitions of ``n`` with parts <= ``largest``, parts non-increasing."""
+    if n == 0:
+        yield ()
+        return
+    for first in range(min(n, largest), 0, -1):
+        for rest in _partitions(n - first, first):
+            yield (first, *rest)
+
+
+def _selections(multiplicities: Sequence[int], size: int, *, ordered: bool) -> int:
+    """Distinct ``size``-element selections (sequences if ``ordered``, else sub-multisets) of a
+    multiset whose distinct elements repeat ``multiplicities`` times: a coefficient of the
+    product of per-element (exponential, if ordered) generating polynomials."""
+    poly = [1.0]
+    for m in multiplicities:
+        term = [1.0 / math.factorial(j) if ordered else 1.0 for j in range(m + 1)]
+        prod = [0.0] * (len(poly) + m)
+        for i, a in enumerate(poly):
+            for j, b in enumerate(term):
+                prod[i + j] += a * b
+        poly = prod
+    if size >= len(poly):
+        return 0
+    return round(poly[size] * (math.factorial(size) if ordered else 1))
+
+
+def item_space(cfg: CompositionalConfig) -> int:
+    """How many content-distinct items (distinct ``content_key``) ``cfg`` can produce.
+
+    Counted exactly by the pattern of repeated values in a fact set: for ``n`` facts, a
+    pattern with distinct values repeating ``m_1..m_k`` times occurs in
+    ``V!/(V-k)! / prod(#equal m's)! * n!/prod(m_i!)`` value tuples (V values), each giving the
+    same number of distinct questions per operation.
+    """
+    n_values = cfg.value_max - cfg.value_min + 1
+    total = 0
+    for n in range(cfg.min_facts, cfg.max_facts + 1):
+        per_key_set = 0
+        for parts in _partitions(n, n):
+            k = len(parts)
+            if k > n_values:
+                continue
+            tuples = math.perm(n_values, k) // math.prod(
+                math.factorial(c) for c in Counter(parts).values()
+            )
+            tuples = tuples * math.factorial(n) // math.prod(math.factorial(m) for m in parts)
+            questions = sum(
+                _selections(parts, size, ordered=op in ORDERED_OPS)
+                for op in cfg.ops
+                for size in range(ARITY[op][0], ARITY[op][1] + 1)
+            )
+            per_key_set += tuples * questions
+        total += math.comb(cfg.n_keys, n) * per_key_set
+    return total
+
+
+def check_item_space(
+    cfg: CompositionalConfig,
+    sizes: Mapping[str, int],
+    fractions: Mapping[str, float] = DEFAULT_FRACTIONS,
+) -> int:
+    """Raise ValueError naming the split when ``sizes`` asks for more content-distinct items
+    than the hash region of ``cfg``'s item space holds; returns the space's size."""
+    space = item_space(cfg)
+    for name, n in sizes.items():
+        room = space * fractions[name]
+        if n > room:
+            raise ValueError(
+                f"n_{name}={n} asks for more items than the compositional item space holds: "
+                f"{space} content-distinct items (n_keys={cfg.n_keys}, facts "
+                f"{cfg.min_facts}..{cfg.max_facts}, values {cfg.value_min}..{cfg.value_max}, "
+                f"ops {list(cfg.ops)}), about {room:.0f} of them in the {name} region "
+                f"({fractions[name]:.0%}); ask for fewer or widen the item space"
+            )
+    return space
 
 
 def make_compositional(
@@ -349,17 +497,17 @@ def make_compositional(
     seen: set[str] | None = None,
     id_prefix: str = "A",
 ) -> dict[str, list[CompositionalItem]]:
-    """In-memory Suite A splits (``sizes`` maps train/dev/test to counts)."""
+    """In-memory Suite A splits (``sizes`` maps train/dev/test to counts), content-distinct and
+    each in its content key's hash region."""
     cfg = config or CompositionalConfig()
+    check_item_space(cfg, sizes)
     rng = random.Random(seed)
-
-    def sample() -> CompositionalItem:
-        facts, op, args = sample_question(rng, cfg)
-        return make_item(facts, op, args, split="", id_prefix=id_prefix)
-
-    raw = fill_splits(sample, lambda it: it.key, sizes, salt=SALT, seen=seen)
+    # Draw bare questions and build (validated) items only for the ones kept: most draws of a
+    # large split are rejected, and the key needs no item.
+    raw = fill_splits(lambda: sample_question(rng, cfg), question_key, sizes, salt=SALT, seen=seen)
     return {
-        name: [it.model_copy(update={"split": name}) for it in items] for name, items in raw.items()
+        name: [make_item(*q, split=name, id_prefix=id_prefix) for q in questions]
+        for name, questions in raw.items()
     }
 
 

@@ -7,14 +7,17 @@ suffix, so the regular tasks keep their meaning and the held-out regular suite s
 
 * ``result_key``  (suffix `` as result``): the answer is formatted ``{"result": N}`` instead of
   ``{"answer": N}``;
-* ``reversed_op`` (suffix `` reversed``): ``sub`` means b-a and ``max``/``min`` swap (only those
-  operations are drawn, so the variant always changes the meaning).
+* ``reversed_op`` (suffix `` reversed``): ``sub`` means b-a, ``max``/``min`` swap and ``sort``
+  is descending (only those operations are drawn, so the variant changes the meaning unless
+  the values are equal).
 
 Files: ``stream.jsonl`` (ordered by ``t``), ``probe.jsonl`` (held-out items of the injected
 variant, for time_to_fix) and ``heldout.jsonl`` (held-out items of the regular mixture, for the
 aggregate score). Stream prompts come from the training region of Suite A's hash split, probe
-and held-out prompts from its test region, and no prompt appears twice anywhere, so neither the
-probes nor the held-out suite ever overlap the stream (or Suite A's training split).
+and held-out prompts from its test region, both by Suite A's content key (operation, argument
+values, fact set; the variant is not part of it), and no content appears twice anywhere, so
+neither the probes nor the held-out suite ever overlap the stream (or Suite A's training split),
+not even with facts or arguments reordered or in another variant.
 """
 
 from __future__ import annotations
@@ -53,7 +56,9 @@ class Variant:
 
 VARIANTS: dict[str, Variant] = {
     "result_key": Variant("result_key", " as result", "result", False, OPS),
-    "reversed_op": Variant("reversed_op", " reversed", "answer", True, ("sub", "max", "min")),
+    "reversed_op": Variant(
+        "reversed_op", " reversed", "answer", True, ("sub", "max", "min", "sort")
+    ),
 }
 
 

@@ -29,6 +29,7 @@ from bem_tasks.data.suites.compositional import (
     CompositionalConfig,
     extract_answer,
     make_compositional,
+    prompt_content_key,
 )
 
 SALT = "safety"
@@ -94,7 +95,9 @@ class SafetyItem(BaseModel):
 
     @property
     def key(self) -> str:
-        return self.prompt
+        """Harmful rows: the prompt. Benign rows: the Suite A content key of their prompt, the
+        key their split region was drawn by (so a reordered benign item cannot cross splits)."""
+        return prompt_content_key(self.prompt) if self.kind == "benign" else self.prompt
 
     @field_validator("category")
     @classmethod
