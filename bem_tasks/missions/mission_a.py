@@ -5,9 +5,11 @@ Phases (each ``fn(ctx) -> metrics``; inputs only through ``ctx.input_dir``):
     prepare            Suite A train/dev/test JSONL, read back and validated
     pretrain_base      tiny byte-level GPT-2 trained from scratch (smoke), or a local model (full)
     train_experts      per seed: one BEM expert per skill under oracle routing + the fused baseline
-                       (K=1) at parameter parity with experts + macro-policy router
+                       (K=1) at parameter parity with experts + macro-policy router, each at the
+                       best (lr, alpha) of the same tuning grid and budget (dev loss)
     behavioral_cloning per seed: macro-policy cloned from the oracle plans (AR0)
-    policy_gradient    per seed: PPO on real decoded-answer reward in a KL trust region (AR1)
+    policy_gradient    per seed: PPO on real decoded-answer reward in a KL trust region (AR1);
+                       dev reward of the BC vs the PPO router, paired, with a bootstrap CI
     evaluate           per seed: router vs baseline on test (slice_b) and dev (slice_a)
 
 Evaluation definitions (per example, batch-1 greedy decoding with a K/V cache):
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bem_tasks.config.schema import TrainingSpec
 from bem_tasks.core import (
     attach_bem,
     bem_disabled,
@@ -93,10 +97,12 @@ from bem_tasks.missions.planner import (
     skill_gates,
     teacher_forced_chunks,
 )
+from bem_tasks.stats import paired_bootstrap
 
 SPLITS = ("train", "dev", "test")
 SLICES = {"test": "slice_b", "dev": "slice_a"}  # slice_b gates, slice_a is reported
 SYSTEMS = ("router", "baseline")
+TRAINED_SYSTEMS = ("experts", "baseline")  # what train_experts trains (and tunes alike)
 PARITY_TOLERANCE = 0.05
 
 
@@ -148,13 +154,14 @@ def _sites(p: MissionAParams) -> list[str]:
     return list(p.bem.sites)
 
 
-def _attach_experts(model: nn.Module, p: MissionAParams, seed: int) -> None:
+def _attach_experts(model: nn.Module, p: MissionAParams, seed: int, *, alpha: float) -> None:
+    """`alpha`: the tuned value (systems.json `experts_alpha`), not bem.alpha."""
     attach_bem(
         model,
         _sites(p),
         num_experts=len(SKILLS),
         rank=p.bem.rank,
-        alpha=p.bem.alpha,
+        alpha=alpha,
         chunk_size=p.bem.chunk_size,
         tau=p.bem.tau,
         trust_budget=p.bem.trust_budget,
@@ -166,13 +173,16 @@ def _attach_experts(model: nn.Module, p: MissionAParams, seed: int) -> None:
         layer.router = None
 
 
-def _attach_fused(model: nn.Module, p: MissionAParams, rank: int, seed: int) -> None:
+def _attach_fused(
+    model: nn.Module, p: MissionAParams, rank: int, seed: int, *, alpha: float
+) -> None:
+    """`alpha`: the tuned value (systems.json `baseline_alpha`), not bem.alpha."""
     attach_bem(
         model,
         _sites(p),
         num_experts=1,
         rank=rank,
-        alpha=p.bem.alpha,
+        alpha=alpha,
         chunk_size=p.bem.chunk_size,
         trust_budget=p.bem.trust_budget,
         seed=seed,
@@ -189,10 +199,10 @@ def _new_router(model: nn.Module, p: MissionAParams, seed: int) -> MacroRouter:
 
 def _experts_system(ctx: Any, p: MissionAParams) -> tuple[nn.Module, TextCodec]:
     model, codec = _load_base(ctx, p)
-    _attach_experts(model, p, ctx.seed or 0)
-    load_weights(
-        ctx.input_dir("train_experts", ctx.seed) / "experts.safetensors", model, trainable_only=True
-    )
+    experts_dir = ctx.input_dir("train_experts", ctx.seed)
+    alpha = json.loads((experts_dir / "systems.json").read_text())["experts_alpha"]
+    _attach_experts(model, p, ctx.seed or 0, alpha=alpha)
+    load_weights(experts_dir / "experts.safetensors", model, trainable_only=True)
     model.eval()
     return model, codec
 
@@ -338,18 +348,24 @@ def _record_local_base(ctx: Any, p: MissionAParams) -> dict[str, Any]:
 
 
 def train_experts(ctx: Any) -> dict[str, Any]:
-    """One expert per skill under oracle routing, and the fused baseline at parameter parity."""
+    """One expert per skill under oracle routing, and the fused baseline at parameter parity.
+
+    Parity covers tuning too: both systems train every (lr, alpha) point of `params.tuning` for
+    the same short budget from the same initialisation, each is scored by its teacher-forced dev
+    loss, and each system's best point is used for its full training."""
     p = _params(ctx)
     seed = int(ctx.seed or 0)
-    experts, codec = _load_base(ctx, p)
-    baseline = copy.deepcopy(experts)
-    _attach_experts(experts, p, seed)
-    router_params = sum(q.numel() for q in _new_router(experts, p, seed).parameters())
-    system_params = count_bem_parameters(experts) + router_params
-    per_rank = sum(layer.in_features + layer.out_features + 1 for _, layer in bem_layers(experts))
+    base, codec = _load_base(ctx, p)
+    counted = copy.deepcopy(base)  # for the parameter counts only (alpha does not change them)
+    _attach_experts(counted, p, seed, alpha=p.bem.alpha)
+    router_params = sum(q.numel() for q in _new_router(counted, p, seed).parameters())
+    experts_params = count_bem_parameters(counted)
+    system_params = experts_params + router_params
+    per_rank = sum(layer.in_features + layer.out_features + 1 for _, layer in bem_layers(counted))
     baseline_rank = max(1, round(system_params / per_rank))
-    _attach_fused(baseline, p, baseline_rank, seed)
-    baseline_params = count_bem_parameters(baseline)
+    counted = copy.deepcopy(base)
+    _attach_fused(counted, p, baseline_rank, seed, alpha=p.bem.alpha)
+    baseline_params = count_bem_parameters(counted)
     parity = system_params / baseline_params
     if abs(parity - 1.0) > PARITY_TOLERANCE:
         raise ValueError(
@@ -359,57 +375,100 @@ def train_experts(ctx: Any) -> dict[str, Any]:
         )
 
     train = encode_items(_read_split(ctx, "train"), codec)
+    dev = encode_items(_read_split(ctx, "dev"), codec)
     spec = p.training.train_experts
+    inputs_fp = fingerprint_of(p.model, p.bem, p.data, p.router, seed, _base_digest(ctx))
 
-    def expert_loss(step: int) -> torch.Tensor:
-        b = _batch(train, codec, seed, step, spec.batch_size).to(ctx.device)
-        with bem_routing(experts, skill_gates(b.skills)):  # prompt/padding rows: base K/V
-            out = experts(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels)
+    def build(system: str, alpha: float) -> nn.Module:
+        model = copy.deepcopy(base)
+        if system == "experts":
+            _attach_experts(model, p, seed, alpha=alpha)
+        else:
+            _attach_fused(model, p, baseline_rank, seed, alpha=alpha)
+        return model
+
+    def lm_loss(model: nn.Module, system: str, b: Batch) -> torch.Tensor:
+        b = b.to(ctx.device)
+        if system == "experts":  # oracle routing; prompt/padding rows: base K/V
+            with bem_routing(model, skill_gates(b.skills)):
+                out = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels)
+        else:
+            out = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels)
         return out.loss  # type: ignore[no-any-return]
 
-    def baseline_loss(step: int) -> torch.Tensor:
-        b = _batch(train, codec, seed, step, spec.batch_size).to(ctx.device)
-        out = baseline(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels)
-        return out.loss  # type: ignore[no-any-return]
+    def fit(
+        system: str, lr: float, alpha: float, run: TrainingSpec, name: str
+    ) -> tuple[nn.Module, dict[str, Any]]:
+        model = build(system, alpha)
+        run = run.model_copy(update={"lr": lr})
 
-    fp = fingerprint_of(p.model, p.bem, p.data, p.router, spec, seed, _base_digest(ctx))
-    run_e = train_loop(
-        ctx, "experts", experts, expert_loss, spec, fingerprint=fp, trainable_only=True
+        def loss_fn(step: int) -> torch.Tensor:
+            return lm_loss(model, system, _batch(train, codec, seed, step, spec.batch_size))
+
+        fp = fingerprint_of(inputs_fp, system, run, alpha)
+        return model, train_loop(
+            ctx, name, model, loss_fn, run, fingerprint=fp, trainable_only=True
+        )
+
+    @torch.no_grad()
+    def dev_loss(model: nn.Module, system: str) -> float:
+        """Teacher-forced loss per target token over the whole dev split."""
+        total, tokens = 0.0, 0
+        for i in range(0, len(dev), spec.batch_size):
+            b = make_batch(dev[i : i + spec.batch_size], codec.pad_id, loss_on_prompt=False)
+            n = int((b.labels[:, 1:] != -100).sum())  # the model shifts labels by one
+            total += float(lm_loss(model, system, b)) * n
+            tokens += n
+        return total / tokens
+
+    tuning = p.tuning
+    short = spec.model_copy(
+        update={
+            "steps": tuning.steps,
+            "warmup_steps": spec.warmup_steps * tuning.steps // spec.steps,
+            "checkpoint_every": tuning.steps,
+        }
     )
-    run_b = train_loop(
-        ctx, "baseline", baseline, baseline_loss, spec, fingerprint=fp, trainable_only=True
-    )
+    grid = [(lr, alpha) for lr in tuning.grid.lr for alpha in tuning.grid.alpha]
+    points: dict[str, list[dict[str, Any]]] = {}
+    chosen: dict[str, dict[str, Any]] = {}
+    resumed_points = 0
+    for system in TRAINED_SYSTEMS:
+        points[system] = []
+        for i, (lr, alpha) in enumerate(grid):  # a finished point resumes from its checkpoint
+            model, run = fit(system, lr, alpha, short, f"tune_{system}_{i}")
+            loss = dev_loss(model, system)
+            points[system].append(
+                {"lr": lr, "alpha": alpha, "dev_loss": loss if math.isfinite(loss) else None}
+            )
+            resumed_points += run["resumed_from"] == short.steps
+        chosen[system] = _best_point(points[system], system)
+
+    experts, run_e = fit("experts", **chosen["experts"], run=spec, name="experts")
+    baseline, run_b = fit("baseline", **chosen["baseline"], run=spec, name="baseline")
     save_weights(ctx.out_dir / "experts.safetensors", experts, trainable_only=True)
     save_weights(ctx.out_dir / "baseline.safetensors", baseline, trainable_only=True)
+    with bem_disabled(baseline):
+        dev_base = dev_loss(baseline, "base")
 
-    dev = encode_items(_read_split(ctx, "dev"), codec)
-    with torch.no_grad():
-        b = make_batch(dev, codec.pad_id, loss_on_prompt=False).to(ctx.device)
-        with bem_routing(experts, skill_gates(b.skills)):
-            dev_e = float(
-                experts(
-                    input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels
-                ).loss
-            )
-        dev_b = float(
-            baseline(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels).loss
-        )
-        with bem_disabled(baseline):
-            dev_base = float(
-                baseline(
-                    input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels
-                ).loss
-            )
-    parity_info = {
-        "experts_params": count_bem_parameters(experts),
+    info = {
+        "experts_params": experts_params,
         "router_params": router_params,
         "router_system_params": system_params,
         "baseline_params": baseline_params,
         "baseline_rank": baseline_rank,
         "expert_rank": p.bem.rank,
         "param_parity": parity,
+        **{f"{s}_{k}": v for s in TRAINED_SYSTEMS for k, v in chosen[s].items()},
+        "tuning": {
+            "grid": tuning.grid.model_dump(),
+            "steps": tuning.steps,
+            "batch_size": spec.batch_size,
+            "score": "teacher-forced dev loss (experts under oracle routing)",
+            **points,
+        },
     }
-    atomic_write_json(ctx.out_dir / "systems.json", parity_info)
+    atomic_write_json(ctx.out_dir / "systems.json", info)
     plot_series(
         ctx.out_dir / "loss.png",
         {"experts (oracle routing)": run_e["history"], "fused baseline": run_b["history"]},
@@ -417,15 +476,28 @@ def train_experts(ctx: Any) -> dict[str, Any]:
         "step",
     )
     return {
-        **parity_info,
+        **info,
         "experts_final_loss": run_e["final_loss"],
         "baseline_final_loss": run_b["final_loss"],
-        "dev_loss_experts_oracle": dev_e,
-        "dev_loss_baseline": dev_b,
+        "dev_loss_experts_oracle": dev_loss(experts, "experts"),
+        "dev_loss_baseline": dev_loss(baseline, "baseline"),
         "dev_loss_base": dev_base,
         "resumed_from_experts": run_e["resumed_from"],
         "resumed_from_baseline": run_b["resumed_from"],
+        "tuning_points_resumed": resumed_points,
     }
+
+
+def _best_point(points: list[dict[str, Any]], system: str) -> dict[str, float]:
+    """The (lr, alpha) with the lowest dev loss; a diverged point (non-finite loss) never wins."""
+    finite = [q for q in points if q["dev_loss"] is not None]
+    if not finite:
+        raise ValueError(
+            f"params.tuning: every grid point diverged for the {system} (non-finite dev loss); "
+            "use smaller lr or alpha values"
+        )
+    best = min(finite, key=lambda q: q["dev_loss"])
+    return {"lr": best["lr"], "alpha": best["alpha"]}
 
 
 def behavioral_cloning(ctx: Any) -> dict[str, Any]:
@@ -449,7 +521,9 @@ def behavioral_cloning(ctx: Any) -> dict[str, Any]:
         loss, _ = bc_loss(router, train, torch.as_tensor(idx), tau=tau, step_penalty=penalty)
         return loss
 
-    experts_digest = input_digest(ctx, "train_experts", ctx.seed, "experts.safetensors")
+    experts_digest = input_digest(
+        ctx, "train_experts", ctx.seed, "experts.safetensors", "systems.json"
+    )
     fp = fingerprint_of(p.bem, p.data, p.router, spec, seed, _base_digest(ctx), experts_digest)
     run = train_loop(ctx, "router", router, loss_fn, spec, fingerprint=fp, trainable_only=False)
     save_weights(ctx.out_dir / "router.safetensors", router)
@@ -508,7 +582,11 @@ def collect_rollouts(
 
 
 def policy_gradient(ctx: Any) -> dict[str, Any]:
-    """AR1: PPO from the BC policy on decoded-answer reward, inside KL(BC || policy) <= bound."""
+    """AR1: PPO from the BC policy on decoded-answer reward, inside KL(BC || policy) <= bound.
+
+    An update whose step leaves the KL region is rejected (ppo_update undoes it) and the
+    following updates run at a smaller lr (pg.lr_shrink, floored); every update runs. Then both
+    routers greedy-decode the dev split: dev reward PPO vs BC, paired, with a bootstrap CI."""
     p = _params(ctx)
     seed = int(ctx.seed or 0)
     model, codec = _experts_system(ctx, p)
@@ -520,14 +598,13 @@ def policy_gradient(ctx: Any) -> dict[str, Any]:
     train = encode_items(_read_split(ctx, "train"), codec)
     spec = p.training.policy_gradient
     pg = p.policy_gradient
-    decoder = RoutedDecoder(
-        model,
-        eos_id=codec.eos_id,
-        max_new_tokens=p.evaluate.max_new_tokens,
-        device=ctx.device,
-        router=router,
-        chunk=p.bem.chunk_size,
-    )
+    decoding = {
+        "eos_id": codec.eos_id,
+        "max_new_tokens": p.evaluate.max_new_tokens,
+        "device": ctx.device,
+        "chunk": p.bem.chunk_size,
+    }
+    decoder = RoutedDecoder(model, router=router, **decoding)
     opt = torch.optim.Adam(router.parameters(), lr=spec.lr)
     fp = fingerprint_of(
         p.bem,
@@ -537,7 +614,7 @@ def policy_gradient(ctx: Any) -> dict[str, Any]:
         spec,
         seed,
         _base_digest(ctx),
-        input_digest(ctx, "train_experts", ctx.seed, "experts.safetensors"),
+        input_digest(ctx, "train_experts", ctx.seed, "experts.safetensors", "systems.json"),
         input_digest(ctx, "behavioral_cloning", ctx.seed, "router.safetensors"),
     )
     manager = fingerprinted_checkpoints(
@@ -546,12 +623,11 @@ def policy_gradient(ctx: Any) -> dict[str, Any]:
     loaded = manager.resume(router, opt)
     start = loaded.step if loaded else 0
     log: list[dict[str, Any]] = list(loaded.extra.get("log", [])) if loaded else []
-    stopped = bool(loaded.extra.get("stopped")) if loaded else False
+    lr = float(loaded.extra["lr"]) if loaded else spec.lr
+    min_lr = spec.lr * pg.min_lr_fraction
     if loaded:
-        ctx.log.info("policy_gradient: resumed from update %d (stopped=%s)", start, stopped)
+        ctx.log.info("policy_gradient: resumed from update %d (lr %.3g)", start, lr)
     for update in range(start, spec.steps):
-        if stopped:
-            break
         idx = step_rng(seed, update, 3).choice(
             len(train), min(spec.batch_size, len(train)), replace=False
         )
@@ -559,6 +635,8 @@ def policy_gradient(ctx: Any) -> dict[str, Any]:
         router.eval()
         batch, info = collect_rollouts(decoder, [train[i] for i in idx], codec, p, gen)
         before = expected_reward(router, batch, p.bem.tau)
+        for group in opt.param_groups:
+            group["lr"] = lr
         stats = ppo_update(
             router,
             reference,
@@ -572,10 +650,10 @@ def policy_gradient(ctx: Any) -> dict[str, Any]:
             entropy_coef=pg.entropy_coef,
             grad_clip=spec.grad_clip,
         )
-        stopped = stats.early_stopped
         log.append(
             {
                 "update": update + 1,
+                "lr": lr,
                 "reward": float(batch.rewards.mean()),
                 "em": sum(i["em"] for i in info) / len(info),
                 "valid": sum(i["valid"] for i in info) / len(info),
@@ -586,11 +664,13 @@ def policy_gradient(ctx: Any) -> dict[str, Any]:
                 "entropy": stats.entropy,
                 "clip_fraction": stats.clip_fraction,
                 "epochs": stats.epochs,
-                "early_stopped": stats.early_stopped,
+                "rejected": stats.early_stopped,
             }
         )
-        if (update + 1) % spec.checkpoint_every == 0 or update + 1 == spec.steps or stopped:
-            manager.save(update + 1, router, opt, extra={"log": log, "stopped": stopped})
+        if stats.early_stopped:  # a smaller step for what follows, never below the floor
+            lr = max(lr * pg.lr_shrink, min_lr)
+        if (update + 1) % spec.checkpoint_every == 0 or update + 1 == spec.steps:
+            manager.save(update + 1, router, opt, extra={"log": log, "lr": lr})
         progress(ctx, "ppo", update + 1, spec.steps, reward=log[-1]["reward"], kl=stats.kl)
     save_weights(ctx.out_dir / "router.safetensors", router)
     atomic_write_json(ctx.out_dir / "router.json", router.config())
@@ -599,21 +679,63 @@ def policy_gradient(ctx: Any) -> dict[str, Any]:
         ctx.out_dir / "updates.png",
         {
             k: [(row["update"], row[k]) for row in log]
-            for k in ("reward", "kl", "entropy", "expected_reward_after")
+            for k in ("reward", "kl", "entropy", "expected_reward_after", "lr")
         },
         f"policy_gradient seed {seed} (kl_bound {pg.kl_bound})",
         "PPO update",
     )
+
+    dev = encode_items(_read_split(ctx, "dev"), codec)
+    bc_dev = _dev_rewards(RoutedDecoder(model, router=reference, **decoding), dev, codec, p)
+    ppo_dev = _dev_rewards(decoder, dev, codec, p)
+    gain = paired_bootstrap(ppo_dev["reward"], bc_dev["reward"], seed=seed)
+    if gain.low > 0:
+        verdict = "improved"
+    elif gain.high < 0:
+        verdict = "worse"
+    else:
+        verdict = "no detectable change"
+    changed = sum(a != b for a, b in zip(ppo_dev["decisions"], bc_dev["decisions"], strict=True))
     return {
         "updates": len(log),
-        "early_stopped": stopped,
+        "rejected_updates": sum(row["rejected"] for row in log),
+        "final_lr": lr,
         "final_kl": log[-1]["kl"],
+        "max_kl": max(row["kl"] for row in log),
+        "kl_bound": pg.kl_bound,
+        "mean_entropy": sum(row["entropy"] for row in log) / len(log),
         "final_entropy": log[-1]["entropy"],
         "first_reward": log[0]["reward"],
         "last_reward": log[-1]["reward"],
-        "kl_bound": pg.kl_bound,
+        "dev_reward_bc": sum(bc_dev["reward"]) / len(dev),
+        "dev_reward_ppo": sum(ppo_dev["reward"]) / len(dev),
+        "dev_reward_gain": gain.estimate,
+        "dev_reward_gain_ci_low": gain.low,
+        "dev_reward_gain_ci_high": gain.high,
+        "dev_reward_gain_p_value": gain.p_value,
+        "dev_reward_n": gain.n,
+        "dev_reward_verdict": verdict,
+        "dev_em_bc": sum(bc_dev["em"]) / len(dev),
+        "dev_em_ppo": sum(ppo_dev["em"]) / len(dev),
+        "dev_plans_changed": changed / len(dev),
         "resumed_from": start,
     }
+
+
+def _dev_rewards(
+    decoder: RoutedDecoder, examples: Sequence[Example], codec: TextCodec, p: MissionAParams
+) -> dict[str, list[Any]]:
+    """Training reward (rollout_reward) of each example decoded with greedy routing, as
+    evaluate decodes: per-example reward, EM and routing decisions."""
+    choose = greedy_chooser(p.bem.tau, p.router.plan_horizon)
+    out: dict[str, list[Any]] = {"reward": [], "em": [], "decisions": []}
+    for e in examples:
+        dec = decoder(e.prompt, choose)
+        reward, scores = rollout_reward(dec, codec.decode(dec.tokens), e.answer, p)
+        out["reward"].append(reward)
+        out["em"].append(scores["em"])
+        out["decisions"].append(dec.decisions)
+    return out
 
 
 def evaluate(ctx: Any) -> dict[str, Any]:
@@ -627,7 +749,9 @@ def evaluate(ctx: Any) -> dict[str, Any]:
     experts_dir = ctx.input_dir("train_experts", ctx.seed)
     systems_info = json.loads((experts_dir / "systems.json").read_text())
     baseline_model, _ = _load_base(ctx, p)
-    _attach_fused(baseline_model, p, int(systems_info["baseline_rank"]), seed)
+    _attach_fused(
+        baseline_model, p, systems_info["baseline_rank"], seed, alpha=systems_info["baseline_alpha"]
+    )
     load_weights(experts_dir / "baseline.safetensors", baseline_model, trainable_only=True)
     baseline_model.eval()
 

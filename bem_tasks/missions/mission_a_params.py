@@ -66,6 +66,21 @@ class TrainingBlocks(Strict):
     policy_gradient: TrainingSpec
 
 
+class TuningGrid(Strict):
+    lr: list[PositiveFloat] = Field(min_length=1)
+    alpha: list[PositiveFloat] = Field(min_length=1)
+
+
+class TuningSpec(Strict):
+    """One tuning budget for both train_experts systems (the experts and the fused baseline):
+    every (lr, alpha) point of the grid is trained `steps` steps from the same initialisation
+    (batch size and warm-up share of training.train_experts) and scored by teacher-forced dev
+    loss; each system's best point is used for its full training."""
+
+    grid: TuningGrid
+    steps: PositiveInt
+
+
 class RouterSpec(Strict):
     """The macro-policy router (chunk size and hysteresis tau come from the `bem` block)."""
 
@@ -83,6 +98,10 @@ class PolicyGradientSpec(Strict):
     kl_coef: float = Field(0.1, ge=0)  # KL(BC || policy) penalty inside the PPO loss
     entropy_coef: float = Field(0.0, ge=0)
     format_bonus: float = Field(0.1, ge=0)  # reward for a parsable F:{...} answer
+    # An update whose step leaves the KL region is rejected and the following updates run at
+    # lr * lr_shrink, never below min_lr_fraction * training.policy_gradient.lr.
+    lr_shrink: float = Field(0.5, gt=0, lt=1)
+    min_lr_fraction: float = Field(0.01, gt=0, le=1)
 
 
 class EvaluateSpec(Strict):
@@ -97,6 +116,7 @@ class MissionAParams(Strict):
     bem: BemSpec
     data: DataSpec
     training: TrainingBlocks
+    tuning: TuningSpec
     router: RouterSpec = RouterSpec()
     policy_gradient: PolicyGradientSpec = PolicyGradientSpec()
     evaluate: EvaluateSpec = EvaluateSpec()

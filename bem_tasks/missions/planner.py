@@ -615,8 +615,8 @@ class UpdateStats:
     kl: float
     entropy: float
     clip_fraction: float
-    epochs: int
-    early_stopped: bool
+    epochs: int  # accepted epochs
+    early_stopped: bool  # an epoch left the KL region and was rejected
 
 
 def ppo_update(
@@ -636,8 +636,9 @@ def ppo_update(
     """PPO epochs on one batch inside a KL trust region to ``reference`` (the BC policy).
 
     After every epoch the mean KL(reference || router) on the batch's states is measured; an
-    epoch that leaves the region is undone and the update stops (the last in-bound policy is
-    kept)."""
+    epoch that leaves the region is rejected: router and optimizer state are restored, the
+    batch's remaining epochs are skipped and ``early_stopped`` is set, so that the caller can
+    take smaller steps from then on (the last in-bound policy is kept)."""
     adv = batch.advantages()[batch.traj]
     with torch.no_grad():
         ref_logits = masked_logits(reference, batch, tau)

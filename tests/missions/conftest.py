@@ -48,6 +48,7 @@ MICRO = {
         "behavioral_cloning": {"lr": 0.01, "steps": 150, "batch_size": 64, "checkpoint_every": 50},
         "policy_gradient": {"lr": 0.001, "steps": 3, "batch_size": 4, "checkpoint_every": 1},
     },
+    "tuning": {"grid": {"lr": [0.003, 0.01], "alpha": [4.0, 16.0]}, "steps": 3},
     "router": {"hidden": 16, "bc_examples": None},
     "evaluate": {"max_new_tokens": 32, "latency_warmup": 1, "kv_all_positions": True},
 }
