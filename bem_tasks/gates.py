@@ -12,8 +12,7 @@ two-sided p-value, so one gate passes by chance at most ``alpha / 2`` of the tim
 sits on the threshold. ``alpha`` and ``power`` come from the gates file only, and the statistics
 must have been computed at ``confidence = 1 - alpha``.
 
-* too_few_examples: fewer than the gate's ``min_examples`` examples, whatever the CI (default 30,
-  and for a quantile at least 10 examples expected beyond it: 200 for p95, 30 for the median);
+* too_few_examples: fewer than the gate's ``min_examples`` (default 30) examples, whatever the CI;
 * passed: the CI bound on the passing side satisfies ``op`` and ``p_adjusted < alpha``;
 * failed: the CI bound on the failing side violates ``op`` (the whole CI is on the wrong side);
 * underpowered: anything else (the CI straddles the threshold, or clears it only before the
@@ -56,10 +55,6 @@ Status = Literal["passed", "failed", "underpowered", "too_few_examples", "missin
 STATUSES: tuple[Status, ...] = ("passed", "failed", "underpowered", "too_few_examples", "missing")
 DecisionValue = Literal["PROMOTED", "REJECTED", "INSUFFICIENT_EVIDENCE", "ERROR"]
 DEFAULT_MIN_EXAMPLES = 30
-# A quantile gate also needs this many examples expected beyond its quantile (p95: 200 examples):
-# with fewer, the BCa interval of a tail quantile is too short and a candidate sitting on the
-# threshold passes more often than alpha / 2 (tests/stats/test_stats_simulation.py measures it).
-MIN_TAIL_EXAMPLES = 10
 
 OPS: dict[str, Callable[[Any, Any], bool]] = {
     ">=": operator.ge,
@@ -96,8 +91,7 @@ class Gate(Strict):
     slice: str = Field(default="slice_b", min_length=1)
     relative: bool = False
     statistic: str = "mean"
-    # Comparative gates only: below this many examples the gate cannot pass or fail (None: the
-    # default of `required_examples`).
+    # Comparative gates only: below this many examples the gate cannot pass or fail (None: 30).
     min_examples: int | None = Field(default=None, ge=2)
     description: str = ""
 
@@ -165,13 +159,7 @@ class Gate(Strict):
 
     @property
     def required_examples(self) -> int:
-        """``min_examples``, else 30, and for a quantile ``pNN`` at least 10 beyond it."""
-        if self.min_examples is not None:
-            return self.min_examples
-        q = parse_statistic(self.statistic)
-        if q is None:
-            return DEFAULT_MIN_EXAMPLES
-        return max(DEFAULT_MIN_EXAMPLES, math.ceil(MIN_TAIL_EXAMPLES / min(q, 1.0 - q) - 1e-9))
+        return DEFAULT_MIN_EXAMPLES if self.min_examples is None else self.min_examples
 
     @property
     def higher_is_better(self) -> bool:

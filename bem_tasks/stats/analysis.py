@@ -33,12 +33,13 @@ RESULT_KEYS = (
     "metric",
     "slice",
     "family",
-    "statistic",  # "mean", "median" or "pNN": T in T(candidate) -/÷ T(baseline)
+    "statistic",  # "mean", "median" or "pNN" (Harrell-Davis): T in T(candidate) -/÷ T(baseline)
     "relative",  # True: estimate = T(candidate) / T(baseline) - 1; False: T(candidate) - T(baseline)
     "higher_is_better",
     "n",  # examples (the resampled clusters)
     "n_seeds",  # seeds per example; quantiles are taken over the pooled n x n_seeds values
-    "estimate",  # the statistic; ci_low/ci_high is its BCa interval at `confidence`
+    "estimate",  # the statistic; ci_low/ci_high: its interval at `confidence` (BCa for means,
+    # percentile for Harrell-Davis quantiles; see bem_tasks.stats.bootstrap)
     "ci_low",
     "ci_high",
     "confidence",

@@ -354,14 +354,6 @@ def test_concurrent_promotions_lose_nothing(tmp_path: Path) -> None:
 def test_too_few_examples_is_insufficient_evidence_whatever_the_ci() -> None:
     small = SUP.model_copy(update={"min_examples": 40})
     assert SUP.required_examples == 30 and small.required_examples == 40
-    # a quantile also needs 10 examples expected beyond it
-    p95 = NI.model_copy(update={"statistic": "p95"})
-    assert (
-        p95.required_examples,
-        NI.model_copy(update={"statistic": "median"}).required_examples,
-    ) == (200, 30)
-    d = evaluate_gates("m", _cfg(p95), [_res(p95, 0.01, -0.02, 0.04, 0.001, n=199)])
-    assert d.gates[0].status == "too_few_examples" and "min_examples = 200" in d.gates[0].reason
     clear_win = _res(small, 0.05, 0.03, 0.07, 0.001, n=39)
     d = evaluate_gates("m", _cfg(small), [clear_win])
     assert d.decision == "INSUFFICIENT_EVIDENCE" and d.gates[0].status == "too_few_examples"
