@@ -175,6 +175,21 @@ def test_pvalue_is_consistent_with_the_interval() -> None:
     assert disagreements == 0
 
 
+def test_quantile_pvalue_is_consistent_with_its_percentile_interval() -> None:
+    rng = np.random.default_rng(15)
+    disagreements, excluded = 0, 0
+    for i in range(30):
+        base = rng.lognormal(3.0, 0.3, size=(60, 2))
+        cand = base * rng.lognormal(0.05, 0.1, size=(60, 2))
+        null = float(rng.normal(0.05, 0.05))
+        r = paired_bootstrap(cand, base, statistic="p95", relative=True, null_value=null,
+                             n_resamples=1000, seed=i)  # fmt: skip
+        assert (r.z0, r.acceleration) == (0.0, 0.0)  # the percentile interval
+        excluded += r.low > null or r.high < null
+        disagreements += (r.low > null or r.high < null) != (r.p_value < 0.05)
+    assert disagreements == 0 and 5 <= excluded <= 25  # both cases occur
+
+
 def test_pvalue_known_answers() -> None:
     symmetric = np.concatenate([np.linspace(-1, 1, 31), -np.linspace(-1, 1, 31)])
     assert paired_bootstrap(symmetric, n_resamples=2000).p_value > 0.9
