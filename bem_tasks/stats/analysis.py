@@ -44,9 +44,9 @@ RESULT_KEYS = (
     "ci_high",
     "confidence",
     "null_value",  # what p_value tests (two-sided), 0 unless a gate asks for its threshold
-    "p_value",  # BCa test inversion: p < 1 - confidence exactly when the CI excludes null_value;
+    "p_value",  # interval inversion: p < 1 - confidence exactly when the CI excludes null_value;
     # the exact sign test when the bootstrap is degenerate (see p_value_method)
-    "p_value_method",  # "bca_inversion" or "exact_sign_test"
+    "p_value_method",  # "interval_inversion" or "exact_sign_test"
     "p_adjusted",  # Benjamini-Hochberg within (mission, slice, family)
     "family_size",  # hypotheses in that family
     "significant",  # p_adjusted < alpha
@@ -225,7 +225,7 @@ def analyze(
                 "confidence": float(confidence),
                 "null_value": float(md.null_value),
                 "p_value": float(r.p_value),
-                "p_value_method": "exact_sign_test" if r.degenerate else "bca_inversion",
+                "p_value_method": "exact_sign_test" if r.degenerate else "interval_inversion",
                 "p_adjusted": p_adj[i],
                 "family_size": fam_size[i],
                 "significant": bool(significant),

@@ -103,7 +103,7 @@ def test_known_answers_against_the_inputs() -> None:
     assert p95["estimate"] == pytest.approx(hd_c / hd_b - 1)
     assert (p95["candidate_value"], p95["baseline_value"]) == pytest.approx((hd_c, hd_b))
     assert (p95["n"], p95["n_seeds"]) == (80, 3)
-    assert [r["p_value_method"] for r in results] == ["bca_inversion"] * 5
+    assert [r["p_value_method"] for r in results] == ["interval_inversion"] * 5
     assert [r["continuity"] for r in results] == [0.0] * 5
     assert lat["null_value"] == 0.15
     # latency is clearly below +15%, and lower is better: the candidate is not slower by 15%
