@@ -64,8 +64,9 @@ def test_shipped_gates_cover_every_mission_target() -> None:
         "<=",
         3,
     )
-    kv = a["kv_hit_ratio"]  # router's KV-hit >= 1.0x the baseline's
-    assert (kv.kind, kv.relative, kv.op, kv.threshold) == ("non_inferiority", True, ">=", 0.0)
+    kv = a["kv_hit_ratio"]  # router's KV-hit >= 1.0x the baseline's, up to a stated margin
+    assert (kv.kind, kv.relative, kv.op) == ("non_inferiority", True, ">=")
+    assert -0.05 <= kv.threshold <= 0.0
     assert cfg.missions["mission_a"].candidate == "router"
     assert cfg.missions["mission_a"].baseline == "baseline"
     b = names["mission_b"]
