@@ -173,7 +173,6 @@ def cmd_stats(args: argparse.Namespace) -> int:
         out_path=Path(args.output),
         confidence=stats.confidence,
         n_resamples=args.samples or stats.n_resamples,
-        alpha=stats.fdr_alpha,
     )
     from bem_tasks.fleet.summary import format_table
 
@@ -204,8 +203,6 @@ def _gates_report(args: argparse.Namespace, missions: list[str] | None) -> dict:
         gates_path=cfg.resolve(args.gates or cfg.arch.statistics.gates),
         out_dir=out,
         registry_path=cfg.artifact_root / "registry.json",
-        alpha=cfg.arch.statistics.fdr_alpha,
-        power=cfg.arch.statistics.power,
         missions=missions,
         register=False,
     )

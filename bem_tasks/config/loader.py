@@ -416,7 +416,11 @@ def _load(path: Path, profile: str | None, problems: list[str]) -> FleetConfig |
 
     # The gates file is checked by its own schema when the statistics layer is present.
     if stats_gates.exists():
-        problems.extend(_gate_problems(stats_gates, list(missions)))
+        confidences = {
+            f"profiles.{name}.statistics" if name else "statistics": a.statistics.confidence  # type: ignore[attr-defined]
+            for name, a in archs.items()
+        }
+        problems.extend(_gate_problems(stats_gates, list(missions), path, confidences))
 
     if problems:
         return None
@@ -444,7 +448,11 @@ def _fleet_config(
     return siblings[profile]
 
 
-def _gate_problems(gates_path: Path, missions: list[str]) -> list[str]:
+def _gate_problems(
+    gates_path: Path, missions: list[str], arch_path: Path, confidences: dict[str, float]
+) -> list[str]:
+    """The gates file's own schema, its missions, and one significance level: every profile's
+    ``statistics.confidence`` must be ``1 - alpha`` of the gates file (two-sided intervals)."""
     from bem_tasks.gates import load_gates  # it imports this module for ConfigError
 
     try:
@@ -452,4 +460,12 @@ def _gate_problems(gates_path: Path, missions: list[str]) -> list[str]:
     except ConfigError as exc:
         return exc.problems
     unknown = [m for m in gates.missions if m not in missions]
-    return [f"{gates_path}:missions.{m}: unknown mission '{m}'" for m in unknown]
+    problems = [f"{gates_path}:missions.{m}: unknown mission '{m}'" for m in unknown]
+    for where, confidence in confidences.items():
+        if abs(confidence - (1.0 - gates.alpha)) > 1e-9:
+            problems.append(
+                f"{arch_path}:{where}.confidence: {confidence} but {gates_path}:alpha is "
+                f"{gates.alpha}; gates are judged on two-sided intervals, so confidence must be "
+                f"{1.0 - gates.alpha:g}"
+            )
+    return problems

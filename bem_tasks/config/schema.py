@@ -83,10 +83,10 @@ class MissionRef(Strict):
 
 
 class Statistics(Strict):
+    # The significance level and target power live in the gates file only; `bem-fleet validate`
+    # checks that confidence == 1 - its alpha (gates are judged on two-sided intervals).
     confidence: float = Field(0.95, gt=0, lt=1)
     n_resamples: PositiveInt = 10_000
-    fdr_alpha: float = Field(0.05, gt=0, lt=1)
-    power: float = Field(0.8, gt=0, lt=1)
     gates: str = "configs/gates_bem2.yaml"
 
 

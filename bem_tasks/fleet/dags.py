@@ -267,7 +267,6 @@ def _validate(results: list[str]) -> dict:
         out_path=out / "statistical_results.json",
         confidence=stats.confidence,
         n_resamples=stats.n_resamples,
-        alpha=stats.fdr_alpha,
     )
     path = str(out / "statistical_results.json")
     ctx["outlet_events"][STATS_ASSET].extra = {"statistical_results": path}
@@ -293,8 +292,6 @@ def _gate(statistical_results: str | None) -> dict:
         gates_path=cfg.resolve(stats.gates),
         out_dir=out,
         registry_path=cfg.artifact_root / "registry.json",
-        alpha=stats.fdr_alpha,
-        power=stats.power,
     )
     for d in report["decisions"]:
         print(f"{d['mission']}: {d['decision']}")

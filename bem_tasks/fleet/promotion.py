@@ -108,19 +108,6 @@ def _error(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _check_level(
-    gates: GatesConfig, gates_path: Path, alpha: float | None, power: float | None
-) -> None:
-    """Callers may still pass the architecture's fdr_alpha/power; they must agree with the file."""
-    for name, given, own in (("alpha", alpha, gates.alpha), ("power", power, gates.power)):
-        if given is not None and not math.isclose(given, own, abs_tol=1e-12):
-            raise ValueError(
-                f"{name} = {given} given by the caller (statistics.fdr_alpha / statistics.power "
-                f"of the architecture) disagrees with {gates_path}:{name} = {own}; the gates "
-                "file is the one source of the significance level and power"
-            )
-
-
 def _mission_specs(
     results_path: Path, gates: GatesConfig, gates_path: Path
 ) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
@@ -169,17 +156,14 @@ def validate_results(
     out_path: Path,
     confidence: float,
     n_resamples: int,
-    alpha: float | None = None,
 ) -> dict[str, Any]:
     """Analyse every mission's paired records; write and return ``statistical_results.json``.
 
     The significance level is the gates file's ``alpha``, and ``confidence`` must be ``1 -
-    alpha`` (gates are judged on two-sided intervals). ``alpha``, if given, must agree with the
-    file. A mission whose records or statistics fail is kept with ``error`` (its message) and no
+    alpha`` (gates are judged on two-sided intervals). A mission whose records or statistics fail is kept with ``error`` (its message) and no
     results; the other missions are analysed as usual.
     """
     gates = load_gates(gates_path)
-    _check_level(gates, gates_path, alpha, None)
     if not math.isclose(confidence, 1.0 - gates.alpha, abs_tol=1e-9):
         raise ValueError(
             f"statistics.confidence = {confidence} but {gates_path}:alpha = {gates.alpha}: gates "
@@ -250,14 +234,12 @@ def gate_results(
     gates_path: Path,
     out_dir: Path,
     registry_path: Path,
-    alpha: float | None = None,
-    power: float | None = None,
     missions: Iterable[str] | None = None,
     register: bool = True,
 ) -> dict[str, Any]:
     """Judge the gates of every mission in ``stats_path``; write the reports, register winners.
 
-    ``alpha``/``power`` are the gates file's; if given they must agree with it. A mission whose
+    The significance level and power are the gates file's. A mission whose
     statistics failed, or whose gates cannot be judged, gets the decision ERROR with the message;
     the other missions are judged as usual.
     """
@@ -269,7 +251,6 @@ def gate_results(
             f"{stats_path}: no results for {sorted(unknown)} (has {sorted(doc['missions'])})"
         )
     gates = load_gates(gates_path)
-    _check_level(gates, gates_path, alpha, power)
     decisions = []
     for mission, info in doc["missions"].items():
         if mission not in wanted:

@@ -204,3 +204,21 @@ def test_deep_merge_replaces_lists_and_merges_mappings() -> None:
     base = {"a": {"x": 1, "y": [1, 2]}, "b": 1}
     assert deep_merge(base, {"a": {"y": [3]}}) == {"a": {"x": 1, "y": [3]}, "b": 1}
     assert base == {"a": {"x": 1, "y": [1, 2]}, "b": 1}
+
+
+def test_confidence_must_match_the_gates_alpha(project: Path, edit_yaml) -> None:
+    """One significance level: the gates file's alpha; a profile's confidence that disagrees
+    with it is named at validation, and the old second source is an unknown key."""
+    gates = project / "configs" / "gates_bem2.yaml"
+
+    def bad(d: dict) -> None:
+        d["profiles"]["smoke"]["statistics"]["confidence"] = 0.9
+
+    problems = problems_after(project, edit_yaml, ARCH, bad)
+    assert problems == [
+        f"{project / ARCH}:profiles.smoke.statistics.confidence: 0.9 but {gates}:alpha is 0.05; "
+        "gates are judged on two-sided intervals, so confidence must be 0.95"
+    ]
+    edit_yaml(project / ARCH, lambda d: d["profiles"]["smoke"]["statistics"].pop("confidence"))
+    edit_yaml(project / ARCH, lambda d: d["statistics"].update(fdr_alpha=0.05))
+    assert validate(project / ARCH) == [f"{project / ARCH}:statistics.fdr_alpha: unknown key"]
