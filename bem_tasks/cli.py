@@ -184,8 +184,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
     print(format_table(
         ["mission", "metric", "slice", "family", "stat", "n", "estimate", "95% CI", "p_adj"], rows
     ))  # fmt: skip
+    failed = {m: info["error"] for m, info in doc["missions"].items() if "error" in info}
+    for mission, error in failed.items():
+        print(f"\n{mission}: ERROR {error}")
     print(f"\nwrote {args.output}")
-    return 0
+    return 1 if failed else 0
 
 
 def _gates_report(args: argparse.Namespace, missions: list[str] | None) -> dict:

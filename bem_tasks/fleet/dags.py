@@ -294,7 +294,7 @@ def _gate(statistical_results: str | None) -> dict:
         registry_path=cfg.artifact_root / "registry.json",
     )
     for d in report["decisions"]:
-        print(f"{d['mission']}: {d['decision']}")
+        print(f"{d['mission']}: {d['decision']}" + (f" ({d['error']})" if d.get("error") else ""))
         for g in d["gates"]:
             print(f"  {g['gate']:<24} {g['status']:<13} {g['reason']}")
     return {

@@ -78,6 +78,7 @@ def render_html(overview: dict[str, Any], *, refresh_s: int = 30) -> str:
         "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
         ".PROMOTED{color:#1a7f37}.REJECTED{color:#cf222e}.INSUFFICIENT_EVIDENCE{color:#9a6700}"
+        ".ERROR{color:#cf222e;font-weight:bold}"
         "</style></head><body>",
         "<h1>BEM Fleet</h1>",
         f"<p>Artifacts: <code>{esc(overview['artifact_root'])}</code>. "
@@ -102,6 +103,8 @@ def render_html(overview: dict[str, Any], *, refresh_s: int = 30) -> str:
                     f"<span class='{esc(decision)}'>{esc(decision)}</span></h3>"
                     f"<p>{esc(str(d.get('summary', '')))}</p>"
                 )
+                if d.get("error"):
+                    parts.append(f"<p class='ERROR'>{esc(str(d['error']))}</p>")
                 parts.append(_table(GATE_HEADERS, gate_rows(d)))
     parts.append("</body></html>")
     return "".join(parts)

@@ -91,3 +91,11 @@ def test_promotion_decisions_are_shown_gate_by_gate(tmp_path: Path, monkeypatch)
     assert "<meta http-equiv='refresh' content='30'>" in page
     assert "http-equiv" not in client.get("/?refresh=0").text
     assert client.get("/?refresh=-1").status_code == 422
+    broken = Decision(
+        mission="mission_c", decision="ERROR", summary="statistics failed", alpha=0.05,
+        power=0.8, gates=[], error="ValueError: unpaired records for 'violation'",
+    )  # fmt: skip
+    atomic_write_json(report, {"decisions": [broken.to_json()]})
+    page = client.get("/").text
+    assert "<span class='ERROR'>ERROR</span>" in page
+    assert "<p class='ERROR'>ValueError: unpaired records for &#x27;violation&#x27;</p>" in page

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.stats.mstats import hdquantiles
 
-from bem_tasks.eval.records import ExampleRecord, write_records
+from bem_tasks.eval.records import ExampleRecord, read_records, write_records
 from bem_tasks.fleet.promotion import gate_results, validate_results
 from bem_tasks.gates import load_gates
 from bem_tasks.io import atomic_write_json
@@ -198,7 +198,6 @@ def test_a_metric_recorded_on_some_examples_is_paired_on_those(tmp_path: Path) -
     p95 = by[(LAT, "slice_b", "p95")]
     assert (p95["n"], p95["n_seeds"]) == (50, 2)
     # known answer: the pooled p95 of the 50 timed examples x 2 seeds, read back from the records
-    from bem_tasks.eval.records import read_records
 
     lat: dict[str, list[float]] = {"router": [], "baseline": []}
     for seed in (0, 1):
@@ -219,7 +218,6 @@ def test_a_metric_recorded_on_some_examples_is_paired_on_those(tmp_path: Path) -
 def test_a_metric_recorded_for_one_system_only_is_that_missions_error(tmp_path: Path) -> None:
     a = make_results(tmp_path / "a", em_gain=0.3)
     path = tmp_path / "a" / "mission_a" / "evaluate" / "seed_0" / "records.jsonl"
-    from bem_tasks.eval.records import read_records
 
     recs = read_records(path)
     k = next(i for i, r in enumerate(recs) if r.system == "baseline" and "slice_b" in r.slices)
@@ -230,6 +228,20 @@ def test_a_metric_recorded_for_one_system_only_is_that_missions_error(tmp_path: 
     assert f"unpaired records for '{LAT}'" in doc["missions"]["mission_a"]["error"]
     assert _decisions(report)["mission_a"]["decision"] == "ERROR"
     assert _decisions(report)["mission_c"]["decision"] != "ERROR"
+
+
+def test_cli_stats_names_a_missions_error_and_fails(tmp_path: Path, capsys) -> None:
+    from bem_tasks.cli import main
+
+    a = make_results(tmp_path / "a", em_gain=0.3)
+    path = tmp_path / "a" / "mission_a" / "evaluate" / "seed_0" / "records.jsonl"
+    recs = [r for r in read_records(path) if r.system != "baseline"]  # no baseline at all
+    write_records(path, recs)
+    out = tmp_path / "s.json"
+    assert main(["stats", "--results", str(a), "--output", str(out), "--samples", "200"]) == 1
+    printed = capsys.readouterr().out
+    assert "mission_a: ERROR" in printed and "wrote" in printed
+    assert "error" in json.loads(out.read_text())["missions"]["mission_a"]
 
 
 def test_one_significance_level(tmp_path: Path) -> None:
