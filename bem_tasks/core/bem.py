@@ -294,6 +294,9 @@ class BEMLayer(nn.Module):
         self._stream_w: Tensor | None = None
         self._eval_cache: tuple[tuple[Any, ...], tuple[Tensor, Tensor]] | None = None
         self._external_convex = False
+        # (expert solution, weights, decisions, gates) of the current external gates at
+        # inference: a decoder sets gates once per segment and runs one token per forward.
+        self._external_cache: tuple[tuple[Tensor, Tensor], Tensor, Tensor, Tensor] | None = None
         self.last_decisions: Tensor | None = None
         self.last_weights: Tensor | None = None
         self.reset_stats()
@@ -306,12 +309,16 @@ class BEMLayer(nn.Module):
             f"trust=({self.trust_budget}, {self.trust_budget_fro}), routing={self.routing}"
         )
 
-    def set_routing(self, gates: Tensor | None) -> None:
+    def set_routing(self, gates: Tensor | None, *, convex: bool | None = None) -> None:
         """Override the controller with external gates (None restores the controller).
 
         Accepted: float [B, T, K] (T == seq len, T == 1 to broadcast, or in streaming mode
         T covering every absolute position), float [B, K], or integer expert ids [B, T] / [B].
+        ``convex``: whether every gate row is a convex mix (non-negative, summing to <= 1);
+        None checks it. A caller that builds one-hot or zero rows may say so and save the
+        check (a decoder re-routes once per plan segment).
         """
+        self._external_cache = None
         if gates is None:
             self._external = None
             return
@@ -332,8 +339,10 @@ class BEMLayer(nn.Module):
             )
         self._external = gates.to(self.bem_V.device)
         # Convex mixes of in-budget experts are in budget; other gates get a per-row bound.
-        convex = (self._external >= 0).all() & (self._external.sum(-1) <= 1 + 1e-6).all()
-        self._external_convex = bool(convex)
+        if convex is None:
+            g = self._external
+            convex = bool((g >= 0).all() & (g.sum(-1) <= 1 + 1e-6).all())
+        self._external_convex = convex
 
     def reset_stream(self) -> None:
         self._stream_pos = 0
@@ -563,6 +572,7 @@ class BEMLayer(nn.Module):
                 f"BEM {self.site_name}: external gates have batch {g.shape[0]}, input has {batch}"
             )
         span = g.shape[1]
+        window = None
         if span == 1:
             pass  # one gate row for every position: weights broadcast over the sequence
         elif self.streaming:
@@ -571,13 +581,42 @@ class BEMLayer(nn.Module):
                     f"BEM {self.site_name}: external gates cover {span} positions, streaming "
                     f"forward needs positions {pos0}..{pos0 + length - 1}"
                 )
-            g = g[:, pos0 : pos0 + length]
+            window = slice(pos0, pos0 + length)
         elif span != length:
             raise ValueError(
                 f"BEM {self.site_name}: external gates have seq length {span}, input has {length}"
             )
+        if torch.is_grad_enabled() or g.requires_grad:
+            w, decisions, g = self._external_solution(g if window is None else g[:, window])
+            w_seen = w.detach()
+        else:
+            # Inference: solve once per gates (and parameters), not once per forward.
+            sol = self._expert_solution()
+            cached = self._external_cache
+            if cached is None or cached[0] is not sol:
+                cached = (sol, *self._external_solution(g))
+                self._external_cache = cached
+            _, w, decisions, g = cached
+            if window is not None:
+                w, decisions, g = w[:, window], decisions[:, window], g[:, window]
+            w_seen = w
+        if decisions.shape[1] != length:
+            decisions = decisions.expand(batch, length)
+            g = g.expand(batch, length, k)
+        prev = self._stream_cur if self.streaming else None
+        self.routing_stats.add(decisions, None, prev, g)
+        self.last_decisions = decisions
+        self.last_weights = w_seen
+        if self.streaming:
+            self._stream_cur = decisions[:, -1]
+            self._stream_w = w[:, -1].detach()
+        return w
+
+    def _external_solution(self, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """External gates [B, T, K] -> (column weights [B, T, R], hard decisions [B, T],
+        non-negative detached gates for the statistics [B, T, K])."""
         g = g.to(self.bem_V.dtype)
-        flat = g.reshape(-1, k)
+        flat = g.reshape(-1, self.num_experts)
         if self._external_convex:
             w = self.column_weights(flat, row_trust=False)
         elif flat.requires_grad:
@@ -586,17 +625,8 @@ class BEMLayer(nn.Module):
             # A planner's gates repeat across a segment: one trust-region solve per distinct row.
             rows, inverse = torch.unique(flat, dim=0, return_inverse=True)
             w = self.column_weights(rows)[inverse]
-        w = w.reshape(batch, g.shape[1], self.total_rank)
-        decisions = g.argmax(-1).expand(batch, length)
-        g = g.expand(batch, length, k)
-        prev = self._stream_cur if self.streaming else None
-        self.routing_stats.add(decisions, None, prev, g.detach().clamp_min(0))
-        self.last_decisions = decisions
-        self.last_weights = w.detach()
-        if self.streaming:
-            self._stream_cur = decisions[:, -1]
-            self._stream_w = w[:, -1].detach()
-        return w
+        w = w.reshape(*g.shape[:2], self.total_rank)
+        return w, g.argmax(-1), g.detach().clamp_min(0)
 
 
 # ---------------------------------------------------------------------- model-level helpers
