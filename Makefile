@@ -52,6 +52,7 @@ pytest: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bem_vs_lora.py
 	$(BIN)/python bench/stats_bench.py
+	$(BIN)/python bench/router_overhead.py
 
 ## Regenerate constraints.txt from a clean install of requirements-dev.txt (runtime + dev tools).
 constraints:

@@ -105,9 +105,16 @@ class PolicyGradientSpec(Strict):
 
 
 class EvaluateSpec(Strict):
+    """EM/F1 and plans on every dev/test example (batched decoding); latency on the first
+    `latency_examples` test items (batch 1, interleaved); KV reuse on a serving workload of
+    `kv_contexts` test contexts with up to `kv_questions` questions each."""
+
     max_new_tokens: PositiveInt = 48
+    batch_size: PositiveInt = 64  # prompts of one length decoded together (no padding)
     latency_warmup: int = Field(3, ge=0)  # untimed decodes per system before timing
-    kv_all_positions: bool = True  # also measure KV hits on generated positions
+    latency_examples: PositiveInt = 200
+    kv_contexts: PositiveInt = 50
+    kv_questions: int = Field(4, ge=2)  # requests per shared context, the test item included
 
 
 class MissionAParams(Strict):

@@ -26,7 +26,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -166,6 +166,8 @@ def skill_gates(skills: Tensor, num_experts: int = NUM_EXPERTS) -> Tensor:
 class MacroRouter(nn.Module):
     """A small MLP from the decision features to one logit per expert."""
 
+    state_rows: Tensor
+
     def __init__(
         self, d_model: int, *, num_experts: int = NUM_EXPERTS, horizon: int = 3, hidden: int = 32
     ) -> None:
@@ -176,6 +178,18 @@ class MacroRouter(nn.Module):
         self.net = nn.Sequential(
             nn.Linear(self.in_features, hidden), nn.GELU(), nn.Linear(hidden, num_experts)
         )
+        # [onehot(previous expert), onehot(segments)] for every (previous + 1, segments) pair, in
+        # row (previous + 1) * (horizon + 1) + segments: a lookup table, not weights
+        prev_1h = torch.cat([torch.zeros(1, num_experts), torch.eye(num_experts)])
+        segs_1h = torch.eye(horizon + 1)
+        state = torch.cat(
+            [
+                prev_1h.repeat_interleave(horizon + 1, dim=0),
+                segs_1h.repeat(num_experts + 1, 1),
+            ],
+            dim=1,
+        )
+        self.register_buffer("state_rows", state, persistent=False)
 
     def config(self) -> dict[str, int]:
         return {
@@ -185,20 +199,34 @@ class MacroRouter(nn.Module):
             "hidden": self.hidden,
         }
 
-    def features(self, h: Tensor, emb: Tensor, prev: Tensor, segs: Tensor) -> Tensor:
-        """h, emb [N, d]; prev [N] (-1 before the first decision); segs [N] in 0..horizon."""
-
-        def rms(x: Tensor) -> Tensor:
-            x = x.float()
-            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-
-        prev_1h = F.one_hot(prev.clamp_min(0), self.num_experts).float() * (prev >= 0)[:, None]
-        segs_1h = F.one_hot(segs.clamp(0, self.horizon), self.horizon + 1).float()
-        return torch.cat([rms(h), rms(emb), prev_1h.to(h.device), segs_1h.to(h.device)], dim=-1)
+    def features(
+        self, h: Tensor, emb: Tensor, prev: Tensor | list[int], segs: Tensor | list[int]
+    ) -> Tensor:
+        """h, emb [N, d]; prev [N] (-1 before the first decision); segs [N] in 0..horizon
+        (tensors, or lists of ints as a decoder holds them)."""
+        # The one-hot part is one table lookup: decoding calls this once per chunk, and at this
+        # size every op saved is a noticeable share of a decision's cost.
+        width = self.horizon + 1
+        if isinstance(prev, Tensor) and isinstance(segs, Tensor):
+            row: Tensor | list[int] = (prev + 1) * width + segs.clamp(0, self.horizon)
+        else:
+            row = [
+                (p + 1) * width + min(max(s, 0), self.horizon)
+                for p, s in zip(prev, segs, strict=True)
+            ]
+        normed = F.rms_norm(torch.stack([h, emb], 1).float(), (self.d_model,), eps=1e-6)
+        return torch.cat([normed.flatten(1), self.state_rows[row].to(h.device)], dim=-1)
 
     def forward(self, feats: Tensor) -> Tensor:
-        out: Tensor = self.net(feats)
-        return out
+        return self.logits(feats)
+
+    def logits(self, feats: Tensor) -> Tensor:
+        """``forward`` without nn.Module's call machinery: at this size module-call overhead is
+        most of a decision's cost, and decoding makes one decision per chunk."""
+        fc_in, fc_out = cast(nn.Linear, self.net[0]), cast(nn.Linear, self.net[2])
+        return F.linear(
+            F.gelu(F.linear(feats, fc_in.weight, fc_in.bias)), fc_out.weight, fc_out.bias
+        )
 
 
 def policy_logits(logits: Tensor, prev: Tensor, segs: Tensor, tau: float, horizon: int) -> Tensor:
@@ -212,15 +240,18 @@ def policy_logits(logits: Tensor, prev: Tensor, segs: Tensor, tau: float, horizo
     return adj.masked_fill(locked & ~cur, MASKED)
 
 
-def greedy_decision(logits: Tensor, prev: int, segs: int, tau: float, horizon: int) -> int:
+def greedy_decision(
+    logits: Tensor | Sequence[float], prev: int, segs: int, tau: float, horizon: int
+) -> int:
     """Deterministic rule: first chunk argmax; later switch only if the best expert beats the
     current one by more than tau and the horizon still allows a new segment."""
-    cand = int(logits.argmax())
+    row = logits.tolist() if isinstance(logits, Tensor) else logits
+    cand = max(range(len(row)), key=row.__getitem__)  # the first maximum, as argmax
     if prev < 0:
         return cand
     if segs >= horizon:
         return prev
-    return cand if float(logits[cand] - logits[prev]) > tau else prev
+    return cand if row[cand] - row[prev] > tau else prev
 
 
 def kl_divergence(ref_logits: Tensor, new_logits: Tensor) -> Tensor:
@@ -367,13 +398,13 @@ def closed_loop_accuracy(router: MacroRouter, data: ChunkData, chunk: int, *, ta
 @dataclass
 class Decoded:
     tokens: list[int]  # generated ids, EOS included when produced
-    cache: Any  # the K/V cache after decoding (prompt + every fed token)
     fed: list[int]  # generated tokens that were fed back (their K/V are in the cache)
     decisions: list[int] = field(default_factory=list)
     feats: list[Tensor] = field(default_factory=list)
     prev: list[int] = field(default_factory=list)
     segs: list[int] = field(default_factory=list)
     logp: list[float] = field(default_factory=list)
+    logits: list[Tensor] = field(default_factory=list)  # the router's raw logits per decision
 
     @property
     def plan_length(self) -> int:
@@ -388,34 +419,58 @@ class Decoded:
         return self.switches / len(self.decisions) if self.decisions else 0.0
 
 
-Chooser = Callable[[Tensor, int, int], tuple[int, float]]
+def unconstrained_decisions(logits: Sequence[Tensor], tau: float) -> list[int]:
+    """The greedy rule run over the decoded decision points' logits without the horizon lock:
+    same logits, same hysteresis, its own current expert. It equals the decoded plan until the
+    lock first holds the plan back; after that it shows what the router wanted."""
+    cur, out = -1, []
+    for lg in logits:
+        cur = greedy_decision(lg, cur, 0, tau, 1)  # 0 segments used of 1: never locked
+        out.append(cur)
+    return out
+
+
+# A chooser maps the decision points of a batch (router logits [B, K], each row's current expert
+# (-1 before the first decision) and segments used) to (action, log-probability) per row.
+Chooser = Callable[[Tensor, list[int], list[int]], tuple[list[int], list[float]]]
 
 
 def greedy_chooser(tau: float, horizon: int) -> Chooser:
-    def choose(logits: Tensor, prev: int, segs: int) -> tuple[int, float]:
-        return greedy_decision(logits, prev, segs, tau, horizon), 0.0
+    def choose(logits: Tensor, prev: list[int], segs: list[int]) -> tuple[list[int], list[float]]:
+        rows = logits.tolist()  # one host copy; the rule itself is a few float compares per row
+        actions = [
+            greedy_decision(row, p, s, tau, horizon)
+            for row, p, s in zip(rows, prev, segs, strict=True)
+        ]
+        return actions, [0.0] * len(actions)
 
     return choose
 
 
 def sampling_chooser(tau: float, horizon: int, generator: torch.Generator) -> Chooser:
-    def choose(logits: Tensor, prev: int, segs: int) -> tuple[int, float]:
-        pl = policy_logits(
-            logits[None].float(), torch.tensor([prev]), torch.tensor([segs]), tau, horizon
-        )
-        logp = F.log_softmax(pl[0], -1)
-        a = int(torch.multinomial(logp.exp(), 1, generator=generator))
-        return a, float(logp[a])
+    def choose(logits: Tensor, prev: list[int], segs: list[int]) -> tuple[list[int], list[float]]:
+        pl = policy_logits(logits.float(), torch.tensor(prev), torch.tensor(segs), tau, horizon)
+        logp = F.log_softmax(pl, -1)
+        a = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]
+        return a.tolist(), logp.gather(1, a[:, None])[:, 0].tolist()
 
     return choose
 
 
+PromptRouter = Callable[[Tensor], Tensor]  # prompt ids [B, P] -> gates [B, P, K]
+
+
 class RoutedDecoder:
-    """Batch-1 greedy decoding with a K/V cache for the router system (external gates per
-    token) or a plain model (``router=None``: whatever its BEM layers do by themselves).
+    """Greedy decoding with a K/V cache for the router system (external gates per token) or a
+    plain model (``router=None``: whatever its BEM layers do by themselves).
+
+    ``decoder(prompt)`` decodes one request (batch 1: what latency is timed on);
+    ``decoder.batch(prompts)`` decodes prompts of one length together, without padding (rows
+    that finished keep being fed, and are ignored). Prompt tokens get the gates
+    ``prompt_router`` gives them, zero gates (the base model's K/V) by default.
 
     The macro-policy router is tiny and lives on the CPU; only its decision features (one
-    hidden vector and one embedding per chunk) leave the model's device."""
+    hidden vector and one embedding per row and chunk) leave the model's device."""
 
     def __init__(
         self,
@@ -426,67 +481,129 @@ class RoutedDecoder:
         device: str | torch.device,
         router: MacroRouter | None = None,
         chunk: int = 1,
+        prompt_router: PromptRouter | None = None,
     ) -> None:
         self.model, self.router, self.chunk = model, router, chunk
         self.eos_id, self.max_new, self.device = eos_id, max_new_tokens, device
+        self.prompt_router = prompt_router
         self.layers = [layer for _, layer in bem_layers(model)] if router is not None else []
         k = router.num_experts if router is not None else 1
-        self.expert_gates = torch.eye(k, device=device)[:, None, None, :]  # [K, 1, 1, K]
+        self.expert_gates = torch.eye(k, device=device)  # [K, K]: row k routes to expert k
         self.emb = model.get_input_embeddings()  # type: ignore[operator]
+        # The transformer body and the LM head apart: the body's last hidden state is the
+        # router's feature (no output_hidden_states), and logits are needed at one position.
+        self.body: nn.Module = model.base_model  # type: ignore[assignment]
+        self.head: nn.Module = model.get_output_embeddings()  # type: ignore[operator]
 
-    def _route(self, gates: Tensor | None) -> None:
+    def _route(self, gates: Tensor | None, *, convex: bool | None = None) -> None:
         for layer in self.layers:
-            layer.set_routing(gates)
+            layer.set_routing(gates, convex=convex)
+
+    def _route_prompt(self, ids: Tensor, start: int, stop: int) -> bool:
+        """Route prompt positions start..stop-1 as the request ``ids`` [B, P] has them routed:
+        the ``prompt_router``'s gates, or zero gates (one row, broadcast). False for a plain
+        model (nothing to route)."""
+        if self.router is None:
+            return False
+        if self.prompt_router is None:
+            zeros = torch.zeros(ids.shape[0], 1, self.router.num_experts, device=self.device)
+            self._route(zeros, convex=True)
+        else:
+            self._route(self.prompt_router(ids).to(self.device)[:, start:stop])
+        return True
 
     @torch.no_grad()
-    def __call__(self, prompt: Sequence[int], choose: Chooser | None = None) -> Decoded:
-        ids = torch.tensor([list(prompt)], device=self.device)
-        routed = self.router is not None
-        if routed:
-            assert self.router is not None
-            self._route(torch.zeros(1, ids.shape[1], self.router.num_experts, device=self.device))
+    def prefill(
+        self,
+        prompt: Sequence[int],
+        *,
+        routed_as: Sequence[int] | None = None,
+        cache: Any = None,
+    ) -> Any:
+        """One forward of the transformer body over ``prompt`` (after the ``cache``'s positions,
+        if given) under the gates the request ``routed_as`` (default: the prompt itself) gives
+        those positions; the output's ``cache`` holds their K/V."""
+        start = 0 if cache is None else cache.get_seq_length()
+        full = list(routed_as if routed_as is not None else prompt)
+        ids = torch.tensor([full], device=self.device)
+        routed = self._route_prompt(ids, start, len(prompt))
         try:
-            out = self.model(input_ids=ids, use_cache=True, output_hidden_states=routed)
-            res = Decoded(tokens=[], cache=out.cache, fed=[])
-            cur, segs = -1, 0
+            return self.body(input_ids=ids[:, start : len(prompt)], cache=cache, use_cache=True)
+        finally:
+            if routed:
+                self._route(None)
+
+    def __call__(
+        self, prompt: Sequence[int], choose: Chooser | None = None, *, prefix: Any = None
+    ) -> Decoded:
+        """Decode one request; ``prefix``: a cache holding the K/V of its first positions."""
+        return self.batch([prompt], choose, prefix=prefix)[0]
+
+    @torch.no_grad()
+    def batch(
+        self, prompts: Sequence[Sequence[int]], choose: Chooser | None = None, *, prefix: Any = None
+    ) -> list[Decoded]:
+        rows = len(prompts)
+        if len({len(q) for q in prompts}) != 1:
+            raise ValueError("RoutedDecoder.batch decodes prompts of one length (bucket them)")
+        routed = self.router is not None
+        if routed and choose is None:
+            raise ValueError("the router system needs a chooser (greedy_chooser, sampling_chooser)")
+        ids = torch.tensor([list(q) for q in prompts], device=self.device)
+        start = 0 if prefix is None else prefix.get_seq_length()
+        self._route_prompt(ids, start, ids.shape[1])
+        try:
+            out = self.body(input_ids=ids[:, start:], cache=prefix, use_cache=True)
+            cache, hidden = out.cache, out.last_hidden_state[:, -1]
+            res = [Decoded(tokens=[], fed=[]) for _ in range(rows)]
+            live = list(range(rows))
+            cur, segs = [-1] * rows, [0] * rows
             for t in range(self.max_new):
-                tok = int(out.logits[0, -1].argmax())
-                res.tokens.append(tok)
-                if tok == self.eos_id or t + 1 == self.max_new:
+                step = self.head(hidden).argmax(-1)
+                toks = step.tolist()
+                for r in live:
+                    res[r].tokens.append(toks[r])
+                live = [r for r in live if toks[r] != self.eos_id]
+                if not live or t + 1 == self.max_new:
                     break
-                step = torch.tensor([[tok]], device=self.device)
                 if routed and t % self.chunk == 0:
                     assert self.router is not None and choose is not None
-                    feats = self.router.features(
-                        out.hidden_states[-1][:, -1].cpu(),
-                        self.emb(step[:, 0]).cpu(),
-                        torch.tensor([cur]),
-                        torch.tensor([segs]),
-                    )
-                    action, logp = choose(self.router(feats)[0], cur, segs)
-                    res.feats.append(feats[0])
-                    res.prev.append(cur)
-                    res.segs.append(segs)
-                    res.logp.append(logp)
-                    res.decisions.append(action)
+                    # the hidden state that emitted the chunk's first token, and its embedding
+                    emb = self.emb.weight[step]
+                    feats = self.router.features(hidden.cpu(), emb.cpu(), cur, segs)
+                    logits = self.router.logits(feats)
+                    action, logp = choose(logits, cur, segs)
+                    for r in live:
+                        d = res[r]
+                        d.feats.append(feats[r])
+                        d.logits.append(logits[r])
+                        d.prev.append(cur[r])
+                        d.segs.append(segs[r])
+                        d.logp.append(logp[r])
+                        d.decisions.append(action[r])
                     if action != cur:
-                        segs += 1
+                        segs = [s + (a != c) for s, a, c in zip(segs, action, cur, strict=True)]
                         cur = action
-                        # [1, 1, K] gates broadcast over positions: set once per segment.
-                        self._route(self.expert_gates[cur])
-                # Hidden states are needed only where the next step makes a decision.
-                want_hidden = routed and (t + 1) % self.chunk == 0
-                out = self.model(
-                    input_ids=step,
-                    cache=res.cache,
-                    use_cache=True,
-                    output_hidden_states=want_hidden,
-                )
-                res.fed.append(tok)
+                        # [B, 1, K] gates broadcast over positions: set once per segment change.
+                        self._route(self.expert_gates[cur][:, None], convex=True)
+                out = self.body(input_ids=step[:, None], cache=cache, use_cache=True)
+                hidden = out.last_hidden_state[:, -1]
+                for r in live:
+                    res[r].fed.append(toks[r])
         finally:
             if routed:
                 self._route(None)
         return res
+
+
+def length_buckets(prompts: Sequence[Sequence[int]], size: int) -> list[list[int]]:
+    """Indices grouped by prompt length (so a batch needs no padding), at most ``size`` each."""
+    by_len: dict[int, list[int]] = {}
+    for i, q in enumerate(prompts):
+        by_len.setdefault(len(q), []).append(i)
+    return [
+        idx[lo : lo + size] for _, idx in sorted(by_len.items()) for lo in range(0, len(idx), size)
+    ]
 
 
 # ---------------------------------------------------------------------------- KV-hit
@@ -497,59 +614,63 @@ def cache_tensors(cache: Any) -> list[tuple[Tensor, Tensor]]:
     return [(k, v) for k, v in cache]
 
 
-@dataclass(frozen=True)
-class KVHit:
-    prompt_hits: int
-    prompt_total: int
-    all_hits: int
-    all_total: int
-
-    @property
-    def prompt_ratio(self) -> float:
-        return self.prompt_hits / self.prompt_total
-
-    @property
-    def all_ratio(self) -> float:
-        return self.all_hits / self.all_total
+def identical_positions(a: Any, b: Any, n: int) -> int:
+    """Leading positions (of the first ``n``) whose keys and values are bit-identical in every
+    layer and head of both caches: the prefix of ``a`` that can stand in for ``b``."""
+    same = torch.ones(n, dtype=torch.bool)
+    for (ka, va), (kb, vb) in zip(cache_tensors(a), cache_tensors(b), strict=True):
+        for x, y in ((ka, kb), (va, vb)):
+            same &= (x[:, :, :n] == y[:, :, :n]).flatten(0, 1).all(-1).all(0).cpu()
+    return int(same.int().cumprod(0).sum())
 
 
-@torch.no_grad()
-def reference_cache(
-    reference: nn.Module,
-    prompt: Sequence[int],
-    fed: Sequence[int] = (),
-    *,
-    device: str | torch.device,
-) -> Any:
-    """The reference (base) model's K/V cache for ``prompt`` + ``fed``, computed on the
-    decoder's schedule (prefill the prompt, then one token per step) so that equal inputs meet
-    the same kernels and equal K/V are bit-identical."""
-    out = reference(input_ids=torch.tensor([list(prompt)], device=device), use_cache=True)
-    cache = out.cache
-    for tok in fed:
-        reference(input_ids=torch.tensor([[tok]], device=device), cache=cache, use_cache=True)
-    return cache
+def kv_share(a: Any, b: Any, n: int) -> float:
+    """Share of the first ``n`` positions' K/V head vectors (per layer, K and V) that are
+    bit-identical in the two caches."""
+    hits = total = 0
+    for (ka, va), (kb, vb) in zip(cache_tensors(a), cache_tensors(b), strict=True):
+        for x, y in ((ka, kb), (va, vb)):
+            eq = (x[:, :, :n] == y[:, :, :n]).all(-1)
+            hits += int(eq.sum())
+            total += eq.numel()
+    return hits / total
 
 
-def kv_hit(decoded: Decoded, prompt_len: int, ref_cache: Any) -> KVHit:
-    """Share of the decoding cache's K/V head vectors bit-identical (exact equality per layer,
-    position and head, for keys and values: torch.equal per vector) to ``ref_cache``.
+def shared_prefix(prompts: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix every prompt of a group shares."""
+    n = min(len(q) for q in prompts)
+    for i in range(n):
+        if len({q[i] for q in prompts}) > 1:
+            return i
+    return n
 
-    Prompt positions are always compared; the other positions only as far as ``ref_cache``
-    covers them (pass a reference cache of the prompt alone to compare the prompt only)."""
-    prompt_hits = prompt_total = all_hits = all_total = 0
-    pairs = zip(cache_tensors(decoded.cache), cache_tensors(ref_cache), strict=True)
-    for (ks, vs), (kr, vr) in pairs:
-        n = min(ks.shape[2], kr.shape[2])
-        if n < prompt_len:
-            raise ValueError(f"caches cover {n} positions, fewer than the prompt's {prompt_len}")
-        for a, b in ((ks, kr), (vs, vr)):
-            eq = (a[:, :, :n] == b[:, :, :n]).all(-1)  # [batch, heads, positions]
-            prompt_hits += int(eq[:, :, :prompt_len].sum())
-            prompt_total += eq[:, :, :prompt_len].numel()
-            all_hits += int(eq.sum())
-            all_total += eq.numel()
-    return KVHit(prompt_hits, prompt_total, all_hits, all_total)
+
+class PrefixCache:
+    """One system's prefix cache on a serving workload.
+
+    The K/V of each distinct prefix are computed once, from the prefix alone, as a server would
+    when it caches a shared context before (or while) questions arrive. A request reuses the
+    leading positions whose K/V are bit-identical to a fresh computation of the prefix under
+    that request's own routing; the rest of its prompt is recomputed. A causal system reuses the
+    whole prefix; one that routes prefix tokens on later (question) tokens does not."""
+
+    def __init__(self, decoder: RoutedDecoder) -> None:
+        self.decoder = decoder
+        self.store: dict[tuple[int, ...], Any] = {}
+
+    def serve(self, prompt: Sequence[int], prefix_len: int) -> tuple[int, Any]:
+        """(reused prompt tokens, a cache of exactly those positions to decode from; None when
+        nothing is reused)."""
+        key = tuple(prompt[:prefix_len])
+        if key not in self.store:
+            self.store[key] = self.decoder.prefill(key).cache
+        fresh = self.decoder.prefill(prompt[:prefix_len], routed_as=prompt).cache
+        reused = identical_positions(self.store[key], fresh, prefix_len)
+        if reused == 0:
+            return 0, None
+        cache = copy.deepcopy(self.store[key])
+        cache.crop(reused - cache.get_seq_length())  # a negative count: tokens to drop
+        return reused, cache
 
 
 # ---------------------------------------------------------------------------- PPO

@@ -50,7 +50,14 @@ MICRO = {
     },
     "tuning": {"grid": {"lr": [0.003, 0.01], "alpha": [4.0, 16.0]}, "steps": 3},
     "router": {"hidden": 16, "bc_examples": None},
-    "evaluate": {"max_new_tokens": 32, "latency_warmup": 1, "kv_all_positions": True},
+    "evaluate": {
+        "max_new_tokens": 32,
+        "batch_size": 4,
+        "latency_warmup": 1,
+        "latency_examples": 8,
+        "kv_contexts": 8,
+        "kv_questions": 4,
+    },
 }
 
 
