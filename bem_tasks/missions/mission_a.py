@@ -828,8 +828,8 @@ def evaluate(ctx: Any) -> dict[str, Any]:
     ctx.log.info("evaluate: latency timed on %d test examples", len(timed))
 
     # KV reuse on a serving workload: requests that share a test item's fact context.
-    workload = _serving_workload(items["test"][: ev.kv_contexts], {e.id for e in splits["test"]},
-                                 p, codec)  # fmt: skip
+    evaluated = {e.id for examples in splits.values() for e in examples}  # never a second record
+    workload = _serving_workload(items["test"][: ev.kv_contexts], evaluated, p, codec)
     caches = {s: PrefixCache(decoders[s]) for s in SYSTEMS}
     kv_ids: list[str] = []
     for group in workload:
