@@ -398,7 +398,7 @@ def closed_loop_accuracy(router: MacroRouter, data: ChunkData, chunk: int, *, ta
 @dataclass
 class Decoded:
     tokens: list[int]  # generated ids, EOS included when produced
-    fed: list[int]  # generated tokens that were fed back (their K/V are in the cache)
+    fed: list[int]  # generated tokens that were fed back (their K/V went into the cache)
     decisions: list[int] = field(default_factory=list)
     feats: list[Tensor] = field(default_factory=list)
     prev: list[int] = field(default_factory=list)
@@ -513,22 +513,15 @@ class RoutedDecoder:
         return True
 
     @torch.no_grad()
-    def prefill(
-        self,
-        prompt: Sequence[int],
-        *,
-        routed_as: Sequence[int] | None = None,
-        cache: Any = None,
-    ) -> Any:
-        """One forward of the transformer body over ``prompt`` (after the ``cache``'s positions,
-        if given) under the gates the request ``routed_as`` (default: the prompt itself) gives
-        those positions; the output's ``cache`` holds their K/V."""
-        start = 0 if cache is None else cache.get_seq_length()
+    def prefill(self, prompt: Sequence[int], *, routed_as: Sequence[int] | None = None) -> Any:
+        """One forward of the transformer body over ``prompt`` under the gates the request
+        ``routed_as`` (default: the prompt itself) gives those positions; the output's
+        ``cache`` holds their K/V."""
         full = list(routed_as if routed_as is not None else prompt)
         ids = torch.tensor([full], device=self.device)
-        routed = self._route_prompt(ids, start, len(prompt))
+        routed = self._route_prompt(ids, 0, len(prompt))
         try:
-            return self.body(input_ids=ids[:, start : len(prompt)], cache=cache, use_cache=True)
+            return self.body(input_ids=ids[:, : len(prompt)], use_cache=True)
         finally:
             if routed:
                 self._route(None)
@@ -536,7 +529,8 @@ class RoutedDecoder:
     def __call__(
         self, prompt: Sequence[int], choose: Chooser | None = None, *, prefix: Any = None
     ) -> Decoded:
-        """Decode one request; ``prefix``: a cache holding the K/V of its first positions."""
+        """Decode one request; ``prefix``: a cache holding the K/V of its first positions
+        (``PrefixCache.serve``); the rest of the prompt is computed on top of it."""
         return self.batch([prompt], choose, prefix=prefix)[0]
 
     @torch.no_grad()
