@@ -337,7 +337,9 @@ class BEMLayer(nn.Module):
                 f"BEM {self.site_name}: external gates must have shape [batch, seq, {k}] or "
                 f"[batch, {k}], got {tuple(gates.shape)}"
             )
-        self._external = gates.to(self.bem_V.device)
+        # A copy, not an alias: the inference cache below is keyed on this call, so a caller
+        # changing its gates tensor in place afterwards must not change what is routed.
+        self._external = gates.to(self.bem_V.device, copy=True)
         # Convex mixes of in-budget experts are in budget; other gates get a per-row bound.
         if convex is None:
             g = self._external

@@ -74,3 +74,20 @@ def test_streaming_windows_of_cached_gates_match_a_full_forward() -> None:
         with bem_streaming(model):
             parts = [layer(x[:, :2]), layer(x[:, 2:3]), layer(x[:, 3:])]
     assert torch.allclose(torch.cat(parts, 1), full, atol=1e-6)
+
+
+def test_gates_changed_in_place_after_set_routing_do_not_leak_in() -> None:
+    layer, x = _layer(), torch.randn(2, 1, 4)
+    gates = torch.tensor([[[1.0, 0.0, 0.0]], [[0.0, 0.0, 1.0]]])
+    routed = gates.clone()
+    layer.set_routing(gates)
+    other = torch.tensor([[[0.0, 1.0, 0.0]], [[0.0, 1.0, 0.0]]])
+    with torch.no_grad():
+        gates.copy_(other)  # the caller reuses its buffer: before the first forward ...
+        assert torch.equal(layer(x), _fresh(layer, routed, x))
+        layer.bem_U.add_(1.0)  # ... and after a parameter change (a recomputed solution)
+        assert torch.equal(layer(x), _fresh(layer, routed, x))
+    layer.set_routing(gates)  # routing the new values takes a new set_routing
+    with torch.no_grad():
+        assert torch.equal(layer(x), _fresh(layer, other, x))
+        assert not torch.equal(layer(x), _fresh(layer, routed, x))
