@@ -8,10 +8,15 @@ scored by ``answer_em_f1``, on values parsed from canonical JSON, never on norma
   numbers with their sign (``-3`` vs ``3`` is 0, ``3`` vs ``3.0`` is 1), a string never equals
   a number (``"3"`` vs ``3`` is 0), ``true`` is not ``1``, lists compare element by element in
   order and objects key by key.
-* F1: multiset F1 over the answer's elements (a list's items, an object's ``key: value``
-  pairs), elements compared as EM compares values. A list with one wrong element of three
-  gets F1 2/3 and EM 0; the right elements in the wrong order get F1 1 and EM 0. A scalar
-  answer is a one-element multiset, so its F1 equals its EM.
+* F1: F1 over the answer's elements, elements compared as EM compares values. A list is a
+  sequence, so its F1 respects order: the matched elements are a longest common subsequence of
+  prediction and gold (ROUGE-L's F-measure, beta 1), precision = matched / predicted elements,
+  recall = matched / gold elements. A sort that copies the right values unsorted does not get
+  full credit: ``[17,4,8]`` against ``[4,8,17]`` matches ``4,8`` (F1 2/3), ``[8,4]`` against
+  ``[4,8]`` gets 1/2; one wrong element of three gets 2/3, a dropped element 0.8 (an insertion
+  or deletion does not shift every later match away, as a per-position comparison would). An
+  object's ``key: value`` pairs are a multiset (objects have no order). A scalar answer is a
+  one-element list, so its F1 equals its EM.
 
 A prediction that is missing or does not parse as JSON scores 0 on both.
 
@@ -98,12 +103,20 @@ def _canonical(value: Any) -> Hashable:
     raise TypeError(f"not a JSON value: {type(value).__name__}")
 
 
-def _elements(value: Any) -> list[Hashable]:
-    if isinstance(value, list):
-        return [_canonical(v) for v in value]
-    if isinstance(value, dict):
-        return [(k, _canonical(v)) for k, v in value.items()]
-    return [_canonical(value)]
+def _matched(pred: Any, gold: Any) -> tuple[int, int, int]:
+    """(matched, predicted, gold) element counts for F1: a list's longest common subsequence
+    (order counts), an object's key: value multiset overlap, a scalar as a one-element list."""
+    if isinstance(pred, dict) and isinstance(gold, dict):
+        a = Counter((k, _canonical(v)) for k, v in pred.items())
+        b = Counter((k, _canonical(v)) for k, v in gold.items())
+        return sum((a & b).values()), len(pred), len(gold)
+    xs = [_canonical(v) for v in (pred if isinstance(pred, list) else [pred])]
+    ys = [_canonical(v) for v in (gold if isinstance(gold, list) else [gold])]
+    lcs = [[0] * (len(ys) + 1) for _ in range(len(xs) + 1)]  # answers are short lists
+    for i, x in enumerate(xs, start=1):
+        for j, y in enumerate(ys, start=1):
+            lcs[i][j] = lcs[i - 1][j - 1] + 1 if x == y else max(lcs[i - 1][j], lcs[i][j - 1])
+    return lcs[-1][-1], len(xs), len(ys)
 
 
 _MISSING = object()
@@ -116,7 +129,7 @@ def _parse(text: str | None) -> Any:
         return _MISSING
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except ValueError:  # JSONDecodeError, or an integer literal past Python's digit limit
         return _MISSING
 
 
@@ -131,12 +144,10 @@ def answer_em_f1(prediction: str | None, gold: str) -> tuple[float, float]:
     if got is _MISSING:
         return 0.0, 0.0
     em = float(_canonical(got) == _canonical(want))
-    pred, ref = _elements(got), _elements(want)
-    if not pred or not ref:  # an empty list: right only if both are empty
-        return 100.0 * em, 100.0 * float(pred == ref)
-    same = sum((Counter(pred) & Counter(ref)).values())
-    f1 = 0.0 if same == 0 else 2 * same / (len(pred) + len(ref))
-    return 100.0 * em, 100.0 * f1
+    same, n_pred, n_gold = _matched(got, want)
+    if not n_pred or not n_gold:  # an empty list or object: right only if both are empty
+        return 100.0 * em, 100.0 * float(n_pred == n_gold)
+    return 100.0 * em, 100.0 * 2 * same / (n_pred + n_gold)
 
 
 def _as_list(refs: str | Sequence[str]) -> list[str]:

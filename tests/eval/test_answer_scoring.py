@@ -34,22 +34,40 @@ def test_missing_or_unparsable_prediction_scores_zero() -> None:
         answer_em_f1("3", "x")
 
 
-def test_list_f1_is_element_multiset_f1_and_differs_from_em() -> None:
-    assert answer_em_f1("[4,8,17]", "[4,8,17]") == (100.0, 100.0)
+def test_list_f1_respects_order_and_differs_from_em() -> None:
+    assert answer_em_f1("[4,8,17]", "[4,8,17]") == (100.0, 100.0)  # a correct sort
     # one wrong element of three: precision = recall = 2/3
     em, f1 = answer_em_f1("[4,8,16]", "[4,8,17]")
     assert em == 0.0 and f1 == pytest.approx(200 / 3)
-    # the right elements in the wrong order: not exact, full overlap
-    assert answer_em_f1("[8,4,17]", "[4,8,17]") == (0.0, 100.0)
-    # a missing element: precision 1, recall 2/3 -> F1 0.8
+    # the right values unsorted (a copy of the retrieve segment): the longest common
+    # subsequence is 4,8 -> F1 2/3, not 100
+    em, f1 = answer_em_f1("[17,4,8]", "[4,8,17]")
+    assert em == 0.0 and f1 == pytest.approx(200 / 3)
+    assert answer_em_f1("[8,4]", "[4,8]") == (0.0, 50.0)
+    assert answer_em_f1("[17,8,4]", "[4,8,17]")[1] == pytest.approx(100 / 3)  # reversed
+    # a missing element: precision 1, recall 2/3 -> F1 0.8 (later elements still match)
     em, f1 = answer_em_f1("[-4,8]", "[-4,8,17]")
     assert em == 0.0 and f1 == pytest.approx(80.0)
-    # multiset, not set: a repeated element counts once per occurrence in the gold
+    em, f1 = answer_em_f1("[8,17]", "[4,8,17]")
+    assert em == 0.0 and f1 == pytest.approx(80.0)
+    # a repeated element counts once per occurrence in the gold
     em, f1 = answer_em_f1("[4,4]", "[4,8]")
     assert em == 0.0 and f1 == pytest.approx(50.0)
     # signs matter inside lists too
     em, f1 = answer_em_f1("[3,5]", "[-3,5]")
     assert em == 0.0 and f1 == pytest.approx(50.0)
+
+
+def test_object_f1_ignores_key_order() -> None:
+    assert answer_em_f1('{"b":2,"a":1}', '{"a":1,"b":2}') == (100.0, 100.0)
+    assert answer_em_f1('{"a":1,"b":3}', '{"a":1,"b":2}') == (0.0, 50.0)
+
+
+def test_an_integer_past_pythons_digit_limit_scores_zero() -> None:
+    """json raises ValueError (not JSONDecodeError) for an integer literal over 4300 digits."""
+    huge = "1" * 5000
+    assert answer_em_f1(huge, "3") == (0.0, 0.0)
+    assert answer_em_f1(f"[{huge},3]", "[3]") == (0.0, 0.0)
 
 
 @pytest.mark.parametrize(("pred", "em"), [("-3", 100.0), ("3", 0.0), ("4", 0.0), ('"-3"', 0.0)])
