@@ -402,7 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = add("data", cmd_data, "validate data files against a suite's row schema")
     data.add_argument("action", choices=["validate"])
-    data.add_argument("files", nargs="+", help="JSONL files (several: also checked disjoint)")
+    data.add_argument(
+        "files",
+        nargs="+",
+        help="JSONL files (rows checked disjoint by content, in and across files)",
+    )
     which = data.add_mutually_exclusive_group(required=True)
     which.add_argument("--suite", choices=["compositional", "feedback_stream", "safety",
                                            "scramble", "long_context"])  # fmt: skip

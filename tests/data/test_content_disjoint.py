@@ -20,6 +20,9 @@ from bem_tasks.data.suites.compositional import (
     SALT,
     CompositionalConfig,
     CompositionalItem,
+    check_item_space,
+    content_key,
+    extract_answer,
     generate_compositional,
     item_space,
     make_compositional,
@@ -187,3 +190,44 @@ def test_random_reorderings_never_cross_regions() -> None:
             args = it.args if it.op == "sub" else rng.sample(it.args, len(it.args))
             moved = make_item({k: it.facts[k] for k in keys}, it.op, args, split=name)
             assert region_of(moved.key, salt=SALT) == name
+
+
+# ---------------------------------------------------------------------------- reviewer's points
+def test_every_argument_word_must_be_a_fact_key() -> None:
+    assert prompt_content_key("k1=2;k2=5;k3=1|sort k1 k2 k3\n") == content_key(
+        {"k1": 2, "k2": 5, "k3": 1}, "sort", [2, 5, 1]
+    )
+    # a variant suffix (Suite B) is not an argument
+    assert prompt_content_key("k1=2;k2=5|sub k1 k2 reversed\n") == content_key(
+        {"k1": 2, "k2": 5}, "sub", [2, 5]
+    )
+    for bad in (
+        "k1=2;k2=5|sort k1 k2 k99\n",  # k99 is no fact: not sort of k1, k2
+        "k1=2;k2=5;k3=1;k4=0|sort k1 k2 k3 k4\n",  # more arguments than sort takes
+        "k1=2;k2=5|add k1\n",  # fewer
+        "k1=2;k2=5|add k1 k2 as k1\n",  # a key after the suffix
+        "k1=2;k2=5|mul k1 k2\n",
+    ):
+        with pytest.raises(ValueError, match="is not a compositional prompt"):
+            prompt_content_key(bad)
+
+
+def test_an_integer_past_the_digit_limit_is_no_answer() -> None:
+    """json raises ValueError (not JSONDecodeError) for an integer literal over 4300 digits."""
+    assert extract_answer('F:{"answer":' + "1" * 5000 + "}") is None
+    assert extract_answer('F:{"answer":12}') == "12"
+
+
+def test_check_item_space_names_an_unknown_split() -> None:
+    with pytest.raises(ValueError, match=r"unknown split name\(s\) \['holdout'\]"):
+        check_item_space(CompositionalConfig(), {"train": 10, "holdout": 5})
+
+
+def test_a_request_the_draws_cannot_fill_fails_fast_naming_the_sizes() -> None:
+    """Under the region bound but not fillable: every key already taken (``seen``)."""
+    cfg = CompositionalConfig(n_keys=2, min_facts=2, max_facts=2, value_max=2, ops=("add",))
+    sizes = {"train": 5, "dev": 0, "test": 0}
+    seen: set[str] = set()
+    make_compositional(seed=0, sizes={"train": 5, "dev": 0, "test": 0}, config=cfg, seen=seen)
+    with pytest.raises(ValueError, match=r"could not fill splits \{'train': 5.*keys were taken"):
+        make_compositional(seed=1, sizes=sizes, config=cfg, seen=seen)

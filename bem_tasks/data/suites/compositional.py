@@ -22,8 +22,8 @@ Operations: ``add`` a+b, ``sub`` a-b (may be negative), ``max``, ``min`` of two 
     target: R:17,4,8;C:[4,8,17];F:{"answer":[4,8,17]}
 
 ``answer`` is the result as canonical compact JSON (``-3``, ``[4,8,17]``); scoring parses it
-(``bem_tasks.eval.metrics.answer_em_f1``), so a list answer has an element-level F1 that differs
-from its EM. The prompt ends with a newline; the model generates ``target`` after it (no
+(``bem_tasks.eval.metrics.answer_em_f1``), so a list answer has an element-level, order-aware
+F1 that differs from its EM. The prompt ends with a newline; the model generates ``target`` after it (no
 terminator is part of the target: the tokenizer's EOS marks the end).
 
 Splits are disjoint by *content*, not by prompt text: ``content_key`` is the operation, the
@@ -42,6 +42,7 @@ import json
 import math
 import os
 import random
+import re
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ Skill = Literal["retrieve", "reason", "formalize"]
 MAX_HORIZON = 3
 ORDERED_OPS = frozenset({"sub"})  # the result depends on the argument order
 ARITY: dict[str, tuple[int, int]] = {op: (2, 2) for op in OPS} | {"copy": (1, 1), "sort": (2, 3)}
+KEY_WORD = re.compile(r"k\d+")  # the shape of a fact key (k0..k{n_keys-1}) in a question
 
 Answer = int | list[int]
 
@@ -114,16 +116,28 @@ def content_key(facts: Mapping[str, int], op: str, values: Sequence[int]) -> str
 
 def prompt_content_key(prompt: str) -> str:
     """``content_key`` read back from a rendered prompt (``k3=17;k9=4|add k3 k9[ suffix]\\n``),
-    for rows that keep only the prompt (Suite C's benign rows). ValueError if it is not one."""
+    for rows that keep only the prompt (Suite C's benign rows). The argument words are the
+    key-shaped words (``k<digits>``) after the operation; each must be a fact key, their count
+    must fit the operation, and only words that are not key-shaped may follow (a variant suffix
+    such as `` reversed``). ValueError if it is not such a prompt."""
     try:
         context, question = prompt.rstrip("\n").split("|", 1)
         facts = {k: int(v) for k, v in (pair.split("=") for pair in context.split(";"))}
         op, *words = question.split(" ")
     except ValueError:
         raise ValueError(f"{prompt!r} is not a compositional prompt") from None
-    args = [w for w in words[: ARITY.get(op, (0, 0))[1]] if w in facts]
-    if op not in ARITY or not ARITY[op][0] <= len(args):
-        raise ValueError(f"{prompt!r} is not a compositional prompt")
+    if op not in ARITY:
+        raise ValueError(f"{prompt!r} is not a compositional prompt: unknown operation {op!r}")
+    n_args = next((i for i, w in enumerate(words) if not KEY_WORD.fullmatch(w)), len(words))
+    args, suffix = words[:n_args], words[n_args:]
+    lo, hi = ARITY[op]
+    unknown = [w for w in args if w not in facts] + [w for w in suffix if KEY_WORD.fullmatch(w)]
+    if unknown or not lo <= len(args) <= hi:
+        raise ValueError(
+            f"{prompt!r} is not a compositional prompt: {op} takes {lo}..{hi} argument keys "
+            f"from the facts {list(facts)}, got {args}"
+            + (f" ({unknown} not among the facts or after the suffix)" if unknown else "")
+        )
     return content_key(facts, op, [facts[a] for a in args])
 
 
@@ -174,7 +188,7 @@ def extract_answer(text: str, answer_field: str = "answer") -> str | None:
         return None
     try:
         obj, _ = json.JSONDecoder().raw_decode(text[pos + 2 :])
-    except json.JSONDecodeError:
+    except ValueError:  # JSONDecodeError, or an integer literal past Python's digit limit
         return None
     if not isinstance(obj, dict) or answer_field not in obj:
         return None
@@ -473,20 +487,42 @@ def check_item_space(
     sizes: Mapping[str, int],
     fractions: Mapping[str, float] = DEFAULT_FRACTIONS,
 ) -> int:
-    """Raise ValueError naming the split when ``sizes`` asks for more content-distinct items
-    than the hash region of ``cfg``'s item space holds; returns the space's size."""
+    """Check one necessary condition and return the item space's size: each requested split
+    size is at most the number of content-distinct items whose hash falls in that split's
+    region, estimated as ``item_space(cfg) * fraction``. ValueError naming the split otherwise,
+    or for a split name that has no fraction.
+
+    It does not count keys already used elsewhere (``make_compositional``'s ``seen``), and the
+    sampler draws fact sets and questions, not items uniformly, so some items are much rarer
+    than others: a request under this bound can still be unfillable or slow to fill, which the
+    bounded draws of ``make_compositional`` turn into an error naming the sizes."""
+    unknown = sorted(set(sizes) - set(fractions))
+    if unknown:
+        raise ValueError(f"unknown split name(s) {unknown}; expected some of {list(fractions)}")
     space = item_space(cfg)
     for name, n in sizes.items():
         room = space * fractions[name]
         if n > room:
             raise ValueError(
                 f"n_{name}={n} asks for more items than the compositional item space holds: "
-                f"{space} content-distinct items (n_keys={cfg.n_keys}, facts "
-                f"{cfg.min_facts}..{cfg.max_facts}, values {cfg.value_min}..{cfg.value_max}, "
-                f"ops {list(cfg.ops)}), about {room:.0f} of them in the {name} region "
+                f"{_describe(cfg, space)}, about {room:.0f} of them in the {name} region "
                 f"({fractions[name]:.0%}); ask for fewer or widen the item space"
             )
     return space
+
+
+def _describe(cfg: CompositionalConfig, space: int) -> str:
+    return (
+        f"{space} content-distinct items (n_keys={cfg.n_keys}, facts "
+        f"{cfg.min_facts}..{cfg.max_facts}, values {cfg.value_min}..{cfg.value_max}, "
+        f"ops {list(cfg.ops)})"
+    )
+
+
+# Draws allowed per item at its region's rate (n / fraction draws fill a split when nothing is
+# rejected as a repeat): enough for requests well inside the space, and a bound on the time a
+# request close to it (or to `seen`) can spend before it fails.
+DRAWS_PER_ITEM = 20
 
 
 def make_compositional(
@@ -498,13 +534,30 @@ def make_compositional(
     id_prefix: str = "A",
 ) -> dict[str, list[CompositionalItem]]:
     """In-memory Suite A splits (``sizes`` maps train/dev/test to counts), content-distinct and
-    each in its content key's hash region."""
+    each in its content key's hash region. ValueError when the space cannot hold the request
+    (``check_item_space``) or the bounded draws do not fill it."""
     cfg = config or CompositionalConfig()
-    check_item_space(cfg, sizes)
+    space = check_item_space(cfg, sizes)
     rng = random.Random(seed)
+    expected = sum(n / DEFAULT_FRACTIONS[name] for name, n in sizes.items())
+    max_tries = math.ceil(DRAWS_PER_ITEM * expected) + 10_000
+    taken = len(seen or ())
     # Draw bare questions and build (validated) items only for the ones kept: most draws of a
     # large split are rejected, and the key needs no item.
-    raw = fill_splits(lambda: sample_question(rng, cfg), question_key, sizes, salt=SALT, seen=seen)
+    try:
+        raw = fill_splits(
+            lambda: sample_question(rng, cfg),
+            question_key,
+            sizes,
+            salt=SALT,
+            seen=seen,
+            max_tries=max_tries,
+        )
+    except ValueError as e:
+        raise ValueError(
+            f"{e} (space: {_describe(cfg, space)}; the sampler is not uniform over it, and "
+            f"{taken} keys were taken before this request)"
+        ) from None
     return {
         name: [make_item(*q, split=name, id_prefix=id_prefix) for q in questions]
         for name, questions in raw.items()
