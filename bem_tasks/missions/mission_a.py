@@ -15,10 +15,11 @@ Phases (each ``fn(ctx) -> metrics``; inputs only through ``ctx.input_dir``):
 Evaluation definitions (greedy decoding with a K/V cache; every dev/test example is decoded in
 batches of prompts of one length, which gives the batch-1 tokens and decisions, tested):
 
-    em, f1          exact typed answer EM / element-multiset F1 in points (0..100) of the answer
-                    ``extract_answer`` finds in the decoded text, against the gold JSON answer
-                    (``bem_tasks.eval.metrics.answer_em_f1``; 0 when none parses; F1 = EM for
-                    a scalar answer, partial credit for a list answer such as ``sort``'s)
+    em, f1          exact typed answer EM / order-aware element F1 in points (0..100) of the
+                    answer ``extract_answer`` finds in the decoded text, against the gold JSON
+                    answer (``bem_tasks.eval.metrics.answer_em_f1``; 0 when none parses; F1 = EM
+                    for a scalar answer; a list answer such as ``sort``'s is matched as a longest
+                    common subsequence, so unsorted right values get partial credit only)
     plan_length     router only: segments of the decoded (horizon-locked) decision sequence;
                     <= plan horizon by construction, so reported, not gated
     plan_length_unconstrained  router only: segments of the plan the greedy rule chooses on the
@@ -46,11 +47,11 @@ See ``bem_tasks.missions.planner`` for the router, routed decoding and the KV-hi
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,7 @@ from bem_tasks.core import (
     bem_routing,
     build_model,
     count_bem_parameters,
+    detach_bem,
     load_model,
     load_weights,
     save_model,
@@ -175,8 +177,13 @@ def _sites(p: MissionAParams) -> list[str]:
     return list(p.bem.sites)
 
 
+def _bem_used(p: MissionAParams) -> dict[str, Any]:
+    """The bem block as Mission A uses it, for fingerprints: alpha is tuning's choice."""
+    return p.bem.model_dump(exclude={"alpha"})
+
+
 def _attach_experts(model: nn.Module, p: MissionAParams, seed: int, *, alpha: float) -> None:
-    """`alpha`: the tuned value (systems.json `experts_alpha`), not bem.alpha."""
+    """`alpha`: the tuned value (systems.json `experts_alpha`)."""
     attach_bem(
         model,
         _sites(p),
@@ -197,7 +204,7 @@ def _attach_experts(model: nn.Module, p: MissionAParams, seed: int, *, alpha: fl
 def _attach_fused(
     model: nn.Module, p: MissionAParams, rank: int, seed: int, *, alpha: float
 ) -> None:
-    """`alpha`: the tuned value (systems.json `baseline_alpha`), not bem.alpha."""
+    """`alpha`: the tuned value (systems.json `baseline_alpha`)."""
     attach_bem(
         model,
         _sites(p),
@@ -373,20 +380,24 @@ def train_experts(ctx: Any) -> dict[str, Any]:
 
     Parity covers tuning too: both systems train every (lr, alpha) point of `params.tuning` for
     the same short budget from the same initialisation, each is scored by its teacher-forced dev
-    loss, and each system's best point is used for its full training."""
+    loss, and each system's best point is used for its full training. One frozen base serves
+    every point and both systems: a point's adapters are attached, trained, scored, saved and
+    detached (a copy of the base per point would not fit a 7B model on one GPU)."""
     p = _params(ctx)
     seed = int(ctx.seed or 0)
     base, codec = _load_base(ctx, p)
-    counted = copy.deepcopy(base)  # for the parameter counts only (alpha does not change them)
-    _attach_experts(counted, p, seed, alpha=p.bem.alpha)
-    router_params = sum(q.numel() for q in _new_router(counted, p, seed).parameters())
-    experts_params = count_bem_parameters(counted)
+
+    # Parameter counts (alpha does not change them), from adapters attached for the count only.
+    _attach_experts(base, p, seed, alpha=1.0)
+    experts_params = count_bem_parameters(base)
+    per_rank = sum(layer.in_features + layer.out_features + 1 for _, layer in bem_layers(base))
+    detach_bem(base)
+    router_params = sum(q.numel() for q in _new_router(base, p, seed).parameters())
     system_params = experts_params + router_params
-    per_rank = sum(layer.in_features + layer.out_features + 1 for _, layer in bem_layers(counted))
     baseline_rank = max(1, round(system_params / per_rank))
-    counted = copy.deepcopy(base)
-    _attach_fused(counted, p, baseline_rank, seed, alpha=p.bem.alpha)
-    baseline_params = count_bem_parameters(counted)
+    _attach_fused(base, p, baseline_rank, seed, alpha=1.0)
+    baseline_params = count_bem_parameters(base)
+    detach_bem(base)
     parity = system_params / baseline_params
     if abs(parity - 1.0) > PARITY_TOLERANCE:
         raise ValueError(
@@ -395,50 +406,51 @@ def train_experts(ctx: Any) -> dict[str, Any]:
             f"column costs {per_rank} (raise bem.rank or lower router.hidden)"
         )
 
+    @contextmanager
+    def adapters(system: str, alpha: float) -> Iterator[None]:
+        """Fresh (seeded) adapters of ``system`` on the shared base, removed afterwards."""
+        if system == "experts":
+            _attach_experts(base, p, seed, alpha=alpha)
+        else:
+            _attach_fused(base, p, baseline_rank, seed, alpha=alpha)
+        try:
+            yield
+        finally:
+            detach_bem(base)
+
     train = encode_items(_read_split(ctx, "train"), codec)
     dev = encode_items(_read_split(ctx, "dev"), codec)
     spec = p.training.train_experts
-    inputs_fp = fingerprint_of(p.model, p.bem, p.data, p.router, seed, _base_digest(ctx))
+    inputs_fp = fingerprint_of(
+        p.model, _bem_used(p), p.data, p.router, p.runtime.dtype, seed, _base_digest(ctx)
+    )
 
-    def build(system: str, alpha: float) -> nn.Module:
-        model = copy.deepcopy(base)
-        if system == "experts":
-            _attach_experts(model, p, seed, alpha=alpha)
-        else:
-            _attach_fused(model, p, baseline_rank, seed, alpha=alpha)
-        return model
-
-    def lm_loss(model: nn.Module, system: str, b: Batch) -> torch.Tensor:
+    def lm_loss(system: str, b: Batch) -> torch.Tensor:
         b = b.to(ctx.device)
         if system == "experts":  # oracle routing; prompt/padding rows: base K/V
-            with bem_routing(model, skill_gates(b.skills)):
-                out = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels)
+            with bem_routing(base, skill_gates(b.skills)):
+                out = base(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels)
         else:
-            out = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels)
+            out = base(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels)
         return out.loss  # type: ignore[no-any-return]
 
-    def fit(
-        system: str, lr: float, alpha: float, run: TrainingSpec, name: str
-    ) -> tuple[nn.Module, dict[str, Any]]:
-        model = build(system, alpha)
-        run = run.model_copy(update={"lr": lr})
+    def fit(system: str, alpha: float, run: TrainingSpec, name: str) -> dict[str, Any]:
+        """Train the attached adapters (resumable from ckpt/<name>)."""
 
         def loss_fn(step: int) -> torch.Tensor:
-            return lm_loss(model, system, _batch(train, codec, seed, step, spec.batch_size))
+            return lm_loss(system, _batch(train, codec, seed, step, spec.batch_size))
 
         fp = fingerprint_of(inputs_fp, system, run, alpha)
-        return model, train_loop(
-            ctx, name, model, loss_fn, run, fingerprint=fp, trainable_only=True
-        )
+        return train_loop(ctx, name, base, loss_fn, run, fingerprint=fp, trainable_only=True)
 
     @torch.no_grad()
-    def dev_loss(model: nn.Module, system: str) -> float:
+    def dev_loss(system: str) -> float:
         """Teacher-forced loss per target token over the whole dev split."""
         total, tokens = 0.0, 0
         for i in range(0, len(dev), spec.batch_size):
             b = make_batch(dev[i : i + spec.batch_size], codec.pad_id, loss_on_prompt=False)
             n = int((b.labels[:, 1:] != -100).sum())  # the model shifts labels by one
-            total += float(lm_loss(model, system, b)) * n
+            total += float(lm_loss(system, b)) * n
             tokens += n
         return total / tokens
 
@@ -457,20 +469,23 @@ def train_experts(ctx: Any) -> dict[str, Any]:
     for system in TRAINED_SYSTEMS:
         points[system] = []
         for i, (lr, alpha) in enumerate(grid):  # a finished point resumes from its checkpoint
-            model, run = fit(system, lr, alpha, short, f"tune_{system}_{i}")
-            loss = dev_loss(model, system)
+            with adapters(system, alpha):
+                run = fit(system, alpha, short.at_lr(lr), f"tune_{system}_{i}")
+                loss = dev_loss(system)
             points[system].append(
                 {"lr": lr, "alpha": alpha, "dev_loss": loss if math.isfinite(loss) else None}
             )
             resumed_points += run["resumed_from"] == short.steps
         chosen[system] = _best_point(points[system], system)
 
-    experts, run_e = fit("experts", **chosen["experts"], run=spec, name="experts")
-    baseline, run_b = fit("baseline", **chosen["baseline"], run=spec, name="baseline")
-    save_weights(ctx.out_dir / "experts.safetensors", experts, trainable_only=True)
-    save_weights(ctx.out_dir / "baseline.safetensors", baseline, trainable_only=True)
-    with bem_disabled(baseline):
-        dev_base = dev_loss(baseline, "base")
+    dev_base = dev_loss("base")  # no adapters attached: the frozen base model
+    final: dict[str, dict[str, Any]] = {}
+    for system in TRAINED_SYSTEMS:
+        lr, alpha = chosen[system]["lr"], chosen[system]["alpha"]
+        with adapters(system, alpha):
+            final[system] = fit(system, alpha, spec.at_lr(lr), system)
+            save_weights(ctx.out_dir / f"{system}.safetensors", base, trainable_only=True)
+            final[system]["dev_loss"] = dev_loss(system)
 
     info = {
         "experts_params": experts_params,
@@ -481,6 +496,11 @@ def train_experts(ctx: Any) -> dict[str, Any]:
         "expert_rank": p.bem.rank,
         "param_parity": parity,
         **{f"{s}_{k}": v for s in TRAINED_SYSTEMS for k, v in chosen[s].items()},
+        **{
+            f"{s}_{k}": v
+            for s in TRAINED_SYSTEMS
+            for k, v in _at_grid_edge(chosen[s], tuning.grid.model_dump()).items()
+        },
         "tuning": {
             "grid": tuning.grid.model_dump(),
             "steps": tuning.steps,
@@ -492,21 +512,28 @@ def train_experts(ctx: Any) -> dict[str, Any]:
     atomic_write_json(ctx.out_dir / "systems.json", info)
     plot_series(
         ctx.out_dir / "loss.png",
-        {"experts (oracle routing)": run_e["history"], "fused baseline": run_b["history"]},
+        {"experts (oracle routing)": final["experts"]["history"],
+         "fused baseline": final["baseline"]["history"]},
         f"train_experts seed {seed}",
         "step",
-    )
+    )  # fmt: skip
     return {
         **info,
-        "experts_final_loss": run_e["final_loss"],
-        "baseline_final_loss": run_b["final_loss"],
-        "dev_loss_experts_oracle": dev_loss(experts, "experts"),
-        "dev_loss_baseline": dev_loss(baseline, "baseline"),
+        "experts_final_loss": final["experts"]["final_loss"],
+        "baseline_final_loss": final["baseline"]["final_loss"],
+        "dev_loss_experts_oracle": final["experts"]["dev_loss"],
+        "dev_loss_baseline": final["baseline"]["dev_loss"],
         "dev_loss_base": dev_base,
-        "resumed_from_experts": run_e["resumed_from"],
-        "resumed_from_baseline": run_b["resumed_from"],
+        "resumed_from_experts": final["experts"]["resumed_from"],
+        "resumed_from_baseline": final["baseline"]["resumed_from"],
         "tuning_points_resumed": resumed_points,
     }
+
+
+def _at_grid_edge(chosen: dict[str, float], grid: dict[str, list[float]]) -> dict[str, bool]:
+    """Per tuned setting, whether the chosen value is the grid's smallest or largest: the
+    best value may lie beyond it (the grid may be too narrow)."""
+    return {f"{k}_at_grid_edge": chosen[k] in (min(v), max(v)) for k, v in grid.items()}
 
 
 def _best_point(points: list[dict[str, Any]], system: str) -> dict[str, float]:
@@ -545,7 +572,10 @@ def behavioral_cloning(ctx: Any) -> dict[str, Any]:
     experts_digest = input_digest(
         ctx, "train_experts", ctx.seed, "experts.safetensors", "systems.json"
     )
-    fp = fingerprint_of(p.bem, p.data, p.router, spec, seed, _base_digest(ctx), experts_digest)
+    fp = fingerprint_of(
+        _bem_used(p), p.data, p.router, p.runtime.dtype, spec, seed, _base_digest(ctx),
+        experts_digest,
+    )  # fmt: skip
     run = train_loop(ctx, "router", router, loss_fn, spec, fingerprint=fp, trainable_only=False)
     save_weights(ctx.out_dir / "router.safetensors", router)
     atomic_write_json(ctx.out_dir / "router.json", router.config())
@@ -605,9 +635,11 @@ def collect_rollouts(
 def policy_gradient(ctx: Any) -> dict[str, Any]:
     """AR1: PPO from the BC policy on decoded-answer reward, inside KL(BC || policy) <= bound.
 
-    An update whose step leaves the KL region is rejected (ppo_update undoes it) and the
-    following updates run at a smaller lr (pg.lr_shrink, floored); every update runs. Then both
-    routers greedy-decode the dev split: dev reward PPO vs BC, paired, with a bootstrap CI."""
+    An update with an epoch that leaves the KL region is rejected: ppo_update puts router and
+    optimizer back to where the update started, and the following updates run at a smaller lr
+    (pg.lr_shrink, floored); every update runs. Then both routers greedy-decode the dev split:
+    dev reward PPO vs BC, paired, with a bootstrap CI at the fleet's statistics settings, and
+    a verdict with the measured reason (flat rewards, entropy, KL, rejections)."""
     p = _params(ctx)
     seed = int(ctx.seed or 0)
     model, codec = _experts_system(ctx, p)
@@ -628,11 +660,13 @@ def policy_gradient(ctx: Any) -> dict[str, Any]:
     decoder = RoutedDecoder(model, router=router, **decoding)
     opt = torch.optim.Adam(router.parameters(), lr=spec.lr)
     fp = fingerprint_of(
-        p.bem,
+        _bem_used(p),
         p.data,
         p.router,
         pg,
         spec,
+        p.evaluate.max_new_tokens,  # the rollout decoder's length
+        p.runtime.dtype,
         seed,
         _base_digest(ctx),
         input_digest(ctx, "train_experts", ctx.seed, "experts.safetensors", "systems.json"),
@@ -685,10 +719,13 @@ def policy_gradient(ctx: Any) -> dict[str, Any]:
                 "entropy": stats.entropy,
                 "clip_fraction": stats.clip_fraction,
                 "epochs": stats.epochs,
-                "rejected": stats.early_stopped,
+                "rejected": stats.rejected,
+                # equal rewards -> all-zero advantages -> no policy gradient from the batch
+                "reward_std": float(batch.rewards.std(unbiased=False)),
+                "zero_advantage": not bool(batch.advantages().any()),
             }
         )
-        if stats.early_stopped:  # a smaller step for what follows, never below the floor
+        if stats.rejected:  # a smaller step for what follows, never below the floor
             lr = max(lr * pg.lr_shrink, min_lr)
         if (update + 1) % spec.checkpoint_every == 0 or update + 1 == spec.steps:
             manager.save(update + 1, router, opt, extra={"log": log, "lr": lr})
@@ -709,7 +746,14 @@ def policy_gradient(ctx: Any) -> dict[str, Any]:
     dev = encode_items(_read_split(ctx, "dev"), codec)
     bc_dev = _dev_rewards(RoutedDecoder(model, router=reference, **decoding), dev, codec, p)
     ppo_dev = _dev_rewards(decoder, dev, codec, p)
-    gain = paired_bootstrap(ppo_dev["reward"], bc_dev["reward"], seed=seed)
+    statistics = ctx.cfg.arch.statistics  # one significance level for the whole fleet
+    gain = paired_bootstrap(
+        ppo_dev["reward"],
+        bc_dev["reward"],
+        confidence=statistics.confidence,
+        n_resamples=statistics.n_resamples,
+        seed=seed,
+    )
     if gain.low > 0:
         verdict = "improved"
     elif gain.high < 0:
@@ -717,14 +761,25 @@ def policy_gradient(ctx: Any) -> dict[str, Any]:
     else:
         verdict = "no detectable change"
     changed = sum(a != b for a, b in zip(ppo_dev["decisions"], bc_dev["decisions"], strict=True))
+    flat = sum(row["zero_advantage"] for row in log)
+    rejected = sum(row["rejected"] for row in log)
+    mean_entropy = sum(row["entropy"] for row in log) / len(log)
+    max_kl = max(row["kl"] for row in log)
+    reason = (
+        f"all rollouts of {flat}/{len(log)} updates had equal rewards; entropy "
+        f"{mean_entropy:.3g}; max KL {max_kl:.3g} of {pg.kl_bound:g}; {rejected} rejected; "
+        f"greedy dev plans changed on {changed}/{len(dev)}"
+    )
     return {
         "updates": len(log),
-        "rejected_updates": sum(row["rejected"] for row in log),
+        "rejected_updates": rejected,
+        "zero_advantage_updates": flat,
+        "mean_reward_std": sum(row["reward_std"] for row in log) / len(log),
         "final_lr": lr,
         "final_kl": log[-1]["kl"],
-        "max_kl": max(row["kl"] for row in log),
+        "max_kl": max_kl,
         "kl_bound": pg.kl_bound,
-        "mean_entropy": sum(row["entropy"] for row in log) / len(log),
+        "mean_entropy": mean_entropy,
         "final_entropy": log[-1]["entropy"],
         "first_reward": log[0]["reward"],
         "last_reward": log[-1]["reward"],
@@ -736,6 +791,8 @@ def policy_gradient(ctx: Any) -> dict[str, Any]:
         "dev_reward_gain_p_value": gain.p_value,
         "dev_reward_n": gain.n,
         "dev_reward_verdict": verdict,
+        "dev_reward_reason": reason,
+        "dev_reward_confidence": statistics.confidence,
         "dev_em_bc": sum(bc_dev["em"]) / len(dev),
         "dev_em_ppo": sum(ppo_dev["em"]) / len(dev),
         "dev_plans_changed": changed / len(dev),
@@ -746,12 +803,13 @@ def policy_gradient(ctx: Any) -> dict[str, Any]:
 def _dev_rewards(
     decoder: RoutedDecoder, examples: Sequence[Example], codec: TextCodec, p: MissionAParams
 ) -> dict[str, list[Any]]:
-    """Training reward (rollout_reward) of each example decoded with greedy routing, as
-    evaluate decodes: per-example reward, EM and routing decisions."""
+    """Training reward (rollout_reward) of each example greedy-decoded with greedy routing in
+    evaluate's batches (``_decode_all``: the batch-1 tokens and decisions): per-example reward,
+    EM and routing decisions."""
     choose = greedy_chooser(p.bem.tau, p.router.plan_horizon)
     out: dict[str, list[Any]] = {"reward": [], "em": [], "decisions": []}
-    for e in examples:
-        dec = decoder(e.prompt, choose)
+    decoded = _decode_all(decoder, examples, choose, p.evaluate.batch_size)
+    for e, dec in zip(examples, decoded, strict=True):
         reward, scores = rollout_reward(dec, codec.decode(dec.tokens), e.answer, p)
         out["reward"].append(reward)
         out["em"].append(scores["em"])

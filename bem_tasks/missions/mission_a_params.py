@@ -6,7 +6,7 @@ Every block forbids unknown keys, so a typo in the experiment file is an error.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
@@ -55,13 +55,39 @@ class DataSpec(Strict):
         return self
 
 
+class TunedTrainingSpec(Strict):
+    """`training.train_experts`: TrainingSpec's settings without `lr`. Each system trains at
+    the lr its tuning chose from `tuning.grid.lr` (systems.json `experts_lr`, `baseline_lr`)."""
+
+    steps: PositiveInt
+    batch_size: PositiveInt
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: PositiveFloat | None = 1.0
+    checkpoint_every: PositiveInt = 50
+    keep_checkpoints: PositiveInt = 2
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lr(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "lr" in data:
+            raise ValueError(
+                "lr is not used: train_experts trains each system at the lr its tuning chose "
+                "from tuning.grid.lr; remove it"
+            )
+        return data
+
+    def at_lr(self, lr: float) -> TrainingSpec:
+        return TrainingSpec(lr=lr, **self.model_dump())
+
+
 class TrainingBlocks(Strict):
     """Optimiser settings per trainable phase. `policy_gradient.steps` counts PPO updates and
     its `batch_size` the rollouts per update (constant lr, Adam: warm-up and weight decay do not
     apply there); `pretrain_base` is unused when model.path is set."""
 
     pretrain_base: TrainingSpec
-    train_experts: TrainingSpec
+    train_experts: TunedTrainingSpec
     behavioral_cloning: TrainingSpec
     policy_gradient: TrainingSpec
 
@@ -120,10 +146,25 @@ class EvaluateSpec(Strict):
 class MissionAParams(Strict):
     runtime: RuntimeSpec = RuntimeSpec()
     model: ModelSpec
-    bem: BemSpec
+    bem: BemSpec  # without alpha: tuning.grid.alpha
     data: DataSpec
     training: TrainingBlocks
     tuning: TuningSpec
     router: RouterSpec = RouterSpec()
     policy_gradient: PolicyGradientSpec = PolicyGradientSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
+
+    @model_validator(mode="after")
+    def _tuning(self) -> MissionAParams:
+        if "alpha" in self.bem.model_fields_set:
+            raise ValueError(
+                "bem.alpha is not used by Mission A: each system trains at the alpha its tuning "
+                "chose from tuning.grid.alpha; remove it"
+            )
+        full = self.training.train_experts.steps
+        if self.tuning.steps > full:
+            raise ValueError(
+                f"tuning.steps={self.tuning.steps} exceeds training.train_experts.steps={full}: "
+                "a tuning point would train longer than the full run it chooses settings for"
+            )
+        return self

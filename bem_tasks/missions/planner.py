@@ -702,10 +702,12 @@ class RolloutBatch:
         )
 
     def advantages(self) -> Tensor:
+        """Rewards minus their mean over the batch's trajectories, divided by their std; all
+        zero (no policy gradient) when every trajectory got the same reward."""
         r = self.rewards
         adv = r - r.mean()
         std = float(adv.std()) if r.numel() > 1 else 0.0
-        return adv / std if std > 1e-8 else adv
+        return adv / std if std > 1e-8 else torch.zeros_like(r)
 
 
 def masked_logits(router: MacroRouter, batch: RolloutBatch, tau: float) -> Tensor:
@@ -730,8 +732,8 @@ class UpdateStats:
     kl: float
     entropy: float
     clip_fraction: float
-    epochs: int  # accepted epochs
-    early_stopped: bool  # an epoch left the KL region and was rejected
+    epochs: int  # epochs applied: all of them, or 0 when the update was rejected
+    rejected: bool  # an epoch left the KL region: the whole update was undone
 
 
 def ppo_update(
@@ -750,20 +752,19 @@ def ppo_update(
 ) -> UpdateStats:
     """PPO epochs on one batch inside a KL trust region to ``reference`` (the BC policy).
 
-    After every epoch the mean KL(reference || router) on the batch's states is measured; an
-    epoch that leaves the region is rejected: router and optimizer state are restored, the
-    batch's remaining epochs are skipped and ``early_stopped`` is set, so that the caller can
-    take smaller steps from then on (the last in-bound policy is kept)."""
+    After every epoch the mean KL(reference || router) on the batch's states is measured. If an
+    epoch leaves the region the update is rejected as a whole: router and optimizer state go
+    back to what they were before its first epoch, its remaining epochs are skipped and
+    ``rejected`` is set, so that the caller can take smaller steps from then on."""
     adv = batch.advantages()[batch.traj]
     with torch.no_grad():
         ref_logits = masked_logits(reference, batch, tau)
-    stopped = False
-    done = 0
-    clip_frac = 0.0
     params = [p for p in router.parameters() if p.requires_grad]
+    saved = [p.detach().clone() for p in params]
+    saved_opt = copy.deepcopy(optimizer.state_dict())
+    rejected = False
+    clip_frac = 0.0
     for _ in range(epochs):
-        saved = [p.detach().clone() for p in params]
-        saved_opt = copy.deepcopy(optimizer.state_dict())
         logits = masked_logits(router, batch, tau)
         logp = F.log_softmax(logits, -1).gather(1, batch.actions[:, None])[:, 0]
         ratio = torch.exp(logp - batch.logp_old)
@@ -782,14 +783,18 @@ def ppo_update(
                 for p, s in zip(params, saved, strict=True):
                     p.copy_(s)
             optimizer.load_state_dict(saved_opt)
-            stopped = True
+            rejected = True
+            clip_frac = 0.0
             break
-        done += 1
         clip_frac = float(((ratio - 1).abs() > clip).float().mean())
     with torch.no_grad():
         logits = masked_logits(router, batch, tau)
         kl_now = float(kl_divergence(ref_logits, logits).mean())
         ent = float(entropy(logits).mean())
     return UpdateStats(
-        kl=kl_now, entropy=ent, clip_fraction=clip_frac, epochs=done, early_stopped=stopped
+        kl=kl_now,
+        entropy=ent,
+        clip_fraction=clip_frac,
+        epochs=0 if rejected else epochs,
+        rejected=rejected,
     )

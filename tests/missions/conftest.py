@@ -15,7 +15,7 @@ import yaml
 
 from bem_tasks.config.loader import FleetConfig, load_fleet
 from bem_tasks.fleet.phases import PhaseContext, execute
-from bem_tasks.missions import mission_a
+from bem_tasks.missions import common, mission_a
 
 ROOT = Path(__file__).resolve().parents[2]
 PHASES = (
@@ -44,7 +44,7 @@ MICRO = {
     "training": {
         # 100 steps: enough for the base to emit the answer format, so rollouts carry reward
         "pretrain_base": {"lr": 0.003, "steps": 100, "batch_size": 16, "checkpoint_every": 10},
-        "train_experts": {"lr": 0.003, "steps": 10, "batch_size": 8, "checkpoint_every": 4},
+        "train_experts": {"steps": 10, "batch_size": 8, "checkpoint_every": 4},
         "behavioral_cloning": {"lr": 0.01, "steps": 150, "batch_size": 64, "checkpoint_every": 50},
         "policy_gradient": {"lr": 0.001, "steps": 3, "batch_size": 4, "checkpoint_every": 1},
     },
@@ -111,3 +111,36 @@ def load_router_system(run: MicroRun):
     p = mission_a._params(ctx)
     model, codec = mission_a._experts_system(ctx, p)
     return ctx, p, model, codec
+
+
+def kl_overrun(params: dict) -> None:
+    """PPO whose every step leaves a tiny KL region: lr 50 with an entropy bonus (a non-zero
+    gradient even when every reward is equal); the step shrinks 50 -> 25 -> 15 (the floor)."""
+    params["training"]["policy_gradient"]["lr"] = 50.0
+    params["policy_gradient"] = {
+        "kl_bound": 1e-4,
+        "kl_coef": 0.0,
+        "entropy_coef": 1.0,
+        "lr_shrink": 0.5,
+        "min_lr_fraction": 0.3,
+    }
+
+
+def run_interrupted(ctx: PhaseContext, loop: str, step: int) -> None:
+    """Run a phase that a simulated worker crash stops right after training loop ``loop``
+    reports ``step`` (its checkpoint of that step, if any, is written), then run it again to
+    the end, as a retried task does."""
+    real = common.progress
+
+    def crash(ctx: PhaseContext, name: str, at: int, total: int, **values: float) -> None:
+        real(ctx, name, at, total, **values)
+        if name == loop and at == step:
+            raise RuntimeError("simulated worker crash")
+
+    with pytest.MonkeyPatch.context() as patch:
+        for module in (common, mission_a):  # the shared training loop and PPO's own loop
+            patch.setattr(module, "progress", crash)
+        with pytest.raises(RuntimeError, match="simulated worker crash"):
+            execute(ctx, config_hash="micro")
+    assert not (ctx.out_dir / "manifest.json").exists()
+    execute(ctx, config_hash="micro")

@@ -21,8 +21,7 @@ from bem_tasks.core import count_bem_parameters, save_model
 from bem_tasks.core.tokenizer import ByteTokenizer
 from bem_tasks.data import DataFileError
 from bem_tasks.eval import read_records
-from bem_tasks.fleet.phases import execute
-from bem_tasks.missions import common, mission_a
+from bem_tasks.missions import mission_a
 from bem_tasks.missions.planner import (
     MacroRouter,
     RoutedDecoder,
@@ -38,7 +37,9 @@ from bem_tasks.missions.planner import (
 from tests.missions.conftest import (
     PHASES,
     MicroRun,
+    kl_overrun,
     load_router_system,
+    run_interrupted,
     write_micro_project,
 )
 
@@ -235,7 +236,7 @@ def test_ppo_update_increases_expected_reward_on_a_fixed_batch(fixed_batch) -> N
     opt = torch.optim.Adam(policy.parameters(), lr=0.01)
     stats = ppo_update(policy, reference, opt, batch, tau=tau, clip=0.2, epochs=3, kl_bound=1.0)
     after = expected_reward(policy, batch, tau)
-    assert stats.epochs == 3 and not stats.early_stopped
+    assert stats.epochs == 3 and not stats.rejected
     assert after > before + 1e-4
 
 
@@ -261,25 +262,14 @@ def test_kl_trust_region_is_honoured(fixed_batch) -> None:
     wild = copy.deepcopy(policy)
     opt = torch.optim.Adam(wild.parameters(), lr=50.0)
     stats = ppo_update(wild, reference, opt, batch, tau=tau, clip=0.2, epochs=4, kl_bound=bound)
-    assert stats.early_stopped and stats.epochs == 0
+    assert stats.rejected and stats.epochs == 0
     assert kl_to_reference(wild) <= bound
     for a, b in zip(wild.parameters(), policy.parameters(), strict=True):
-        assert torch.equal(a, b)  # the overrunning epoch was undone: last in-bound policy kept
+        assert torch.equal(a, b)  # the update was undone: the policy it started from is kept
 
 
 def test_pg_phase_rejects_a_kl_overrun_shrinks_the_step_and_goes_on(micro: MicroRun) -> None:
-    def edit(params: dict) -> None:
-        params["training"]["policy_gradient"]["lr"] = 50.0
-        # the entropy bonus guarantees a non-zero gradient even if every reward is equal
-        params["policy_gradient"] = {
-            "kl_bound": 1e-4,
-            "kl_coef": 0.0,
-            "entropy_coef": 1.0,
-            "lr_shrink": 0.5,
-            "min_lr_fraction": 0.3,
-        }
-
-    cfg = load_fleet(write_micro_project(micro.tmp / "p_kl", edit), "smoke")
+    cfg = load_fleet(write_micro_project(micro.tmp / "p_kl", kl_overrun), "smoke")
     out = micro.tmp / "pg_overrun"
     m = mission_a.policy_gradient(micro.ctx("policy_gradient", out, cfg=cfg))
     rows = [json.loads(line) for line in (out / "updates.jsonl").open()]
@@ -312,30 +302,10 @@ def test_pg_phase_rejects_a_kl_overrun_shrinks_the_step_and_goes_on(micro: Micro
     ],
 )
 def test_interrupted_phase_resumes_to_identical_weights(
-    micro: MicroRun,
-    monkeypatch: pytest.MonkeyPatch,
-    phase: str,
-    loop: str,
-    crash_at: int,
-    resumed_at: int,
-    weights: list[str],
+    micro: MicroRun, phase: str, loop: str, crash_at: int, resumed_at: int, weights: list[str]
 ) -> None:
     out = micro.tmp / f"resume_{phase}"
-    real_progress = common.progress
-
-    def crash(ctx, name, step, total, **values):
-        real_progress(ctx, name, step, total, **values)
-        if name == loop and step == crash_at:
-            raise RuntimeError("simulated worker crash")
-
-    for module in (common, mission_a):  # the shared training loop and PPO's own loop
-        monkeypatch.setattr(module, "progress", crash)
-    with pytest.raises(RuntimeError, match="simulated worker crash"):
-        execute(micro.ctx(phase, out), config_hash="micro")
-    assert not (out / "manifest.json").exists()
-    for module in (common, mission_a):
-        monkeypatch.setattr(module, "progress", real_progress)
-    execute(micro.ctx(phase, out), config_hash="micro")
+    run_interrupted(micro.ctx(phase, out), loop, crash_at)
     m = json.loads((out / "metrics.json").read_text())
     key = {"train_experts": "resumed_from_baseline"}.get(phase, "resumed_from")
     assert m[key] == resumed_at
@@ -374,13 +344,13 @@ def test_params_model_is_light_and_strict(micro: MicroRun) -> None:
 
     def edit(params: dict) -> None:
         params["router"]["horizon"] = 3  # the key is plan_horizon
-        params["training"]["train_experts"]["lr"] = -1.0
+        params["training"]["behavioral_cloning"]["lr"] = -1.0
 
     with pytest.raises(ConfigError) as err:
         load_fleet(write_micro_project(micro.tmp / "p_bad", edit), "smoke")
     text = str(err.value)
     assert "profiles.smoke.params.router.horizon: unknown key" in text
-    assert "params.training.train_experts.lr" in text and "greater than 0" in text
+    assert "params.training.behavioral_cloning.lr" in text and "greater than 0" in text
 
 
 def test_full_profile_records_a_local_model_without_copying(micro: MicroRun) -> None:
