@@ -7,6 +7,11 @@ and slice, and returns one JSON-serialisable dict per input, in the input order 
 Multiplicity: p-values are adjusted with Benjamini-Hochberg within each family, a family being
 ``(mission, slice, family)``: the families declared in the gates config (e.g. performance, system,
 safety), kept apart per slice so that report-only slices never dilute the gatekeeping one.
+
+A comparison whose statistic does not exist on the sample (a relative change of a baseline whose
+values are all 0) does not stop the others: its dict carries ``error`` (the message) and no
+numbers, takes no part in the BH adjustment, and a gate on it is ``missing`` with that reason.
+Any other bad input raises ValueError naming the metric.
 """
 
 from __future__ import annotations
@@ -21,10 +26,12 @@ from numpy.typing import ArrayLike
 
 from bem_tasks.stats.bootstrap import (
     PairedStatistic,
+    UndefinedStatistic,
     as_cells,
     bootstrap_many,
     check_null,
     parse_statistic,
+    sign_test_pvalue,
 )
 from bem_tasks.stats.multitest import bh_adjust
 
@@ -50,7 +57,8 @@ RESULT_KEYS = (
     "p_adjusted",  # Benjamini-Hochberg within (mission, slice, family)
     "family_size",  # hypotheses in that family
     "significant",  # p_adjusted < alpha
-    "favours",  # "candidate"/"baseline" when the CI excludes no change (0), else "neither"
+    "favours",  # "candidate"/"baseline" when the two-sided test of no change (0) rejects at
+    # 1 - confidence (unadjusted; the CI excludes 0, or the exact sign test when degenerate)
     "se",  # bootstrap standard error of the estimate
     "mean_diff",  # mean(candidate) - mean(baseline), per-example seed means
     "sd_diff",  # sd (ddof=1) of the per-example differences
@@ -66,6 +74,7 @@ RESULT_KEYS = (
     "n_resamples",
     "seed",
     "alpha",
+    "error",  # None, or why the statistic is undefined on this sample (then no numbers)
 )
 
 
@@ -109,8 +118,8 @@ class MetricData:
         return f"{self.mission}/{self.metric}[{self.slice}]"
 
 
-def _prepare(md: MetricData) -> tuple[PairedStatistic, np.ndarray, np.ndarray, int]:
-    """The statistic, per-example seed means of candidate and baseline, and the seed count."""
+def _prepare(md: MetricData) -> tuple[PairedStatistic | str, np.ndarray, np.ndarray, int]:
+    """The statistic (or why it is undefined), per-example seed means, and the seed count."""
     where = md.label()
     for key in ("mission", "metric", "slice", "family"):
         if not isinstance(getattr(md, key), str) or not getattr(md, key):
@@ -125,7 +134,11 @@ def _prepare(md: MetricData) -> tuple[PairedStatistic, np.ndarray, np.ndarray, i
     b = as_cells(md.baseline, f"{where} baseline")
     try:
         check_null(md.null_value)
-        stat = PairedStatistic(c, b, q=parse_statistic(md.statistic), relative=md.relative)
+        stat: PairedStatistic | str = PairedStatistic(
+            c, b, q=parse_statistic(md.statistic), relative=md.relative, null_value=md.null_value
+        )
+    except UndefinedStatistic as exc:
+        stat = f"{where}: {exc}"
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
     return stat, c.mean(axis=1), b.mean(axis=1), int(c.shape[1])
@@ -138,19 +151,28 @@ def _num(x: float) -> float | None:
 def analyze(
     metrics: Sequence[MetricData | Mapping[str, Any]],
     *,
-    confidence: float = 0.95,
+    confidence: float | None = None,
     n_resamples: int = 10_000,
     seed: int = 0,
     alpha: float = 0.05,
     method: str = "fast",
 ) -> list[dict[str, Any]]:
-    """Paired BCa analysis of every metric, BH-adjusted within families; one dict per input.
+    """Paired bootstrap analysis of every metric, BH-adjusted within families; one dict per input.
 
-    Metrics with the same number of examples share one set of bootstrap draws (made from
-    ``seed``), which is what scipy does per metric with a fixed seed, drawn once.
+    One significance level: the intervals are two-sided at ``confidence = 1 - alpha`` (the
+    default); a ``confidence`` given with another value raises ValueError. Metrics with the same
+    number of examples share one set of bootstrap draws (made from ``seed``), which is what scipy
+    does per metric with a fixed seed, drawn once.
     """
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    if confidence is None:
+        confidence = 1.0 - alpha
+    elif not math.isclose(confidence, 1.0 - alpha, abs_tol=1e-9):
+        raise ValueError(
+            f"confidence = {confidence} but alpha = {alpha}: the intervals and the tests use one "
+            f"significance level, so confidence must be 1 - alpha = {1.0 - alpha:g}"
+        )
     items = [
         m if isinstance(m, MetricData) else MetricData.from_mapping(m, f"metrics[{i}]")
         for i, m in enumerate(metrics)
@@ -168,11 +190,12 @@ def analyze(
     # Group by number of examples: one set of draws per group.
     groups: dict[int, list[int]] = {}
     for i, (stat, *_rest) in enumerate(prepared):
-        groups.setdefault(stat.n, []).append(i)
+        if isinstance(stat, PairedStatistic):
+            groups.setdefault(stat.n, []).append(i)
     boot: list[Any] = [None] * len(items)
     for idxs in groups.values():
         res = bootstrap_many(
-            [prepared[i][0] for i in idxs],
+            [_stat(prepared[i][0]) for i in idxs],
             confidence=confidence,
             n_resamples=n_resamples,
             seed=seed,
@@ -184,7 +207,8 @@ def analyze(
 
     families: dict[tuple[str, str, str], list[int]] = {}
     for i, md in enumerate(items):
-        families.setdefault((md.mission, md.slice, md.family), []).append(i)
+        if boot[i] is not None:
+            families.setdefault((md.mission, md.slice, md.family), []).append(i)
     p_adj = [1.0] * len(items)
     fam_size = [0] * len(items)
     for idxs in families.values():
@@ -197,14 +221,33 @@ def analyze(
     for i, md in enumerate(items):
         stat, c, b, n_seeds = prepared[i]
         r = boot[i]
+        common = {
+            "mission": md.mission, "metric": md.metric, "slice": md.slice, "family": md.family,
+            "statistic": md.statistic, "relative": bool(md.relative),
+            "higher_is_better": bool(md.higher_is_better), "n": int(c.shape[0]),
+            "n_seeds": n_seeds, "confidence": float(confidence),
+            "null_value": float(md.null_value), "method": method,
+            "n_resamples": int(n_resamples), "seed": int(seed), "alpha": float(alpha),
+        }  # fmt: skip
+        if not isinstance(stat, PairedStatistic):
+            out.append({**dict.fromkeys(RESULT_KEYS), **common, "error": stat})
+            continue
         diff = c - b
         sd = float(np.std(diff, ddof=1))
         mean_c, mean_b = float(np.mean(c)), float(np.mean(b))
         mean_diff = float(diff[0]) if np.all(diff == diff[0]) else float(np.mean(diff))
         significant = p_adj[i] < alpha
-        # Descriptive: which system the CI says is better, against "no change" (not the null).
-        if r.low > 0 or r.high < 0:
-            favours = "candidate" if (r.low > 0) == md.higher_is_better else "baseline"
+        # Descriptive: which system the unadjusted two-sided test of "no change" (0, not the
+        # null) finds better. Away from degeneracy that is the CI excluding 0 (interval
+        # inversion); a degenerate bootstrap has a zero-width CI, so the exact sign test decides.
+        if r.degenerate:
+            p0 = sign_test_pvalue(stat.null_residuals(0.0), stat.residual_scale(0.0))
+            rejects = p0 < 1.0 - confidence and r.estimate != 0
+            above = r.estimate > 0
+        else:
+            rejects, above = r.low > 0 or r.high < 0, r.low > 0
+        if rejects:
+            favours = "candidate" if above == md.higher_is_better else "baseline"
         else:
             favours = "neither"
         tc, tb = stat.values()
@@ -245,6 +288,12 @@ def analyze(
                 "n_resamples": int(n_resamples),
                 "seed": int(seed),
                 "alpha": float(alpha),
+                "error": None,
             }
         )
     return out
+
+
+def _stat(s: PairedStatistic | str) -> PairedStatistic:
+    assert isinstance(s, PairedStatistic)
+    return s

@@ -5,35 +5,39 @@ value per example and seed: a "cell"); examples are resampled as whole clusters 
 seeds (a cluster bootstrap). What a resample's statistic is depends on the statistic:
 
 * mean: the mean over the resampled cells, which on a full examples x seeds grid is the mean of
-  the per-example seed means; BCa interval;
+  the per-example seed means;
 * quantile (median, pNN): the Harrell-Davis estimate of the quantile of the pooled cells of the
   resampled examples (every seed of every resampled example), never a quantile of per-example
   seed means: averaging seeds first shrinks the tail and would hide a p95 that is slower under
-  every seed. Percentile interval (Wilcox's method for comparing quantiles of dependent groups).
+  every seed.
 
-Why not BCa on the plain sample quantile for quantiles: a sample quantile is one order statistic,
-so the ratio of two paired quantiles jumps with which cells sit at the target rank; BCa's bias
-correction and jackknife acceleration are noisy for it, and with candidate and baseline nearly
-proportional per example its 95% interval covered 91.6% (500 examples x 3 seeds). The
-Harrell-Davis estimate (a Beta-weighted mean of all order statistics,
-``scipy.stats.mstats.hdquantiles``) is smooth, and its percentile interval covered 95-98% in the
-same simulations (tests/stats/test_stats_simulation.py), erring on the safe side.
+Every interval is BCa (Efron & Tibshirani 1993, 14.3): bias correction from the bootstrap
+distribution, acceleration from the leave-one-example-out jackknife (closed form for means,
+:func:`hd_jackknife` for Harrell-Davis quantiles). Why BCa and Harrell-Davis for quantiles,
+measured on latency-like data (500 examples x 3 seeds, tests/stats/test_stats_simulation.py):
+BCa on the plain sample quantile covered 91.6% for a p95 ratio when candidate and baseline are
+nearly proportional per example (one order statistic jumps between resamples, so its bias
+correction and acceleration are noisy); the percentile interval of the Harrell-Davis estimate
+(a Beta-weighted mean of all order statistics, ``scipy.stats.mstats.hdquantiles``) covered
+97.4-98% there, its bootstrap sd being 10-15% above the estimator's (as was the jackknife's;
+per-seed quantiles averaged over seeds, and the plain quantile's percentile interval, did no
+better); BCa on the Harrell-Davis estimate covered 93.1-95.9% in both designs.
 
 Inference is about the population of examples given the trained seeds: seeds are not resampled
 (there are too few), and a t-test on seed means is never used.
 
-Two ways to compute the same interval (Efron & Tibshirani 1993, 13.3, 14.3 and 15.4):
+Two ways to compute the same interval:
 
-* ``method="scipy"`` calls :func:`scipy.stats.bootstrap` (``method="BCa"`` for means,
-  ``"percentile"`` for quantiles, where scipy resamples example indices): the reference.
+* ``method="scipy"`` calls :func:`scipy.stats.bootstrap` (``method="BCa"``; for quantiles scipy
+  resamples example indices and its jackknife leaves one example out): the reference.
 * ``method="fast"`` (the default) reproduces scipy's formulas for the statistics used here (mean,
   ratio of means, Harrell-Davis quantiles, and their differences or ratios). Resamples come from
   the same generator call as scipy's (``np.random.default_rng(seed).integers(0, n, (n_resamples,
   n))``) and are turned into per-example counts; one matrix product of the counts gives the
   bootstrap sums of every statistic that shares the examples (a quantile reads the Beta weights
-  of the resample's order statistics off cumulative counts near the target rank). The BCa
-  acceleration uses the closed-form jackknife (the leave-one-out mean is ``(S - x_i) / (n - 1)``)
-  and the bias correction the bootstrap distribution, as scipy does. When
+  of the resample's order statistics off cumulative counts near the target rank). The jackknife
+  is in closed form (means: ``(S - x_i) / (n - 1)``; quantiles: cumulative sums over the sorted
+  cells) and the bias correction uses the bootstrap distribution, as scipy does. When
   ``n_resamples * n <= CHUNK_ELEMENTS`` the draws are scipy's own and the interval equals scipy's
   to rounding. Larger problems are drawn in chunks from the same generator; numpy usually
   continues the very same stream across chunks (the benchmark's intervals match scipy's to
@@ -44,26 +48,32 @@ Two ways to compute the same interval (Efron & Tibshirani 1993, 13.3, 14.3 and 1
   metrics by a lattice step), and where scipy returns NaN because the estimate lies outside the
   whole bootstrap distribution, the percentile is clipped to ``[1/(2B), 1 - 1/(2B)]``.
 
-p-values invert the same interval: ``p`` is the smallest ``1 - confidence`` at which the interval
-(BCa, or percentile for quantiles) excludes ``null_value`` (two-sided). So ``p < 1 - confidence`` exactly when the interval
-at that confidence excludes the null, and a decision never disagrees with the interval it reports.
-p-values are floored at ``1 / (n_resamples + 1)``: the bootstrap cannot resolve smaller ones.
+p-values invert the same interval: ``p`` is the smallest ``1 - confidence`` at which the BCa
+interval excludes ``null_value`` (two-sided). So ``p < 1 - confidence`` exactly when the
+interval at that confidence excludes the null, and a decision never disagrees with the interval
+it reports. p-values are floored at ``1 / (n_resamples + 1)``: the bootstrap cannot resolve
+smaller ones.
 
-A degenerate bootstrap distribution (every resample gives the same value, e.g. constant
-differences) has a zero-width interval ``(c, c)`` and says nothing about sampling error: a
-floor of ``1 / (B + 1)`` would call three identical differences significant. There the p-value is
-the exact two-sided paired sign test (``scipy.stats.binomtest``) of the per-example differences
-from the null (see ``PairedStatistic.null_residuals``), which needs at least 6 examples on one side
-to reach 0.05.
+A degenerate bootstrap distribution (every resample gives the same value up to ``TIE_RTOL``
+of the data's magnitude, e.g. constant differences) has a zero-width interval ``(c, c)`` and
+says nothing about sampling error: a floor of ``1 / (B + 1)`` would call three identical
+differences significant. There the p-value is the exact two-sided paired sign test
+(``scipy.stats.binomtest``) of the per-example differences from the null (see
+``PairedStatistic.null_residuals``); differences within ``TIE_RTOL`` (1e-9) of the data's
+magnitude (``max(|c|, |b|, |null|)``) are rounding, counted as ties. It needs at least 6
+examples on one side to reach 0.05.
 
 Relative changes ``T(candidate) / T(baseline) - 1`` need non-negative baseline values with
-``T(baseline) > 0``. When the baseline has a zero value (a rare 0/1 event, a count), some
-resamples can have ``T(baseline) = 0`` and the ratio would be undefined there. Such comparisons
-use a continuity correction on both arms, ``(T(c) + h) / (T(b) + h) - 1`` with ``h`` half the
-smallest positive baseline value divided by the number of cells (for a 0/1 metric: half an event,
-the Haldane-Anscombe correction); the estimate, the jackknife and every resample use the same
-statistic, and ``h`` is reported. It pulls the estimate towards no change (a 3 -> 1 event drop in
-200 reads -57% instead of -67%), so it never makes a reduction look larger than it is.
+``T(baseline) > 0`` (else :class:`UndefinedStatistic`). When the baseline has a zero value (a
+rare 0/1 event, a count), some resamples can have ``T(baseline) = 0`` and the ratio would be
+undefined there. Such comparisons use a continuity correction: ``(T(c) + h (1 + null)) / (T(b) +
+h) - 1`` with ``h`` half the smallest positive baseline value divided by the number of cells (for
+a 0/1 metric: half an event, the Haldane-Anscombe correction) and ``null`` the tested value (the
+gate threshold). The pseudo-observation added lies exactly on the null, so the estimate is the
+raw ratio shrunk towards the null by the factor ``T(b) / (T(b) + h)``: never past it, so the
+correction can make neither a pass nor a fail, on either side of the threshold (a symmetric
+``+h`` on both arms pulls towards "no change", which helps a non-inferiority gate pass). The
+estimate, the jackknife and every resample use the same statistic, and ``h`` is reported.
 """
 
 from __future__ import annotations
@@ -87,6 +97,14 @@ FloatArray = NDArray[np.float64]
 CHUNK_ELEMENTS = 1 << 18
 MIN_RESAMPLES = 100
 METHODS = ("fast", "scipy")
+# Relative rounding tolerance: values closer than this times the data's magnitude are equal (a
+# tie in the sign test, a degenerate bootstrap, an estimate on the threshold). Float64 sums of a
+# few thousand values err by about 1e-13 relative; real effects are far larger than 1e-9.
+TIE_RTOL = 1e-9
+
+
+class UndefinedStatistic(ValueError):
+    """The statistic does not exist on this sample (a relative change of a zero baseline)."""
 
 
 @dataclass(frozen=True)
@@ -183,6 +201,7 @@ class PairedStatistic:
         *,
         q: float | None = None,
         relative: bool = False,
+        null_value: float = 0.0,
     ) -> None:
         candidate = candidate.reshape(candidate.shape[0], -1)
         if baseline is not None:
@@ -200,6 +219,14 @@ class PairedStatistic:
         self.example_c = candidate.mean(axis=1)
         self.example_b = None if baseline is None else baseline.mean(axis=1)
         self.h = 0.0
+        # The continuity correction adds h (1 + null) to the candidate and h to the baseline: a
+        # pseudo-observation that lies exactly on the tested null, so the correction only ever
+        # moves the estimate towards the tested value (see the module docstring).
+        self.null_value = float(null_value)
+        if relative and not 1.0 + self.null_value > 0:
+            raise ValueError(
+                f"a relative change cannot be tested at {self.null_value:g} (<= -100%)"
+            )
         if relative:
             assert baseline is not None
             if baseline.min() < 0:
@@ -224,9 +251,20 @@ class PairedStatistic:
         if relative:
             tb = self._t(self.cols[1])
             if not tb > 0:
-                raise ValueError(
-                    f"a relative change needs a positive baseline {self.describe_t()}, got {tb}"
+                raise UndefinedStatistic(
+                    f"a relative change needs a positive baseline {self.describe_t()}, got {tb:g} "
+                    "(every baseline value is 0, or the quantile sits on 0): the relative change "
+                    "is undefined on this sample"
                 )
+        # Rounding scale of the statistic: values this close (1e-9 of it) count as equal.
+        if relative:
+            self.scale = 1.0 + abs(self.null_value)
+        else:
+            self.scale = max(
+                float(np.max(np.abs(candidate))),
+                0.0 if baseline is None else float(np.max(np.abs(baseline))),
+                abs(self.null_value),
+            )
         self.qcols = [] if q is None else [_HDColumn(c, q) for c in self.cols]
         # Columns whose count-weighted sums a resample needs: the values for a mean, the number
         # of the example's cells sorted below the window for a quantile.
@@ -237,8 +275,8 @@ class PairedStatistic:
 
     @property
     def interval(self) -> str:
-        """scipy's name of the interval: BCa for means, percentile for (Harrell-Davis) quantiles."""
-        return "BCa" if self.q is None else "percentile"
+        """scipy's name of the interval: BCa for every statistic (means and HD quantiles)."""
+        return "BCa"
 
     def _t(self, x: FloatArray) -> float:
         # Constant data give their constant exactly (the mean's rounding would not).
@@ -260,15 +298,21 @@ class PairedStatistic:
         if not self.relative:
             return tc - tb
         if self.h:
-            return (tc + self.h) / (tb + self.h) - 1.0
+            return (tc + self.h * (1.0 + self.null_value)) / (tb + self.h) - 1.0
         return tc / tb - 1.0
 
     def estimate(self) -> float:
         return float(self._combine([self._t(c) for c in self.cols]))
 
     def jackknife(self) -> FloatArray:
-        """Leave-one-example-out values of a mean statistic, in closed form (BCa's acceleration)."""
-        return self._combine([(x.sum() - x) / (self.n - 1) for x in self.cols])
+        """Leave-one-example-out values of the statistic (BCa's acceleration).
+
+        Means in closed form (``(S - x_i) / (n - 1)``); Harrell-Davis quantiles from cumulative
+        sums over the sorted cells (:func:`hd_jackknife`), O(cells x seeds) in all.
+        """
+        if self.q is None:
+            return self._combine([(x.sum() - x) / (self.n - 1) for x in self.cols])
+        return self._combine([hd_jackknife(x, self.q) for x in self.cols])
 
     def from_counts(self, counts: FloatArray, sums: list[FloatArray]) -> FloatArray:
         """Bootstrap values for resamples given as per-example counts (``sums``: counts @ linear)."""
@@ -280,15 +324,24 @@ class PairedStatistic:
         """Per-example signed distance from the null, for the exact sign test.
 
         Per-example seed means ``c_i``, ``b_i``: ``c_i - b_i - null`` for a difference (``d_i -
-        null`` for diffs), and ``(c_i + h) - (1 + null) (b_i + h)`` for a relative change, which
-        has the sign of ``(c_i + h) / (b_i + h) - 1 - null`` without dividing by a zero ``b_i``.
+        null`` for diffs), and ``c_i - (1 + null) b_i`` for a relative change, which has the sign
+        of ``c_i / b_i - 1 - null`` without dividing by a zero ``b_i`` (the continuity correction
+        cancels: ``(c_i + h (1 + null)) - (1 + null) (b_i + h)``).
         """
         c, b = self.example_c, self.example_b
         if b is None:
             return c - null_value
         if self.relative:
-            return (c + self.h) - (1.0 + null_value) * (b + self.h)
+            return c - (1.0 + null_value) * b
         return c - b - null_value
+
+    def residual_scale(self, null_value: float) -> float:
+        """Magnitude of the terms of :meth:`null_residuals`: their rounding is relative to it."""
+        c, b = self.example_c, self.example_b
+        m = max(float(np.max(np.abs(c))), abs(null_value))
+        if b is not None:
+            m = max(m, float(np.max(np.abs(b))) * (1.0 + abs(null_value)))
+        return m
 
     def scipy_call(self) -> tuple[tuple[NDArray[np.generic], ...], object, bool]:
         q = self.q
@@ -296,10 +349,11 @@ class PairedStatistic:
             # Pooled cells of resampled examples: let scipy resample example indices, with
             # exactly the draws it makes for paired data.
             cols = self.cols
-            w = hd_weights(cols[0].size, q)
 
             def pooled(ix: NDArray[np.generic], axis: int = -1) -> FloatArray:
+                # scipy also calls it on leave-one-out index sets (BCa's jackknife)
                 i = np.moveaxis(np.asarray(ix).astype(np.intp), axis, -1)
+                w = hd_weights(i.shape[-1] * cols[0].shape[1], q)
                 ts = [np.sort(c[i].reshape(*i.shape[:-1], -1), axis=-1) @ w for c in cols]
                 return self._combine(ts)
 
@@ -330,6 +384,36 @@ def harrell_davis(x: FloatArray, q: float) -> float:
     """
     flat = np.sort(np.asarray(x, dtype=np.float64).ravel())
     return float(flat @ hd_weights(flat.size, q))
+
+
+def hd_jackknife(x: FloatArray, q: float) -> FloatArray:
+    """Leave-one-example-out Harrell-Davis q quantiles of the pooled cells of ``x``.
+
+    ``x`` is ``(examples, seeds)``: leaving example i out removes its k cells, and every cell
+    after the j-th removed one moves j places down in the sorted order. With ``C_j`` the
+    cumulative sum of ``w'[t - j] s_t`` (``w'`` the weights of N - k cells), example i's value is
+    a sum of k + 1 differences of ``C_0 .. C_k`` between its cells' sorted positions.
+    """
+    x = x.reshape(x.shape[0], -1)
+    n, k = x.shape
+    big_n = n * k
+    w = hd_weights(big_n - k, q)
+    order = np.argsort(x.ravel(), kind="stable")
+    s = x.ravel()[order]
+    pos = np.empty(big_n, dtype=np.intp)
+    pos[order] = np.arange(big_n)
+    p = np.sort(pos.reshape(n, k), axis=1)  # sorted positions of each example's cells
+    t = np.arange(big_n)
+    cum = np.zeros((k + 1, big_n + 1))
+    for j in range(k + 1):
+        idx = t - j
+        ok = (idx >= 0) & (idx < big_n - k)
+        cum[j, 1:] = np.cumsum(np.where(ok, w[np.clip(idx, 0, big_n - k - 1)], 0.0) * s)
+    out = cum[0, p[:, 0]] - cum[0, 0]
+    for j in range(1, k):
+        out = out + cum[j, p[:, j]] - cum[j, p[:, j - 1] + 1]
+    out = out + cum[k, big_n] - cum[k, p[:, k - 1] + 1]
+    return out
 
 
 class _HDColumn:
@@ -506,20 +590,22 @@ def bca_pvalue(theta_b_sorted: FloatArray, z0: float, a: float, null_value: floa
     return float(min(1.0, max(2.0 * tail, 1.0 / (b + 1))))
 
 
-def sign_test_pvalue(residuals: FloatArray) -> float:
+def sign_test_pvalue(residuals: FloatArray, scale: float) -> float:
     """Exact two-sided sign test that positive and negative residuals are equally likely.
 
-    Residuals within rounding distance of 0 (relative to the data's scale) are ties and are
-    dropped, as the sign test does; all ties give p = 1.
+    ``scale`` is the magnitude of the values the residuals were computed from (the data and the
+    null). Residuals within ``TIE_RTOL * scale`` of 0 are rounding, not signs: they are ties and
+    are dropped, as the sign test does; all ties give p = 1. (``c = b + 0.1`` tested at 0.1
+    leaves residuals of about 1e-14 of either sign: ties, not 40 signs.)
     """
     from scipy.stats import binomtest
 
-    scale = float(np.max(np.abs(residuals))) if residuals.size else 0.0
-    nonzero = np.abs(residuals) > 1e-12 * scale
-    m = int(np.count_nonzero(nonzero))
+    tol = TIE_RTOL * scale
+    pos = int(np.count_nonzero(residuals > tol))
+    m = pos + int(np.count_nonzero(residuals < -tol))
     if m == 0:
         return 1.0
-    return float(binomtest(int(np.count_nonzero(residuals > 0)), m, 0.5).pvalue)
+    return float(binomtest(pos, m, 0.5).pvalue)
 
 
 def _finish(
@@ -534,19 +620,16 @@ def _finish(
     b = theta_b.shape[0]
     s = np.sort(theta_b)
     se = float(np.std(theta_b, ddof=1))
-    # Every resample gave the same value up to rounding (relative to the values' own scale).
+    # Every resample gave the same value up to rounding (relative to the data's own scale).
     span = float(s[-1] - s[0])
-    if span <= 1e-12 * max(abs(theta_hat), abs(float(s[0])), abs(float(s[-1]))):
-        p = sign_test_pvalue(stat.null_residuals(null_value))
+    if span <= TIE_RTOL * max(stat.scale, abs(theta_hat), abs(float(s[0])), abs(float(s[-1]))):
+        p = sign_test_pvalue(stat.null_residuals(null_value), stat.residual_scale(null_value))
         return BootstrapResult(
             theta_hat, theta_hat, theta_hat, p, null_value, 0.0, 0.0, 0.0, stat.n, b,
             confidence, True, stat.h,
         )  # fmt: skip
-    if stat.q is None:
-        a = acceleration(stat.jackknife())
-        z0 = bias_correction(s, theta_hat, scipy_rule=scipy_ci is not None)
-    else:
-        a = z0 = 0.0  # the percentile interval (see the module docstring)
+    a = acceleration(stat.jackknife())
+    z0 = bias_correction(s, theta_hat, scipy_rule=scipy_ci is not None)
     if scipy_ci is None:
         lv, hv = bca_levels(z0, a, confidence)
         low, high = (float(v) for v in np.quantile(s, [lv, hv]))
@@ -652,7 +735,9 @@ def paired_bootstrap(
                 "candidate and baseline must have the same shape (examples x seeds), got "
                 f"{shape_c} and {shape_b}"
             )
-    stat = PairedStatistic(c, b, q=parse_statistic(statistic), relative=relative)
+    stat = PairedStatistic(
+        c, b, q=parse_statistic(statistic), relative=relative, null_value=null_value
+    )
     return bootstrap_many(
         [stat],
         confidence=confidence,

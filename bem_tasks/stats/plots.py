@@ -48,8 +48,9 @@ def plot_forest(
     point estimate, its CI, no change (solid), the tested null value when it is not 0 (dashed)
     and, when a result carries a ``threshold`` key, the gate threshold (dotted). Relative changes
     are shown in %. Colour is the BH-adjusted decision the row's title reports (see
-    :func:`colour`).
+    :func:`colour_key`). Results with an ``error`` (no statistic) are left out.
     """
+    results = [r for r in results if not r.get("error")]
     if not results:
         raise ValueError("plot_forest: no results to plot")
     import io

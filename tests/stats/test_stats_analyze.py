@@ -214,9 +214,19 @@ def test_forest_colour_follows_the_bh_adjusted_decision() -> None:
     # a stricter alpha recorded with the result is the one used
     assert colour_key({**row, "alpha": 0.005}) == "neither"
     # on real results: colour agrees with `significant` and the side of the null
-    for r in analyze(_metrics(), n_resamples=300):
+    rng = np.random.default_rng(4)
+    noise = rng.normal(size=(80, 3))
+    flat = {"mission": "mission_a", "slice": "slice_b", "metric": "noise", "family": "reported",
+            "candidate": noise + rng.normal(0, 0.01, (80, 3)), "baseline": noise}  # fmt: skip
+    results = analyze([*_metrics(), flat], n_resamples=300)
+    assert [r["significant"] for r in results].count(False) >= 1  # both branches run
+    assert [r["significant"] for r in results].count(True) >= 1
+    for r in results:
         if not r["significant"]:
             assert colour_key(r) == "neither"
+        else:
+            better = (r["ci_low"] > r["null_value"]) == r["higher_is_better"]
+            assert colour_key(r) == ("candidate" if better else "baseline")
 
 
 def test_forest_plot_writes_a_png(tmp_path: Path) -> None:
@@ -226,3 +236,30 @@ def test_forest_plot_writes_a_png(tmp_path: Path) -> None:
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="no results"):
         plot_forest([], tmp_path / "empty.png")
+
+
+def test_one_significance_level_confidence_is_one_minus_alpha() -> None:
+    m = _metrics()[:1]
+    assert analyze(m, n_resamples=200, alpha=0.1)[0]["confidence"] == pytest.approx(0.9)
+    assert analyze(m, n_resamples=200, alpha=0.05, confidence=0.95)[0]["confidence"] == 0.95
+    with pytest.raises(ValueError, match=r"confidence = 0.9 but alpha = 0.05.*1 - alpha = 0.95"):
+        analyze(m, n_resamples=200, confidence=0.9, alpha=0.05)
+
+
+def test_favours_agrees_with_the_test_of_no_change() -> None:
+    common = {"mission": "m", "metric": "x", "slice": "slice_b", "family": "performance"}
+    # three constant differences: zero-width CI (2, 2), but the exact sign test gives p = 0.25
+    (three,) = analyze([{**common, "candidate": np.full(3, 2.0), "baseline": np.zeros(3)}],
+                       n_resamples=200)  # fmt: skip
+    assert (three["ci_low"], three["p_value"], three["favours"]) == (2.0, 0.25, "neither")
+    # forty of them: p = 2 * 0.5**40
+    (forty,) = analyze([{**common, "candidate": np.full(40, 2.0), "baseline": np.zeros(40)}],
+                       n_resamples=200)  # fmt: skip
+    assert forty["favours"] == "candidate"
+    # away from degeneracy: the CI excluding 0 is p < 1 - confidence at 0
+    rng = np.random.default_rng(8)
+    b = rng.normal(size=60)
+    for shift, want in ((1.0, "candidate"), (0.0, "neither"), (-1.0, "baseline")):
+        (r,) = analyze([{**common, "candidate": b + shift + rng.normal(0, 0.3, 60), "baseline": b}],
+                       n_resamples=500)  # fmt: skip
+        assert r["favours"] == want and (r["p_value"] < 0.05) == (want != "neither")

@@ -175,19 +175,20 @@ def test_pvalue_is_consistent_with_the_interval() -> None:
     assert disagreements == 0
 
 
-def test_quantile_pvalue_is_consistent_with_its_percentile_interval() -> None:
+def test_quantile_pvalue_is_consistent_with_its_bca_interval() -> None:
     rng = np.random.default_rng(15)
-    disagreements, excluded = 0, 0
+    disagreements, excluded, adjusted = 0, 0, 0
     for i in range(30):
         base = rng.lognormal(3.0, 0.3, size=(60, 2))
         cand = base * rng.lognormal(0.05, 0.1, size=(60, 2))
         null = float(rng.normal(0.05, 0.05))
         r = paired_bootstrap(cand, base, statistic="p95", relative=True, null_value=null,
                              n_resamples=1000, seed=i)  # fmt: skip
-        assert (r.z0, r.acceleration) == (0.0, 0.0)  # the percentile interval
+        adjusted += r.z0 != 0.0 and r.acceleration != 0.0  # BCa, not the percentile interval
         excluded += r.low > null or r.high < null
         disagreements += (r.low > null or r.high < null) != (r.p_value < 0.05)
     assert disagreements == 0 and 5 <= excluded <= 25  # both cases occur
+    assert adjusted == 30
 
 
 def test_pvalue_known_answers() -> None:
@@ -320,9 +321,7 @@ def test_pooled_quantile_matches_a_direct_scipy_call_on_example_indices() -> Non
         ix = np.moveaxis(ix, axis, -1)
         return hd(cand[ix].reshape(*ix.shape[:-1], -1)) - hd(base[ix].reshape(*ix.shape[:-1], -1))
 
-    ref = sps.bootstrap(
-        (np.arange(40),), pooled_p90_diff, n_resamples=300, rng=2, method="percentile"
-    )
+    ref = sps.bootstrap((np.arange(40),), pooled_p90_diff, n_resamples=300, rng=2, method="BCa")
     ours = paired_bootstrap(cand, base, statistic="p90", n_resamples=300, seed=2)
     np.testing.assert_allclose(
         [ours.low, ours.high], [ref.confidence_interval.low, ref.confidence_interval.high],
@@ -363,7 +362,9 @@ def test_rare_zero_one_baseline_has_a_defined_relative_change() -> None:
             cand, base, relative=True, null_value=-0.30, n_resamples=2000, seed=1, method=method
         )
         assert r.continuity == h
-        assert r.estimate == pytest.approx((1 / 200 + h) / (3 / 200 + h) - 1)  # -57%, not -67%
+        # h (1 + null) added to the candidate, h to the baseline: -61% (raw -67%), towards the
+        # tested -30% and never past it
+        assert r.estimate == pytest.approx((1 / 200 + 0.7 * h) / (3 / 200 + h) - 1)
         assert np.isfinite([r.low, r.high, r.p_value]).all()
         assert r.low < -0.30 < r.high  # 3 -> 1 events cannot show a 30% reduction
     # The same statistic everywhere: the first resamples by hand.
@@ -379,3 +380,21 @@ def test_no_correction_without_zero_baselines() -> None:
     base = rng.lognormal(3.0, 0.3, 50)
     r = paired_bootstrap(base * 1.1, base, relative=True, n_resamples=500)
     assert r.continuity == 0.0 and r.estimate == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("null", [-0.30, 0.0, 0.15])
+@pytest.mark.parametrize("events", [(3, 1), (3, 6), (2, 2), (5, 9)])
+def test_continuity_correction_only_moves_towards_the_tested_value(
+    null: float, events: tuple[int, int]
+) -> None:
+    # The correction shrinks the raw ratio towards 1 + null by the factor T(b) / (T(b) + h):
+    # it can make neither a pass nor a fail of a gate tested at `null`, in either direction.
+    nb, nc = events
+    base, cand = np.zeros(200), np.zeros(200)
+    base[:nb] = 1.0
+    cand[50 : 50 + nc] = 1.0
+    r = paired_bootstrap(cand, base, relative=True, null_value=null, n_resamples=200)
+    raw = nc / nb - 1
+    h = 1 / 400
+    assert r.estimate - null == pytest.approx((raw - null) * (nb / 200) / (nb / 200 + h))
+    assert min(raw, null) <= r.estimate <= max(raw, null)
