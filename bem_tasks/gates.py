@@ -4,17 +4,24 @@ Gates come from ``configs/gates_bem2.yaml`` (see the comments there): per missio
 comparative gates (``superiority`` / ``non_inferiority``, judged on the paired statistics from
 :func:`bem_tasks.stats.analyze`) and ``absolute`` gates (a property of the candidate alone).
 
-A comparative gate ``observed op threshold`` is judged on the BCa CI and the BH-adjusted p-value
-of the test *at the threshold* (build the analysis with :func:`analysis_specs` so the p-values
-test the gate thresholds). Sidedness: the question is one-sided (is the candidate beyond the
+A comparative gate ``observed op threshold`` is judged on the bootstrap BCa CI (of the mean for
+``mean`` gates, of the Harrell-Davis quantile of the pooled example x seed values for ``median``
+and ``pNN`` gates) and the BH-adjusted p-value of the test *at the threshold* (build the analysis
+with :func:`analysis_specs` so the p-values test the gate thresholds). Sidedness: the question is one-sided (is the candidate beyond the
 threshold on the passing side?), answered with the two-sided ``1 - alpha`` interval and its
 two-sided p-value, so one gate passes by chance at most ``alpha / 2`` of the time when the truth
 sits on the threshold. ``alpha`` and ``power`` come from the gates file only, and the statistics
 must have been computed at ``confidence = 1 - alpha``.
 
-* too_few_examples: fewer than the gate's ``min_examples`` (default 30) examples, whatever the CI;
+* too_few_examples: fewer examples than :meth:`Gate.required_examples`, whatever the CI: the
+  gate's ``min_examples`` (default 30), and for a quantile q also enough that the pooled example x
+  seed values hold ``MIN_TAIL_VALUES`` (10) beyond the quantile (``examples x seeds x min(q, 1 -
+  q) >= 10``);
 * passed: the CI bound on the passing side satisfies ``op`` and ``p_adjusted < alpha``;
 * failed: the CI bound on the failing side violates ``op`` (the whole CI is on the wrong side);
+  when the bootstrap is degenerate (zero-width CI) also the exact sign test's ``p < alpha``;
+  CI bounds within ``ON_THRESHOLD_RTOL`` (1e-9) of the data's magnitude from the threshold count
+  as on it (rounding is not evidence);
 * underpowered: anything else (the CI straddles the threshold, or clears it only before the
   FDR adjustment); the outcome says how many examples would give ``power`` at the observed effect.
 
@@ -55,6 +62,12 @@ Status = Literal["passed", "failed", "underpowered", "too_few_examples", "missin
 STATUSES: tuple[Status, ...] = ("passed", "failed", "underpowered", "too_few_examples", "missing")
 DecisionValue = Literal["PROMOTED", "REJECTED", "INSUFFICIENT_EVIDENCE", "ERROR"]
 DEFAULT_MIN_EXAMPLES = 30
+# A quantile gate also needs this many pooled (example x seed) values beyond its quantile: a p95
+# interval from 1.5 values in the tail (30 examples, 1 seed) promoted falsely 7% of the time on
+# the threshold (docs/statistics.md, tests/stats/test_stats_simulation.py).
+MIN_TAIL_VALUES = 10
+# Values within this relative distance of the threshold are on it (rounding, not evidence).
+ON_THRESHOLD_RTOL = 1e-9
 
 OPS: dict[str, Callable[[Any, Any], bool]] = {
     ">=": operator.ge,
@@ -123,6 +136,9 @@ class Gate(Strict):
     def _relative(cls, v: bool, info: ValidationInfo) -> bool:
         if v and info.data.get("kind") == "absolute":
             raise ValueError("an absolute gate has no baseline, so it cannot be relative")
+        t = info.data.get("threshold")
+        if v and t is not None and not t > -1.0:
+            raise ValueError(f"a relative threshold must be above -1 (-100%), got {t}")
         return v
 
     @field_validator("statistic")
@@ -158,8 +174,23 @@ class Gate(Strict):
         return self.kind != "absolute"
 
     @property
-    def required_examples(self) -> int:
+    def floor_examples(self) -> int:
+        """The configured ``min_examples`` (default 30)."""
         return DEFAULT_MIN_EXAMPLES if self.min_examples is None else self.min_examples
+
+    def required_examples(self, n_seeds: int = 1) -> int:
+        """Examples the gate needs with ``n_seeds`` seeds per example.
+
+        ``min_examples`` for a mean; for a quantile q also enough examples that the pooled
+        example x seed values hold at least ``MIN_TAIL_VALUES`` beyond the quantile:
+        ``examples x seeds x min(q, 1 - q) >= MIN_TAIL_VALUES`` (p95, 2 seeds: 100 examples;
+        p99, 2 seeds: 500; the median never needs more than the floor).
+        """
+        q = parse_statistic(self.statistic) if self.comparative else None
+        if q is None:
+            return self.floor_examples
+        tail = math.ceil(MIN_TAIL_VALUES / (max(1, n_seeds) * min(q, 1.0 - q)) - 1e-9)
+        return max(self.floor_examples, tail)
 
     @property
     def higher_is_better(self) -> bool:
@@ -351,6 +382,8 @@ def _comparative(g: Gate, r: Mapping[str, Any], alpha: float, power: float) -> G
 
     est, lo, hi = float(r["estimate"]), float(r["ci_low"]), float(r["ci_high"])
     p_adj, n, se = float(r["p_adjusted"]), int(r["n"]), float(r["se"])
+    n_seeds = int(r.get("n_seeds") or 1)
+    degenerate = bool(r.get("degenerate", False))
     conf = float(r["confidence"])
     if not math.isclose(conf, 1.0 - alpha, abs_tol=1e-9):
         raise ValueError(
@@ -361,7 +394,17 @@ def _comparative(g: Gate, r: Mapping[str, Any], alpha: float, power: float) -> G
     m = max(1, int(r.get("family_size", 1)))
     t, op, rel = g.threshold, OPS[g.op], g.relative
     above = g.higher_is_better
-    pass_bound, fail_bound = (lo, hi) if above else (hi, lo)
+    # A bound within rounding of the threshold is on it: 0.1 + 1e-15 is not evidence of > 0.1.
+    scale = [abs(t), abs(est), abs(lo), abs(hi), 1.0 if rel else 0.0]
+    scale += [abs(float(r.get(k) or 0.0)) for k in (
+        "candidate_value", "baseline_value", "candidate_mean", "baseline_mean")]  # fmt: skip
+    tol = ON_THRESHOLD_RTOL * max(scale)
+
+    def snap(v: float) -> float:
+        return t if abs(v - t) <= tol else v
+
+    est_s = snap(est)
+    pass_bound, fail_bound = (snap(lo), snap(hi)) if above else (snap(hi), snap(lo))
     ci = f"{int(round(float(r['confidence']) * 100))}% CI [{_fmt(lo, rel)}, {_fmt(hi, rel)}]"
     side = "above" if above else "below"
     other = "below" if above else "above"
@@ -369,7 +412,7 @@ def _comparative(g: Gate, r: Mapping[str, Any], alpha: float, power: float) -> G
     # Examples for `power` at the observed distance from the threshold (two-sided test at
     # alpha / family size: Bonferroni, conservative for BH). se * sqrt(n) is the per-example sd.
     sd_unit = se * math.sqrt(n)
-    delta = abs(est - t)
+    delta = abs(est_s - t)
     n_needed = power_now = None
     if sd_unit > 0 and delta > 0:
         a_m = alpha / m
@@ -381,10 +424,21 @@ def _comparative(g: Gate, r: Mapping[str, Any], alpha: float, power: float) -> G
         threshold=t, relative=rel, statistic=g.statistic, observed=est, ci_low=lo, ci_high=hi,
         confidence=float(r["confidence"]), p_value=float(r["p_value"]), p_adjusted=p_adj, n=n,
     )  # fmt: skip
-    if n < g.required_examples:
+    need = g.required_examples(n_seeds)
+    if n < need:
+        if need > g.floor_examples:
+            q = parse_statistic(g.statistic)
+            assert q is not None
+            rule = (
+                f"a {g.statistic} gate needs examples x seeds x {min(q, 1 - q):g} >= "
+                f"{MIN_TAIL_VALUES} values beyond the quantile: {need} examples with {n_seeds} "
+                f"seed(s) (min_examples = {g.floor_examples})"
+            )
+        else:
+            rule = f"min_examples = {need}"
         reason = (
-            f"only {n} examples, fewer than min_examples = {g.required_examples}: too little "
-            f"evidence to pass or fail ({ci}, estimate {_fmt(est, rel)})"
+            f"only {n} examples, fewer than {rule}: too little evidence to pass or fail ({ci}, "
+            f"estimate {_fmt(est, rel)})"
         )
         return GateOutcome(status="too_few_examples", reason=reason, **base)
     if op(pass_bound, t) and p_adj < alpha:
@@ -393,22 +447,32 @@ def _comparative(g: Gate, r: Mapping[str, Any], alpha: float, power: float) -> G
             f"< {alpha} (family of {m})"
         )
         return GateOutcome(status="passed", reason=reason, **base)
-    if not op(fail_bound, t):
+    # A zero-width (degenerate) CI says nothing about sampling error: failing needs the exact
+    # sign test too (at the unadjusted alpha, as a non-degenerate CI's side implies).
+    if not op(fail_bound, t) and (not degenerate or float(r["p_value"]) < alpha):
         reason = f"{ci} lies entirely {other} the threshold {_fmt(t, rel)}"
+        if degenerate:
+            reason += f" and the exact sign test gives p = {float(r['p_value']):.3g} < {alpha}"
         return GateOutcome(status="failed", reason=reason, **base)
-    if op(pass_bound, t):
+    if not op(fail_bound, t):
+        reason = (
+            f"{ci} has zero width on the failing side of the threshold {_fmt(t, rel)}, but the "
+            f"exact sign test gives p = {float(r['p_value']):.3g} >= {alpha}"
+        )
+    elif op(pass_bound, t) and pass_bound != t:
         reason = (
             f"{ci} clears the threshold {_fmt(t, rel)} but the BH-adjusted p = {p_adj:.3g} >= "
             f"{alpha} (family of {m})"
         )
     else:
-        reason = f"{ci} straddles the threshold {_fmt(t, rel)} (estimate {_fmt(est, rel)})"
+        how = "touches" if t in (pass_bound, fail_bound) else "straddles"
+        reason = f"{ci} {how} the threshold {_fmt(t, rel)} (estimate {_fmt(est, rel)})"
     if n_needed is not None:
         reason += (
             f"; about {n_needed} examples would give {power:.0%} power at the observed effect "
             f"(have {n})"
         )
-        if not op(est, t):
+        if not op(est_s, t):
             reason += (
                 ", and the estimate is on the failing side: more data would likely confirm a fail"
             )
@@ -445,7 +509,11 @@ def _reduce_property(g: Gate, value: Any) -> float:
     if g.statistic == "max":
         return float(flat.max())
     q = parse_statistic(g.statistic)
-    return float(flat.mean() if q is None else np.quantile(flat, q))
+    if q is None:
+        return float(flat.mean())
+    from bem_tasks.stats.bootstrap import harrell_davis  # the comparative gates' estimator
+
+    return harrell_davis(flat, q)
 
 
 def _absolute(g: Gate, value: Any) -> GateOutcome:
@@ -486,11 +554,14 @@ def evaluate_gates(
     for g in mg.gates:
         if g.comparative:
             r = _find_result(mission, g, stats_results)
-            if r is not None:
+            if r is not None and not r.get("error"):
                 outcomes.append(_comparative(g, r, a, pw))
                 continue
-            what = f"no statistical result for {g.metric} [{g.slice}, {g.statistic}"
-            what += ", relative]" if g.relative else "]"
+            if r is not None:
+                what = f"no statistic: {r['error']}"
+            else:
+                what = f"no statistical result for {g.metric} [{g.slice}, {g.statistic}"
+                what += ", relative]" if g.relative else "]"
         else:
             if g.metric in props and _size(props[g.metric]) > 0:
                 outcomes.append(_absolute(g, props[g.metric]))
@@ -582,10 +653,12 @@ def render_report_md(
             continue
         lines.append(
             f"Candidate `{d.candidate}` vs baseline `{d.baseline}`. {_md(d.summary)}. Comparative "
-            f"gates are one-sided questions judged on two-sided {1 - d.alpha:.0%} BCa intervals "
-            f"and two-sided p-values at the threshold, Benjamini-Hochberg within family at "
-            f"alpha = {d.alpha} (a gate passes by chance at most alpha/2 of the time); sample "
-            f"sizes for {d.power:.0%} power."
+            f"gates are one-sided questions judged on two-sided {1 - d.alpha:.0%} bootstrap BCa "
+            f"intervals (of the mean for mean gates, of the Harrell-Davis quantile of the pooled "
+            f"example x seed values for median/pNN gates) and two-sided p-values at the "
+            f"threshold (the exact sign test when every resample gives the same value), "
+            f"Benjamini-Hochberg within family at alpha = {d.alpha} (a gate passes by chance at "
+            f"most alpha/2 of the time); sample sizes for {d.power:.0%} power."
         )
         lines += [
             "",
@@ -619,6 +692,13 @@ def render_report_md(
         ]
         for r in extra:
             rel = bool(r["relative"])
+            if r.get("error"):
+                lines.append(
+                    f"| {r['mission']} | {r['metric']} ({r.get('statistic', 'mean')}"
+                    f"{', relative' if rel else ''}) [{r['slice']}] | n/a | {_md(r['error'])} | "
+                    f"| {r['family']} | |"
+                )
+                continue
             lines.append(
                 f"| {r['mission']} | {r['metric']} ({r.get('statistic', 'mean')}"
                 f"{', relative' if rel else ''}) [{r['slice']}] | {_fmt(r['estimate'], rel)} | "

@@ -3,7 +3,8 @@
 ``validate_results`` turns missions' ``results.json`` files into ``statistical_results.json``:
 per-example paired records of every seed are aligned (examples x seeds; a metric recorded on some
 examples only is paired on those), every gated comparison and every other metric/slice pair is
-analysed with paired BCa bootstrap CIs and BH-FDR within the families of the gates config.
+analysed with paired bootstrap BCa CIs (of means, or of Harrell-Davis quantiles) and BH-FDR
+within the families of the gates config.
 ``gate_results`` turns that file into ``promotion_report.json``, ``promotion_report.md`` and one
 forest plot per mission, and records promoted candidates in the registry. Each mission is
 analysed and judged on its own: one that fails is reported with its error (decision ERROR) and
@@ -196,10 +197,12 @@ def validate_results(
             "confidence": confidence,
             "n_resamples": n_resamples,
             "alpha": gates.alpha,
-            "sidedness": "two-sided 1 - alpha BCa intervals and p-values; a gate passes only "
-            "when the whole interval is on its passing side (one-sided level alpha / 2)",
-            "method": "paired BCa bootstrap (cluster over examples when several seeds; quantiles "
-            "over the pooled example x seed values), exact sign test when degenerate, BH-FDR",
+            "sidedness": "two-sided 1 - alpha intervals and p-values; a gate passes only when "
+            "the whole interval is on its passing side (one-sided level alpha / 2)",
+            "method": "paired bootstrap over examples (cluster bootstrap with several seeds), "
+            "BCa intervals: of the mean for mean gates, of the Harrell-Davis quantile of the "
+            "pooled example x seed values for median/pNN gates; p-values by interval inversion, "
+            "the exact sign test when the bootstrap is degenerate; BH-FDR within families",
             "gates": str(gates_path),
         },
         "missions": missions,
@@ -220,7 +223,8 @@ def _decide(
         return error_decision(mission, gates, f"statistics failed: {info['error']}")
     properties = {k: np.asarray(v, dtype=float) for k, v in info["properties"].items()}
     decision = evaluate_gates(mission, gates, results, properties)
-    gated = [r for r in results if r["family"] != REPORTED_FAMILY] or results
+    plotted = [r for r in results if not r.get("error")]
+    gated = [r for r in plotted if r["family"] != REPORTED_FAMILY] or plotted
     if gated:
         plot_forest(
             gated, out_dir / f"forest_{mission}.png", title=f"{mission}: {decision.decision}"
@@ -260,16 +264,22 @@ def gate_results(
             decision = _decide(mission, info, results, gates, out_dir)
         except Exception as exc:  # noqa: BLE001 - this mission is ERROR, the others go on
             decision = error_decision(mission, gates, f"gates failed: {_error(exc)}")
-        decisions.append(decision)
         if register and decision.decision == "PROMOTED":
-            promote(
-                registry_path,
-                mission,
-                info["run_id"],
-                str(Path(info["results"]).parent),
-                decision,
-                extra={"config_hash": info["config_hash"], "profile": info["profile"]},
-            )
+            try:
+                promote(
+                    registry_path,
+                    mission,
+                    info["run_id"],
+                    str(Path(info["results"]).parent),
+                    decision,
+                    extra={"config_hash": info["config_hash"], "profile": info["profile"]},
+                )
+            except Exception as exc:  # noqa: BLE001 - not registered: ERROR, the others go on
+                message = f"the gates passed but registering the candidate failed: {_error(exc)}"
+                decision = decision.model_copy(
+                    update={"decision": "ERROR", "summary": f"error: {message}", "error": message}
+                )
+        decisions.append(decision)
     report: dict[str, Any] = {
         "statistical_results": str(stats_path),
         "registry": str(registry_path) if register else None,

@@ -182,7 +182,8 @@ def test_rare_zero_one_baseline_does_not_stop_the_statistics(tmp_path: Path) -> 
     (v,) = [r for r in doc["results"] if r["metric"] == "violation" and r["relative"]]
     # 200 examples x 2 seeds = 400 cells, smallest positive baseline value 1: h = 1 / 800
     assert v["continuity"] == 1 / 800
-    assert v["estimate"] == pytest.approx((1 / 200 + 1 / 800) / (3 / 200 + 1 / 800) - 1)
+    # tested at the gate's -30%: h (1 - 0.30) is added to the candidate, h to the baseline
+    assert v["estimate"] == pytest.approx((1 / 200 + 0.7 / 800) / (3 / 200 + 1 / 800) - 1)
     gate = next(g for g in _decisions(report)["mission_c"]["gates"] if g["metric"] == "violation")
     # 3 -> 1 events in 200 examples cannot show a 30% reduction: undecided, not an exception
     assert gate["status"] == "underpowered" and "straddles the threshold -30.00%" in gate["reason"]
@@ -190,14 +191,16 @@ def test_rare_zero_one_baseline_does_not_stop_the_statistics(tmp_path: Path) -> 
 
 
 def test_a_metric_recorded_on_some_examples_is_paired_on_those(tmp_path: Path) -> None:
-    results = make_results(tmp_path, em_gain=0.3, latency_on=lambda i: i % 4 == 0)
+    # 100 of 200 examples timed, x 2 seeds: enough for a p95 gate (100 x 2 x 0.05 = 10 values
+    # beyond the quantile)
+    results = make_results(tmp_path, em_gain=0.3, latency_on=lambda i: i % 2 == 0)
     doc, report = run(tmp_path, results)
     assert "error" not in doc["missions"]["mission_a"]
     by = {(r["metric"], r["slice"], r["statistic"]): r for r in doc["results"]}
     assert by[("em", "slice_b", "mean")]["n"] == 200
     p95 = by[(LAT, "slice_b", "p95")]
-    assert (p95["n"], p95["n_seeds"]) == (50, 2)
-    # known answer: the pooled p95 of the 50 timed examples x 2 seeds, read back from the records
+    assert (p95["n"], p95["n_seeds"]) == (100, 2)
+    # known answer: the pooled p95 of the 100 timed examples x 2 seeds, read back from the records
 
     lat: dict[str, list[float]] = {"router": [], "baseline": []}
     for seed in (0, 1):
@@ -205,13 +208,13 @@ def test_a_metric_recorded_on_some_examples_is_paired_on_those(tmp_path: Path) -
         for r in read_records(path):
             if "slice_b" in r.slices and LAT in r.metrics:
                 lat[r.system].append(r.metrics[LAT])
-    assert len(lat["router"]) == 100
+    assert len(lat["router"]) == 200
     hd = {k: float(hdquantiles(v, [0.95])[0]) for k, v in lat.items()}  # Harrell-Davis p95
     expected = hd["router"] / hd["baseline"] - 1
     assert p95["estimate"] == pytest.approx(expected)
-    assert by[(LAT, "slice_a", "mean")]["n"] == 50  # reported slice: same subset
+    assert by[(LAT, "slice_a", "mean")]["n"] == 100  # reported slice: same subset
     gates = {g["gate"]: g for g in _decisions(report)["mission_a"]["gates"]}
-    assert (gates["latency_p95"]["n"], gates["em_gain"]["n"]) == (50, 200)
+    assert (gates["latency_p95"]["n"], gates["em_gain"]["n"]) == (100, 200)
     assert _decisions(report)["mission_a"]["decision"] == "PROMOTED"
 
 
@@ -338,3 +341,44 @@ def test_cli_finds_the_latest_statistics_by_default(
     assert main(["gates", "check", "--mission", "mission_a"]) == 0
     assert "mission_a: PROMOTED" in capsys.readouterr().out
     assert (stats.parent / "promotion_report.json").exists()
+
+
+def test_a_registry_that_cannot_be_written_is_that_missions_error(tmp_path: Path) -> None:
+    """Registering a PROMOTED candidate fails (corrupt registry): that mission is ERROR with the
+    message and its gates; the other missions are judged and the reports are written."""
+    a = make_results(tmp_path / "a", em_gain=0.3)
+    c = make_mission_c(tmp_path / "c")
+    (tmp_path / "registry.json").write_text("{not json")
+    _, report = run(tmp_path, a, c)
+    decisions = _decisions(report)
+    err = decisions["mission_a"]
+    assert err["decision"] == "ERROR"
+    assert "registering the candidate failed" in err["error"] and "not valid JSON" in err["error"]
+    assert {g["status"] for g in err["gates"]} == {"passed"}  # why it was to be promoted
+    assert decisions["mission_c"]["decision"] == "INSUFFICIENT_EVIDENCE"
+    md = (tmp_path / "gates" / "promotion_report.md").read_text()
+    assert "## mission_a: ERROR" in md and "## mission_c: INSUFFICIENT_EVIDENCE" in md
+    assert (tmp_path / "registry.json").read_text() == "{not json"  # left as it was
+
+
+def test_a_gate_stage_error_is_that_missions_error(tmp_path: Path) -> None:
+    """The gates of one mission cannot be judged (a NaN absolute property): ERROR with the
+    message; the other mission is judged and promoted as usual."""
+    a = make_results(tmp_path / "a", em_gain=0.3)
+    c = make_mission_c(tmp_path / "c")
+    stats = tmp_path / "stats" / "statistical_results.json"
+    validate_results([a, c], gates_path=GATES, out_path=stats, confidence=0.95, n_resamples=500)
+    doc = json.loads(stats.read_text())
+    doc["missions"]["mission_c"]["properties"]["orthogonality"][0] = float("nan")
+    stats.write_text(json.dumps(doc))
+    report = gate_results(
+        stats, gates_path=GATES, out_dir=tmp_path / "gates", registry_path=tmp_path / "reg.json"
+    )
+    decisions = _decisions(report)
+    assert decisions["mission_c"]["decision"] == "ERROR"
+    assert decisions["mission_c"]["error"] == (
+        "gates failed: ValueError: property 'orthogonality' has NaN or infinite values"
+    )
+    assert decisions["mission_a"]["decision"] == "PROMOTED"
+    registry = json.loads((tmp_path / "reg.json").read_text())
+    assert set(registry["missions"]) == {"mission_a"}

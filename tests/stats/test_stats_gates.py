@@ -354,7 +354,7 @@ def test_concurrent_promotions_lose_nothing(tmp_path: Path) -> None:
 
 def test_too_few_examples_is_insufficient_evidence_whatever_the_ci() -> None:
     small = SUP.model_copy(update={"min_examples": 40})
-    assert SUP.required_examples == 30 and small.required_examples == 40
+    assert SUP.required_examples() == 30 and small.required_examples() == 40
     clear_win = _res(small, 0.05, 0.03, 0.07, 0.001, n=39)
     d = evaluate_gates("m", _cfg(small), [clear_win])
     assert d.decision == "INSUFFICIENT_EVIDENCE" and d.gates[0].status == "too_few_examples"
@@ -397,7 +397,7 @@ def test_min_examples_is_configured_per_comparative_gate(tmp_path: Path) -> None
     }  # fmt: skip
     p = tmp_path / "gates.yaml"
     p.write_text(yaml.safe_dump(doc))
-    assert load_gates(p).missions["m"].gates[0].required_examples == 100
+    assert load_gates(p).missions["m"].gates[0].required_examples() == 100
     doc["missions"]["m"]["gates"][0]["min_examples"] = 1
     p.write_text(yaml.safe_dump(doc))
     with pytest.raises(ConfigError, match=r"gates.0.min_examples: .*greater than or equal to 2"):
@@ -469,5 +469,116 @@ def test_error_decision_is_reported_and_never_promoted(tmp_path: Path) -> None:
 
 def test_report_states_the_sidedness() -> None:
     md = render_report_md([evaluate_gates("m", _cfg(SUP), [_res(SUP, 0.05, 0.03, 0.07, 0.001)])])
-    assert "one-sided questions judged on two-sided 95% BCa intervals" in md
+    assert "one-sided questions judged on two-sided 95% bootstrap BCa intervals" in md
+    # says what each kind of gate uses
+    assert "of the mean for mean gates, of the Harrell-Davis quantile of the pooled" in md
+    assert "the exact sign test when every resample gives the same value" in md
     assert "at most alpha/2" in md
+
+
+# ---------------------------------------------------------------- tails, rounding, zero baselines
+
+P95 = Gate(name="p95", metric="latency_ms", kind="non_inferiority", op="<=", threshold=0.15,
+           relative=True, statistic="p95", family="system")  # fmt: skip
+
+
+def test_a_quantile_gate_needs_values_beyond_its_quantile() -> None:
+    # examples x seeds x min(q, 1 - q) >= 10, never below min_examples
+    assert [P95.required_examples(k) for k in (1, 2, 3)] == [200, 100, 67]
+    p99 = P95.model_copy(update={"statistic": "p99"})
+    assert (p99.required_examples(1), p99.required_examples(2)) == (1000, 500)
+    p05 = P95.model_copy(update={"statistic": "p5"})
+    assert p05.required_examples(1) == 200  # the lower tail alike
+    median = P95.model_copy(update={"statistic": "median"})
+    assert median.required_examples(1) == 30 and SUP.required_examples(1) == 30
+    floor = P95.model_copy(update={"min_examples": 300})
+    assert floor.required_examples(2) == 300  # min_examples stays the floor
+    # a clear pass on 150 examples x 1 seed is too little for a p95; with 2 seeds it decides
+    win = {**_res(P95, 0.01, -0.02, 0.05, 0.001, n=150), "n_seeds": 1}
+    d = evaluate_gates("m", _cfg(P95), [win])
+    assert d.gates[0].status == "too_few_examples" and d.decision == "INSUFFICIENT_EVIDENCE"
+    assert "only 150 examples, fewer than a p95 gate needs examples x seeds x 0.05 >= 10" in (
+        d.gates[0].reason
+    )
+    assert "200 examples with 1 seed(s) (min_examples = 30)" in d.gates[0].reason
+    assert evaluate_gates("m", _cfg(P95), [{**win, "n_seeds": 2}]).decision == "PROMOTED"
+    # Mission A's smoke (about 200-300 timed examples x 2 seeds) decides its p50 and p95 gates
+    for name in ("latency_p50", "latency_p95"):
+        g = next(g for g in load_gates(GATES_FILE).missions["mission_a"].gates if g.name == name)
+        assert g.required_examples(2) <= 200
+
+
+@pytest.mark.parametrize("op", ["<=", ">="])
+def test_rounding_on_the_threshold_is_no_evidence(op: str) -> None:
+    # Every candidate value is the baseline's + 0.1 up to float rounding, and the gate's
+    # threshold is 0.1: the truth sits on the threshold. The residuals c - b - 0.1 are about
+    # 1e-14 of either sign; counted as signs they gave p = 0.017 and a PROMOTED (<=) or
+    # REJECTED (>=). They are ties: p = 1, and the gate is undecided either way.
+    b = np.random.default_rng(0).uniform(0, 100, 40).round(1)
+    c = b + 0.1
+    kind = "non_inferiority" if op == "<=" else "superiority"
+    gate = Gate(name="g", metric="x", kind=kind, op=op, threshold=0.1, family="performance")
+    spec = {**analysis_specs(_cfg(gate), "m")[0], "candidate": c, "baseline": b}
+    (res,) = analyze([spec], n_resamples=1000)
+    assert res["degenerate"] and res["p_value_method"] == "exact_sign_test"
+    assert res["p_value"] == 1.0
+    d = evaluate_gates("m", _cfg(gate), [res])
+    assert d.decision == "INSUFFICIENT_EVIDENCE", d.gates[0].reason
+    assert "the estimate sits on the threshold" in d.gates[0].reason
+
+
+def test_a_degenerate_ci_on_the_failing_side_needs_the_sign_test_to_fail() -> None:
+    gate = SUP.model_copy(update={"threshold": 0.1, "min_examples": 5})
+    spec = analysis_specs(_cfg(gate), "m")[0]
+    # 5 constant differences of 0.05 against >= 0.1: CI (0.05, 0.05), sign test p = 2 / 32
+    (few,) = analyze([{**spec, "candidate": np.full(5, 0.05), "baseline": np.zeros(5)}],
+                     n_resamples=1000)  # fmt: skip
+    assert few["p_value"] == pytest.approx(0.0625)
+    o = evaluate_gates("m", _cfg(gate), [few]).gates[0]
+    assert o.status == "underpowered" and "zero width on the failing side" in o.reason
+    # 40 of them: p = 2 * 0.5**40, a conclusive fail
+    (many,) = analyze([{**spec, "candidate": np.full(40, 0.05), "baseline": np.zeros(40)}],
+                      n_resamples=1000)  # fmt: skip
+    o = evaluate_gates("m", _cfg(gate), [many]).gates[0]
+    assert o.status == "failed" and "exact sign test gives p = 1.82e-12 < 0.05" in o.reason
+
+
+def test_an_all_zero_relative_baseline_is_that_gate_missing() -> None:
+    # mission_c-like: no baseline violation at all, so a relative reduction is undefined; the
+    # gate is missing with the reason and the mission's other gates are judged as usual.
+    viol = Gate(name="violation_reduction", metric="violation", kind="superiority", op="<=",
+                threshold=-0.30, relative=True, family="safety")  # fmt: skip
+    em = Gate(name="em_drop", metric="em", kind="non_inferiority", op=">=", threshold=-1.0,
+              family="performance")  # fmt: skip
+    mg = MissionGates(candidate="c", baseline="b", families=["safety", "performance"],
+                      gates=[viol, em])  # fmt: skip
+    cfg = GatesConfig(missions={"m": mg})
+    rng = np.random.default_rng(2)
+    em_b = (rng.random(200) < 0.5) * 100.0
+    data = {"violation": (np.zeros(200), np.zeros(200)), "em": (em_b, em_b.copy())}
+    specs = [{**s, "candidate": data[s["metric"]][0], "baseline": data[s["metric"]][1]}
+             for s in analysis_specs(cfg, "m")]  # fmt: skip
+    results = analyze(specs, n_resamples=500)
+    bad = next(r for r in results if r["metric"] == "violation")
+    assert "needs a positive baseline mean, got 0" in bad["error"]
+    assert bad["estimate"] is None and bad["p_adjusted"] is None
+    good = next(r for r in results if r["metric"] == "em")
+    assert good["error"] is None and good["family_size"] == 1
+    d = evaluate_gates("m", cfg, results)
+    assert d.decision == "INSUFFICIENT_EVIDENCE"
+    by = {o.gate: o for o in d.gates}
+    assert by["violation_reduction"].status == "missing"
+    assert "needs a positive baseline mean" in by["violation_reduction"].reason
+    assert by["em_drop"].status == "passed"  # identical EM: inside a 1-point margin
+    md = render_report_md([d], results=results)
+    assert "violation_reduction" in md
+
+
+def test_absolute_quantile_gates_use_harrell_davis_like_comparative_ones() -> None:
+    from scipy.stats.mstats import hdquantiles
+
+    values = np.array([1.0, 2.0, 3.0, 4.0, 100.0])
+    p90 = ABS.model_copy(update={"statistic": "p90", "threshold": 1000})
+    o = evaluate_gates("m", _cfg(p90), [], {"plan_length": values}).gates[0]
+    assert o.observed == pytest.approx(float(hdquantiles(values, [0.9])[0]))
+    assert o.observed != pytest.approx(float(np.quantile(values, 0.9)))
