@@ -8,7 +8,7 @@ scores, and latency-like metrics analysed as relative changes of the mean and of
 * naive: ``scipy.stats.bootstrap(..., method="BCa")`` once per metric on the same data with the
          same seed and resamples: per-example seed means for means (BCa), and for the p95 the
          Harrell-Davis p95 of the pooled example x seed latencies of the resampled examples
-         (scipy resamples example indices; percentile interval).
+         (scipy resamples example indices; BCa, its jackknife leaving one example out).
 
 Prints both times, the ratio and the largest difference between the two sets of CI bounds (also
 in units of the bootstrap standard error, the scale of the Monte Carlo error). Not a test; run:
@@ -70,22 +70,22 @@ def naive_ci(spec: dict[str, Any], n_resamples: int, seed: int) -> tuple[float, 
         res = sps.bootstrap((c - b,), np.mean, n_resamples=n_resamples, rng=seed, method="BCa")
     elif spec.get("statistic") == "p95":
         # Harrell-Davis p95 of every seed of the resampled examples (scipy resamples example
-        # indices), percentile interval
-        w = np.diff(
-            betainc(
-                0.95 * (cand.size + 1), 0.05 * (cand.size + 1), np.linspace(0, 1, cand.size + 1)
+        # indices), BCa interval (the jackknife calls it on n - 1 examples)
+        def weights(cells: int) -> np.ndarray:
+            return np.diff(
+                betainc(0.95 * (cells + 1), 0.05 * (cells + 1), np.linspace(0, 1, cells + 1))
             )
-        )
 
         def pooled(ix: np.ndarray, axis: int = -1) -> np.ndarray:
             ix = np.moveaxis(ix, axis, -1)
+            w = weights(ix.shape[-1] * cand.shape[1])
             tc = np.sort(cand[ix].reshape(*ix.shape[:-1], -1), axis=-1) @ w
             tb = np.sort(base[ix].reshape(*ix.shape[:-1], -1), axis=-1) @ w
             return tc / tb - 1.0
 
         res = sps.bootstrap(
             (np.arange(c.shape[0]),), pooled, n_resamples=n_resamples, rng=seed,
-            method="percentile", batch=200,  # (batch, examples, seeds) copies stay ~40 MB
+            method="BCa", batch=200,  # (batch, examples, seeds) copies stay ~40 MB
         )  # fmt: skip
     else:
 
