@@ -45,8 +45,8 @@ RESULT_KEYS = (
     "higher_is_better",
     "n",  # examples (the resampled clusters)
     "n_seeds",  # seeds per example; quantiles are taken over the pooled n x n_seeds values
-    "estimate",  # the statistic; ci_low/ci_high: its interval at `confidence` (BCa for means,
-    # percentile for Harrell-Davis quantiles; see bem_tasks.stats.bootstrap)
+    "estimate",  # the statistic; ci_low/ci_high: its two-sided BCa interval at `confidence`
+    # (of the mean, or of the Harrell-Davis quantile; see bem_tasks.stats.bootstrap)
     "ci_low",
     "ci_high",
     "confidence",

@@ -715,13 +715,15 @@ def paired_bootstrap(
     seed: int = 0,
     method: str = "fast",
 ) -> BootstrapResult:
-    """Bootstrap interval (BCa; percentile for quantiles) and p-value for one paired comparison.
+    """Bootstrap BCa interval and two-sided p-value for one paired comparison.
 
     ``candidate``/``baseline`` are ``(examples,)`` or ``(examples, seeds)`` arrays of the same
     shape; with ``baseline=None`` ``candidate`` holds paired differences. The statistic is
     ``T(candidate) - T(baseline)`` (``relative=False``) or ``T(candidate) / T(baseline) - 1``,
-    with ``T`` the mean or a quantile (``statistic="p95"``) of the pooled example x seed values;
-    ``null_value`` is the value the p-value tests (two-sided). ``seed`` must be a non-negative
+    with ``T`` the mean or a Harrell-Davis quantile (``statistic="p95"``) of the pooled example
+    x seed values; ``null_value`` is the value the p-value tests (two-sided), and the value a
+    zero-baseline continuity correction moves a relative change towards (module docstring);
+    an all-zero baseline raises :class:`UndefinedStatistic`. ``seed`` must be a non-negative
     integer: the same inputs always give the same result. Bad input raises ValueError.
     """
     check_options(confidence, n_resamples, method, seed)
