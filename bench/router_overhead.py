@@ -9,7 +9,9 @@ generate exactly as many tokens), batch 1, exactly as evaluate's latency example
 
 Timing is interleaved: per prompt both systems decode back to back, alternating which goes
 first; a round covers every prompt; the ratio is the median, over every prompt of every round,
-of the ratio of the two back-to-back decodes' time per generated token. The last line is machine-readable:
+of the ratio of the two back-to-back decodes' time per generated token after the first (the
+decoder's own clock: ``Decoded.latency_per_token_ms``, what evaluate gates; the prompt prefill
+is time to first token, printed apart). The last line is machine-readable:
 
     router_overhead: per_token_ratio=<router / fused baseline>
 
@@ -21,12 +23,11 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 
 import torch
 
 from bem_tasks.config.loader import load_fleet
-from bem_tasks.core import bem_layers, build_model, count_bem_parameters
+from bem_tasks.core import bem_layers, build_model
 from bem_tasks.core.tokenizer import ByteTokenizer
 from bem_tasks.data.suites.compositional import CompositionalConfig, make_compositional
 from bem_tasks.missions import mission_a
@@ -47,10 +48,7 @@ def build_systems(p: MissionAParams) -> tuple[RoutedDecoder, RoutedDecoder, int]
     experts, fused = base, copy.deepcopy(base)
     mission_a._attach_experts(experts, p, 0, alpha=p.bem.alpha)
     router = mission_a._new_router(experts, p, 0)
-    # train_experts' parity rule: the fused rank that matches experts + router parameters
-    per_rank = sum(m.in_features + m.out_features + 1 for _, m in bem_layers(experts))
-    system = count_bem_parameters(experts) + sum(q.numel() for q in router.parameters())
-    rank = max(1, round(system / per_rank))
+    rank, _, _ = mission_a.fused_rank_at_parity(experts, router)  # train_experts' rule
     mission_a._attach_fused(fused, p, rank, 0, alpha=p.bem.alpha)
     gen = torch.Generator().manual_seed(1)
     for model in (experts, fused):
@@ -90,14 +88,16 @@ def main() -> None:
     systems = {"router": lambda q: routed(q, choose), "baseline": lambda q: fused(q)}
 
     def one_round() -> list[dict[str, float]]:
-        """ms per generated token of both systems on each prompt, decoded back to back."""
+        """(ms per generated token after the first, ms to the first token) of both systems on
+        each prompt, decoded back to back."""
         pairs = []
         for i, q in enumerate(prompts):
             pair = {}
             for name in list(systems) if i % 2 == 0 else list(systems)[::-1]:
-                t0 = time.perf_counter()
                 out = systems[name](q)
-                pair[name] = 1e3 * (time.perf_counter() - t0) / len(out.tokens)
+                assert out.latency_per_token_ms is not None  # EOS ignored: every token made
+                pair[name] = out.latency_per_token_ms
+                pair[f"{name}_ttft"] = out.ttft_ms
             pairs.append(pair)
         return pairs
 
@@ -114,7 +114,11 @@ def main() -> None:
     )
     for s in systems:
         vals = [statistics.mean(pr[s] for pr in r) for r in rounds]
-        print(f"{s:>8}: median {statistics.median(vals):.3f} ms/token, min {min(vals):.3f}")
+        ttft = statistics.median(pr[f"{s}_ttft"] for r in rounds for pr in r)
+        print(
+            f"{s:>8}: median {statistics.median(vals):.3f} ms/token, min {min(vals):.3f}; "
+            f"time to first token median {ttft:.3f} ms"
+        )
     print(f"router_overhead: per_token_ratio={statistics.median(ratios):.3f}")
 
 

@@ -22,22 +22,26 @@ batches of prompts of one length, which gives the batch-1 tokens and decisions, 
                     common subsequence, so unsorted right values get partial credit only)
     plan_length     router only: segments of the decoded (horizon-locked) decision sequence;
                     <= plan horizon by construction, so reported, not gated
-    plan_length_unconstrained  router only: segments of the plan the greedy rule chooses on the
-                    same decision points' logits without the horizon lock (gated <= 3)
+    plan_length_unconstrained  router only: segments of a second decode with the horizon lock
+                    off (the router is trained at locked states too; gated <= 3)
     flip_rate, flip_rate_unconstrained  router only: expert switches / routing decisions of
-                    those two plans (the fused baseline makes no routing decisions: no record)
-    latency_ms      on the first evaluate.latency_examples test items only: wall time of a
-                    batch-1 decode (prefill + every step), both systems timed interleaved on the
-                    same device, alternating which goes first
-    latency_per_token_ms  latency_ms / generated tokens (gated: the systems stop at different
-                    lengths)
-    kv_hit_ratio    on a serving workload (per test context up to evaluate.kv_questions requests
-                    that share its facts and differ in the question): prompt tokens a per-system
-                    prefix cache serves / prompt tokens. The cache holds each shared prefix's K/V,
-                    computed once from the prefix alone; a request reuses the leading positions
-                    whose K/V are bit-identical to a fresh computation of the prefix under its
-                    own routing. A system that routes the prefix from the question loses them.
-    base_kv_share   on the same requests: share of the prompt's K/V head vectors bit-identical
+                    those two decodes (the fused baseline makes no routing decisions: no record)
+    latency_ms, ttft_ms  on the first evaluate.latency_examples test items only: a batch-1
+                    decode's wall time, whole and to the first token (prompt prefill included),
+                    timed by the decoder; both systems interleaved on the same device,
+                    alternating which goes first
+    latency_per_token_ms  (latency_ms - ttft_ms) / (generated tokens - 1): one decoding step
+                    (gated: the systems stop at different lengths, and the prefill is per request)
+    kv_hit_ratio    per context group of a serving workload (per test context up to
+                    evaluate.kv_questions requests that share its facts and differ in the
+                    question; record id kv:<item id>): prompt tokens a per-system prefix cache
+                    serves / prompt tokens. The first request of a group misses and stores the
+                    prefix K/V; a later request reuses the leading positions whose K/V are
+                    bit-identical to a fresh computation of the prefix under its own routing. A
+                    system that routes the prefix from the question loses them.
+    kv_reuse_agreement  metrics only: share of the requests that reused a prefix whose decode
+                    from the served cache equals their decode from a full-prompt prefill
+    base_kv_share   per context group: mean share of the prompt's K/V head vectors bit-identical
                     to the frozen base model's (router 1.0: prompt tokens get zero gates;
                     reported, not gated)
 
@@ -81,7 +85,7 @@ from bem_tasks.data.suites.compositional import (
     make_item,
     read_compositional,
 )
-from bem_tasks.eval import ExampleRecord, LatencyProfiler, answer_em_f1, write_records
+from bem_tasks.eval import ExampleRecord, answer_em_f1, write_records
 from bem_tasks.eval.latency import summarize_latencies
 from bem_tasks.io import atomic_write_json
 from bem_tasks.missions.common import (
@@ -114,11 +118,9 @@ from bem_tasks.missions.planner import (
     make_batch,
     ppo_update,
     sampling_chooser,
-    segments,
     shared_prefix,
     skill_gates,
     teacher_forced_chunks,
-    unconstrained_decisions,
 )
 from bem_tasks.stats import paired_bootstrap
 
@@ -223,6 +225,16 @@ def _new_router(model: nn.Module, p: MissionAParams, seed: int) -> MacroRouter:
         torch.manual_seed(seed)
         router = MacroRouter(d_model, horizon=p.router.plan_horizon, hidden=p.router.hidden)
     return router.to(torch.float32)
+
+
+def fused_rank_at_parity(experts: nn.Module, router: nn.Module) -> tuple[int, int, int]:
+    """The parameter-parity rule: the fused baseline's rank whose parameters match the router
+    system's (expert adapters + macro-policy router). ``experts``: a model carrying the expert
+    adapters (alpha does not change the counts). Returns (rank, system parameters, parameters
+    per fused rank column)."""
+    per_rank = sum(layer.in_features + layer.out_features + 1 for _, layer in bem_layers(experts))
+    system = count_bem_parameters(experts) + sum(q.numel() for q in router.parameters())
+    return max(1, round(system / per_rank)), system, per_rank
 
 
 def _experts_system(ctx: Any, p: MissionAParams) -> tuple[nn.Module, TextCodec]:
@@ -389,12 +401,11 @@ def train_experts(ctx: Any) -> dict[str, Any]:
 
     # Parameter counts (alpha does not change them), from adapters attached for the count only.
     _attach_experts(base, p, seed, alpha=1.0)
+    router = _new_router(base, p, seed)
     experts_params = count_bem_parameters(base)
-    per_rank = sum(layer.in_features + layer.out_features + 1 for _, layer in bem_layers(base))
+    router_params = sum(q.numel() for q in router.parameters())
+    baseline_rank, system_params, per_rank = fused_rank_at_parity(base, router)
     detach_bem(base)
-    router_params = sum(q.numel() for q in _new_router(base, p, seed).parameters())
-    system_params = experts_params + router_params
-    baseline_rank = max(1, round(system_params / per_rank))
     _attach_fused(base, p, baseline_rank, seed, alpha=1.0)
     baseline_params = count_bem_parameters(base)
     detach_bem(base)
@@ -841,74 +852,77 @@ def evaluate(ctx: Any) -> dict[str, Any]:
         "baseline": RoutedDecoder(baseline_model, **common),
     }
     choose = greedy_chooser(p.bem.tau, p.router.plan_horizon)
+    # The same greedy rule never locked (a horizon no decode reaches): the router's own plan.
+    unlocked = greedy_chooser(p.bem.tau, ev.max_new_tokens)
     items = {s: _read_split(ctx, s) for s in SLICES}
     splits = {s: encode_items(rows, codec) for s, rows in items.items()}
 
-    # Answers and plans: every example, decoded in batches of one prompt length (no padding).
+    # Answers and plans: every example, decoded in batches of one prompt length (no padding);
+    # the router twice, with and without the horizon lock.
     decoded = {
         split: {name: _decode_all(decoders[name], examples, choose, ev.batch_size)
                 for name in SYSTEMS}
         for split, examples in splits.items()
     }  # fmt: skip
+    free = {
+        split: _decode_all(decoders["router"], examples, unlocked, ev.batch_size)
+        for split, examples in splits.items()
+    }
     metrics_of: dict[tuple[str, str], dict[str, float]] = {}  # (example id, system) -> metrics
     outputs: list[dict[str, Any]] = []
     for split, examples in splits.items():
         for name in SYSTEMS:
-            for e, dec in zip(examples, decoded[split][name], strict=True):
+            for i, (e, dec) in enumerate(zip(examples, decoded[split][name], strict=True)):
                 text = codec.decode(dec.tokens)
                 m = _answer_metrics(text, e.answer, dec)
                 if name == "router":  # the baseline makes no routing decisions
-                    m |= _plan_metrics(dec, p.bem.tau)
+                    m |= _plan_metrics(dec, free[split][i])
                 metrics_of[(e.id, name)] = m
                 outputs.append({"id": e.id, "split": split, "system": name, "output": text,
                                 "answer": e.answer, "decisions": dec.decisions})  # fmt: skip
         ctx.log.info("evaluate: %s decoded (%d examples)", split, len(examples))
 
     # Latency is a serving metric: batch-1 decodes of the first latency_examples test items,
-    # both systems interleaved, alternating which goes first.
+    # both systems interleaved, alternating which goes first, each timed by the decoder.
     timed = splits["test"][: ev.latency_examples]
     for e in splits["dev"][: ev.latency_warmup]:  # untimed warm-up of both systems
         for name in SYSTEMS:
             decoders[name](e.prompt, choose)
-    profilers = {s: LatencyProfiler(device=ctx.device) for s in SYSTEMS}
     agree = {s: 0 for s in SYSTEMS}
     for i, e in enumerate(timed):
+        single: dict[str, Decoded] = {}
         for name in SYSTEMS if i % 2 == 0 else SYSTEMS[::-1]:
-            with profilers[name].measure():
-                single = decoders[name](e.prompt, choose)
+            single[name] = decoders[name](e.prompt, choose)
             batched = decoded["test"][name][i]
-            agree[name] += (single.tokens, single.decisions) == (batched.tokens, batched.decisions)
-            ms = profilers[name].samples_ms[-1]
-            metrics_of[(e.id, name)] |= {
-                "latency_ms": ms,
-                "latency_per_token_ms": ms / len(single.tokens),
-            }
+            agree[name] += (single[name].tokens, single[name].decisions) == (
+                batched.tokens, batched.decisions)  # fmt: skip
+        per_token = {s: d.latency_per_token_ms for s, d in single.items()}
+        for name, d in single.items():
+            m = metrics_of[(e.id, name)]
+            m |= {"latency_ms": d.total_ms, "ttft_ms": d.ttft_ms}
+            step = per_token[name]
+            if step is not None and None not in per_token.values():  # a pair, or neither
+                m["latency_per_token_ms"] = step
     ctx.log.info("evaluate: latency timed on %d test examples", len(timed))
 
-    # KV reuse on a serving workload: requests that share a test item's fact context.
+    # KV reuse on a serving workload: groups of requests sharing a test item's fact context.
     evaluated = {e.id for examples in splits.values() for e in examples}  # never a second record
     workload = _serving_workload(items["test"][: ev.kv_contexts], evaluated, p, codec)
-    caches = {s: PrefixCache(decoders[s]) for s in SYSTEMS}
-    kv_ids: list[str] = []
-    for group in workload:
-        shared = shared_prefix([e.prompt for e in group])
-        for e in group:
-            with bem_disabled(router_model):  # the frozen base model
-                base_kv = decoders["router"].prefill(e.prompt).cache
-            for name in SYSTEMS:
-                reused, _ = caches[name].serve(e.prompt, shared)
-                own = decoders[name].prefill(e.prompt).cache
-                metrics_of.setdefault((e.id, name), {}).update(
-                    kv_hit_ratio=reused / len(e.prompt),
-                    base_kv_share=kv_share(own, base_kv, len(e.prompt)),
-                )
-            kv_ids.append(e.id)
-    ctx.log.info("evaluate: KV reuse on %d serving requests", len(kv_ids))
+
+    def base_kv(prompt: Sequence[int]) -> Any:  # the frozen base model's prompt K/V
+        with bem_disabled(router_model):
+            return decoders["router"].prefill(prompt).cache
+
+    kv = _kv_reuse(decoders, workload, choose, ev.batch_size, base_kv)
+    ctx.log.info("evaluate: KV reuse on %d serving requests", sum(len(g) for g in workload))
 
     slice_of = {e.id: SLICES[split] for split, examples in splits.items() for e in examples}
     records = [
-        ExampleRecord(eid, name, seed, m, (slice_of.get(eid, SLICES["test"]),))
-        for (eid, name), m in metrics_of.items()
+        ExampleRecord(eid, name, seed, m, (slice_of[eid],)) for (eid, name), m in metrics_of.items()
+    ] + [  # one record per context group: its requests share a prefix, so they are not
+        # independent; the group is what the gate's bootstrap resamples
+        ExampleRecord(gid, name, seed, m, (SLICES["test"],))
+        for (gid, name), m in kv["records"].items()
     ]
     write_records(ctx.out_dir / "records.jsonl", records)
     write_jsonl(ctx.out_dir / "outputs.jsonl", outputs)
@@ -917,8 +931,8 @@ def evaluate(ctx: Any) -> dict[str, Any]:
         split: {name: [metrics_of[(e.id, name)] for e in examples] for name in SYSTEMS}
         for split, examples in splits.items()
     }
-    for name in SYSTEMS:  # the serving requests beyond the test items themselves
-        rows["test"][name] += [metrics_of[(i, name)] for i in kv_ids if i not in slice_of]
+    for (_, name), m in kv["records"].items():
+        rows["test"][name].append(m)
     summary = {split: {s: _summarise(r[s]) for s in SYSTEMS} for split, r in rows.items()}
     test = summary["test"]
     metrics: dict[str, Any] = {
@@ -929,7 +943,7 @@ def evaluate(ctx: Any) -> dict[str, Any]:
         "n_test": len(splits["test"]),
         "n_dev": len(splits["dev"]),
         "n_latency": len(timed),
-        "n_kv_requests": len(kv_ids),
+        "n_kv_requests": sum(len(g) for g in workload),
         "n_kv_contexts": len(workload),
     }
     for s in SYSTEMS:
@@ -937,6 +951,8 @@ def evaluate(ctx: Any) -> dict[str, Any]:
             metrics[f"{s}_{k}"] = v
         # batched decoding (accuracy) vs batch-1 decoding (latency) on the timed examples
         metrics[f"{s}_batch_agreement"] = agree[s] / max(len(timed), 1)
+        metrics[f"{s}_kv_reuse_agreement"] = kv["agreement"][s]
+        metrics[f"{s}_kv_reused_requests"] = kv["reused_requests"][s]
     r, b = test["router"], test["baseline"]
     metrics["em_gain"] = r["em"] - b["em"]
     metrics["f1_gain"] = r["f1"] - b["f1"]
@@ -945,6 +961,7 @@ def evaluate(ctx: Any) -> dict[str, Any]:
             r[f"latency_per_token_{q}_ms"] / b[f"latency_per_token_{q}_ms"] - 1.0
         )
         metrics[f"latency_overhead_total_{q}"] = r[f"latency_{q}_ms"] / b[f"latency_{q}_ms"] - 1.0
+        metrics[f"ttft_overhead_{q}"] = r[f"ttft_{q}_ms"] / b[f"ttft_{q}_ms"] - 1.0
     metrics["kv_hit_gain"] = r["kv_hit_ratio"] - b["kv_hit_ratio"]
     # what summary tables show first (metrics.json is written with sorted keys)
     metrics["headline"] = [
@@ -954,6 +971,55 @@ def evaluate(ctx: Any) -> dict[str, Any]:
     ]  # fmt: skip
     _plot_eval(ctx.out_dir / "evaluation.png", rows["test"], seed)
     return metrics
+
+
+def _kv_reuse(
+    decoders: dict[str, RoutedDecoder],
+    workload: Sequence[Sequence[Example]],
+    choose: Any,
+    batch_size: int,
+    base_kv: Any,
+) -> dict[str, Any]:
+    """Each system serves the workload through its own PrefixCache, group after group.
+
+    Per (context group, system) record: ``kv_hit_ratio`` = reused prompt tokens / prompt
+    tokens over the group's requests (its first request misses: it computes and stores the
+    prefix) and ``base_kv_share`` = the requests' mean share of prompt K/V bit-identical to the
+    frozen base model's (``base_kv(prompt)``: its cache). Every request that reused a prefix is also decoded from its served
+    cache (batch 1, as served) and compared with its decode from a full-prompt prefill (batched
+    by length, which gives the batch-1 decode: tested, and checked by ``batch_agreement``):
+    ``agreement`` = share of those requests whose tokens and routing decisions are identical."""
+    requests = [e for g in workload for e in g]
+    caches = {s: PrefixCache(decoders[s]) for s in SYSTEMS}
+    records: dict[tuple[str, str], dict[str, float]] = {}
+    same = dict.fromkeys(SYSTEMS, 0)
+    reused_requests = dict.fromkeys(SYSTEMS, 0)
+    for name in SYSTEMS:
+        fresh = iter(_decode_all(decoders[name], requests, choose, batch_size))
+        for group in workload:
+            shared = shared_prefix([e.prompt for e in group])
+            reused = tokens = 0
+            shares = []
+            for e in group:
+                own = decoders[name].prefill(e.prompt).cache
+                shares.append(kv_share(own, base_kv(e.prompt), len(e.prompt)))
+                n, cache = caches[name].serve(e.prompt, shared)
+                full = next(fresh)
+                if n:
+                    served = decoders[name](e.prompt, choose, prefix=cache)
+                    same[name] += (served.tokens, served.decisions) == (full.tokens, full.decisions)
+                    reused_requests[name] += 1
+                reused += n
+                tokens += len(e.prompt)
+            records[(f"kv:{group[0].id}", name)] = {
+                "kv_hit_ratio": reused / tokens,
+                "base_kv_share": sum(shares) / len(shares),
+            }
+    return {
+        "records": records,
+        "agreement": {s: same[s] / max(reused_requests[s], 1) for s in SYSTEMS},
+        "reused_requests": reused_requests,
+    }
 
 
 def _decode_all(
@@ -971,15 +1037,13 @@ def _answer_metrics(text: str, answer: str, dec: Decoded) -> dict[str, float]:
     return {"em": em, "f1": f1, "valid": float(valid), "generated_tokens": float(len(dec.tokens))}
 
 
-def _plan_metrics(dec: Decoded, tau: float) -> dict[str, float]:
-    """The decoded (horizon-locked) plan, and the plan the greedy rule wanted without the lock."""
-    free = unconstrained_decisions(dec.logits, tau)
-    n = max(len(free), 1)
+def _plan_metrics(locked: Decoded, free: Decoded) -> dict[str, float]:
+    """The plan of the decode with the horizon lock, and of the decode without it."""
     return {
-        "plan_length": float(dec.plan_length),
-        "flip_rate": dec.flip_rate,
-        "plan_length_unconstrained": float(segments(free)),
-        "flip_rate_unconstrained": max(segments(free) - 1, 0) / n,
+        "plan_length": float(locked.plan_length),
+        "flip_rate": locked.flip_rate,
+        "plan_length_unconstrained": float(free.plan_length),
+        "flip_rate_unconstrained": free.flip_rate,
     }
 
 
@@ -1020,7 +1084,11 @@ def _summarise(rows: list[dict[str, float]]) -> dict[str, float]:
 
     keys = sorted({k for r in rows for k in r})
     out = {k: sum(values(k)) / len(values(k)) for k in keys}
-    for key, name in (("latency_ms", "latency"), ("latency_per_token_ms", "latency_per_token")):
+    for key, name in (
+        ("latency_ms", "latency"),
+        ("latency_per_token_ms", "latency_per_token"),
+        ("ttft_ms", "ttft"),
+    ):
         if values(key):
             lat = summarize_latencies(values(key))
             out |= {f"{name}_p50_ms": lat.p50_ms, f"{name}_p95_ms": lat.p95_ms,

@@ -131,15 +131,17 @@ class PolicyGradientSpec(Strict):
 
 
 class EvaluateSpec(Strict):
-    """EM/F1 and plans on every dev/test example (batched decoding); latency on the first
-    `latency_examples` test items (batch 1, interleaved); KV reuse on a serving workload of
-    `kv_contexts` test contexts with up to `kv_questions` questions each."""
+    """EM/F1 and plans on every dev/test example (batched decoding; the router also with the
+    horizon lock off); latency on the first `latency_examples` test items (batch 1,
+    interleaved); KV reuse on a serving workload of `kv_contexts` test contexts with up to
+    `kv_questions` questions each (one gate record per context: the KV gate needs at least its
+    min_examples, 30, of them)."""
 
     max_new_tokens: PositiveInt = 48
     batch_size: PositiveInt = 64  # prompts of one length decoded together (no padding)
     latency_warmup: int = Field(3, ge=0)  # untimed decodes per system before timing
     latency_examples: PositiveInt = 200
-    kv_contexts: PositiveInt = 50
+    kv_contexts: PositiveInt = 100
     kv_questions: int = Field(4, ge=2)  # requests per shared context, the test item included
 
 

@@ -16,6 +16,10 @@ Decisions are chunk-sticky, obey hysteresis (switch only if the new expert's log
 current one by more than tau) and a plan horizon (at most ``horizon`` segments; after that the
 current expert is locked). As a stochastic policy the same rules read: logits + tau on the current
 expert, the other experts masked once the horizon is used up, then a softmax.
+
+The lock applies when acting (choosers, PPO's sampling policy); the router itself is trained on
+the unmasked hysteresis logits at every state, locked ones included (where the oracle stays), so
+what it would choose without the lock is a trained output that evaluate can measure.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +40,7 @@ from torch import Tensor, nn
 from bem_tasks.core import ByteTokenizer, bem_layers, bem_routing
 from bem_tasks.core.tokenizer import TOKENIZER_FILE
 from bem_tasks.data.suites.compositional import SKILLS, CompositionalItem, skill_per_char
+from bem_tasks.eval.latency import cuda_sync_fn
 
 NUM_EXPERTS = len(SKILLS)
 MASKED = -1e9  # finite, so masked actions get probability 0 without inf - inf = nan in KL
@@ -229,15 +235,21 @@ class MacroRouter(nn.Module):
         )
 
 
+def hysteresis_logits(logits: Tensor, prev: Tensor, tau: float) -> Tensor:
+    """The router's own policy: +tau on the current expert (hysteresis), no horizon lock."""
+    has = (prev >= 0)[:, None]
+    cur = F.one_hot(prev.clamp_min(0), logits.shape[-1]).bool() & has
+    return logits + tau * cur.to(logits.dtype)
+
+
 def policy_logits(logits: Tensor, prev: Tensor, segs: Tensor, tau: float, horizon: int) -> Tensor:
-    """The stochastic policy's logits: +tau on the current expert (hysteresis), the others
-    masked once ``horizon`` segments are used (the plan cannot grow any more)."""
+    """The acting policy's logits: ``hysteresis_logits`` with the other experts masked once
+    ``horizon`` segments are used (the plan cannot grow any more)."""
     k = logits.shape[-1]
     has = (prev >= 0)[:, None]
     cur = F.one_hot(prev.clamp_min(0), k).bool() & has
-    adj = logits + tau * cur.to(logits.dtype)
     locked = has & (segs >= horizon)[:, None]
-    return adj.masked_fill(locked & ~cur, MASKED)
+    return hysteresis_logits(logits, prev, tau).masked_fill(locked & ~cur, MASKED)
 
 
 def greedy_decision(
@@ -344,10 +356,15 @@ def teacher_forced_chunks(
 def bc_loss(
     router: MacroRouter, data: ChunkData, idx: Tensor, *, tau: float, step_penalty: float
 ) -> tuple[Tensor, Tensor]:
-    """Cross-entropy to the oracle chunk labels under the policy's own hysteresis/horizon rules,
-    plus step_penalty x the expected number of new segments. Returns (loss, accuracy)."""
+    """Cross-entropy to the oracle chunk labels on the hysteresis logits, plus step_penalty x
+    the expected number of new segments. Returns (loss, accuracy).
+
+    No horizon mask: at a state whose segments are used up the oracle stays (its label is the
+    current expert), and the router learns that too. Masked, those states would carry no
+    gradient, and what the router wants there (evaluate's unconstrained plan) would be its
+    random initialisation."""
     feats = router.features(data.h[idx], data.emb[idx], data.prev[idx], data.segs[idx])
-    logits = policy_logits(router(feats), data.prev[idx], data.segs[idx], tau, router.horizon)
+    logits = hysteresis_logits(router(feats), data.prev[idx], tau)
     ce = F.cross_entropy(logits, data.label[idx])
     probs = logits.softmax(-1)
     prev = data.prev[idx]
@@ -358,9 +375,13 @@ def bc_loss(
 
 
 @torch.no_grad()
-def closed_loop_accuracy(router: MacroRouter, data: ChunkData, chunk: int, *, tau: float) -> dict:
+def closed_loop_accuracy(
+    router: MacroRouter, data: ChunkData, chunk: int, *, tau: float, horizon: int | None = None
+) -> dict:
     """Run the greedy policy over each example's chunks (its own previous decisions, teacher-
-    forced features) and compare with the oracle per token and per chunk."""
+    forced features) and compare with the oracle per token and per chunk. ``horizon``: the lock
+    (default the router's; a horizon beyond the chunk count runs it unconstrained)."""
+    horizon = router.horizon if horizon is None else horizon
     by_example: dict[int, list[int]] = {}
     for i, ex in enumerate(data.example.tolist()):
         by_example.setdefault(ex, []).append(i)
@@ -373,7 +394,7 @@ def closed_loop_accuracy(router: MacroRouter, data: ChunkData, chunk: int, *, ta
             feats = router.features(
                 data.h[i : i + 1], data.emb[i : i + 1], torch.tensor([prev]), torch.tensor([segs])
             )
-            a = greedy_decision(router(feats)[0], prev, segs, tau, router.horizon)
+            a = greedy_decision(router(feats)[0], prev, segs, tau, horizon)
             if a != prev:
                 segs += 1
             prev = a
@@ -391,6 +412,7 @@ def closed_loop_accuracy(router: MacroRouter, data: ChunkData, chunk: int, *, ta
         "chunk_accuracy": chunk_hit / max(len(data), 1),
         "chunk_ceiling": ceiling_hit / max(tok_n, 1),
         "plan_length": sum(plan_lengths) / max(len(plan_lengths), 1),
+        "plan_length_max": max(plan_lengths, default=0),
     }
 
 
@@ -404,7 +426,17 @@ class Decoded:
     prev: list[int] = field(default_factory=list)
     segs: list[int] = field(default_factory=list)
     logp: list[float] = field(default_factory=list)
-    logits: list[Tensor] = field(default_factory=list)  # the router's raw logits per decision
+    # Wall time of the decode call that produced this row (the whole batch's, on a batch of
+    # several): to the first generated token (prompt prefill included), and to the end.
+    ttft_ms: float = 0.0
+    total_ms: float = 0.0
+
+    @property
+    def latency_per_token_ms(self) -> float | None:
+        """Decode time per generated token after the first: one decoding step, without the
+        prompt prefill (None when only one token was generated)."""
+        n = len(self.tokens)
+        return (self.total_ms - self.ttft_ms) / (n - 1) if n > 1 else None
 
     @property
     def plan_length(self) -> int:
@@ -419,23 +451,16 @@ class Decoded:
         return self.switches / len(self.decisions) if self.decisions else 0.0
 
 
-def unconstrained_decisions(logits: Sequence[Tensor], tau: float) -> list[int]:
-    """The greedy rule run over the decoded decision points' logits without the horizon lock:
-    same logits, same hysteresis, its own current expert. It equals the decoded plan until the
-    lock first holds the plan back; after that it shows what the router wanted."""
-    cur, out = -1, []
-    for lg in logits:
-        cur = greedy_decision(lg, cur, 0, tau, 1)  # 0 segments used of 1: never locked
-        out.append(cur)
-    return out
-
-
 # A chooser maps the decision points of a batch (router logits [B, K], each row's current expert
 # (-1 before the first decision) and segments used) to (action, log-probability) per row.
 Chooser = Callable[[Tensor, list[int], list[int]], tuple[list[int], list[float]]]
 
 
 def greedy_chooser(tau: float, horizon: int) -> Chooser:
+    """The greedy rule, locked at ``horizon`` segments. A horizon of at least the number of
+    decisions (e.g. max_new_tokens) never locks: the router's unconstrained plan, with the
+    segment feature capped at the router's "horizon used" column, as it was trained."""
+
     def choose(logits: Tensor, prev: list[int], segs: list[int]) -> tuple[list[int], list[float]]:
         rows = logits.tolist()  # one host copy; the rule itself is a few float compares per row
         actions = [
@@ -467,7 +492,8 @@ class RoutedDecoder:
     ``decoder(prompt)`` decodes one request (batch 1: what latency is timed on);
     ``decoder.batch(prompts)`` decodes prompts of one length together, without padding (rows
     that finished keep being fed, and are ignored). Prompt tokens get the gates
-    ``prompt_router`` gives them, zero gates (the base model's K/V) by default.
+    ``prompt_router`` gives them, zero gates (the base model's K/V) by default. Each call times
+    itself (``Decoded.ttft_ms``, ``total_ms``), synchronising CUDA around the clock readings.
 
     The macro-policy router is tiny and lives on the CPU; only its decision features (one
     hidden vector and one embedding per row and chunk) leave the model's device."""
@@ -494,6 +520,12 @@ class RoutedDecoder:
         # router's feature (no output_hidden_states), and logits are needed at one position.
         self.body: nn.Module = model.base_model  # type: ignore[assignment]
         self.head: nn.Module = model.get_output_embeddings()  # type: ignore[operator]
+        self._sync = cuda_sync_fn(device)
+
+    def _clock(self) -> float:
+        if self._sync is not None:
+            self._sync()
+        return time.perf_counter()
 
     def _route(self, gates: Tensor | None, *, convex: bool | None = None) -> None:
         for layer in self.layers:
@@ -529,8 +561,8 @@ class RoutedDecoder:
     def __call__(
         self, prompt: Sequence[int], choose: Chooser | None = None, *, prefix: Any = None
     ) -> Decoded:
-        """Decode one request; ``prefix``: a cache holding the K/V of its first positions
-        (``PrefixCache.serve``); the rest of the prompt is computed on top of it."""
+        """Decode one request; ``prefix``: a one-row cache holding the K/V of its first
+        positions (``PrefixCache.serve``); the rest of the prompt is computed on top of it."""
         return self.batch([prompt], choose, prefix=prefix)[0]
 
     @torch.no_grad()
@@ -543,8 +575,22 @@ class RoutedDecoder:
         routed = self.router is not None
         if routed and choose is None:
             raise ValueError("the router system needs a chooser (greedy_chooser, sampling_chooser)")
+        start = 0
+        if prefix is not None:
+            start = prefix.get_seq_length()
+            held = cache_tensors(prefix)[0][0].shape[0]
+            if rows != 1 or held != 1:
+                raise ValueError(
+                    f"RoutedDecoder: a prefix cache serves one request (one prompt, a one-row "
+                    f"cache), got {rows} prompt(s) and a cache of {held} row(s)"
+                )
+            if start >= len(prompts[0]):
+                raise ValueError(
+                    f"RoutedDecoder: the prefix cache holds {start} positions, the prompt has "
+                    f"{len(prompts[0])}: at least its last token must be computed"
+                )
+        t0 = self._clock()
         ids = torch.tensor([list(q) for q in prompts], device=self.device)
-        start = 0 if prefix is None else prefix.get_seq_length()
         self._route_prompt(ids, start, ids.shape[1])
         try:
             out = self.body(input_ids=ids[:, start:], cache=prefix, use_cache=True)
@@ -552,9 +598,12 @@ class RoutedDecoder:
             res = [Decoded(tokens=[], fed=[]) for _ in range(rows)]
             live = list(range(rows))
             cur, segs = [-1] * rows, [0] * rows
+            ttft = 0.0
             for t in range(self.max_new):
                 step = self.head(hidden).argmax(-1)
                 toks = step.tolist()
+                if t == 0:
+                    ttft = self._clock()
                 for r in live:
                     res[r].tokens.append(toks[r])
                 live = [r for r in live if toks[r] != self.eos_id]
@@ -570,7 +619,6 @@ class RoutedDecoder:
                     for r in live:
                         d = res[r]
                         d.feats.append(feats[r])
-                        d.logits.append(logits[r])
                         d.prev.append(cur[r])
                         d.segs.append(segs[r])
                         d.logp.append(logp[r])
@@ -584,9 +632,12 @@ class RoutedDecoder:
                 hidden = out.last_hidden_state[:, -1]
                 for r in live:
                     res[r].fed.append(toks[r])
+            end = self._clock()
         finally:
             if routed:
                 self._route(None)
+        for d in res:
+            d.ttft_ms, d.total_ms = 1e3 * (ttft - t0), 1e3 * (end - t0)
         return res
 
 
@@ -642,11 +693,18 @@ def shared_prefix(prompts: Sequence[Sequence[int]]) -> int:
 class PrefixCache:
     """One system's prefix cache on a serving workload.
 
-    The K/V of each distinct prefix are computed once, from the prefix alone, as a server would
-    when it caches a shared context before (or while) questions arrive. A request reuses the
-    leading positions whose K/V are bit-identical to a fresh computation of the prefix under
-    that request's own routing; the rest of its prompt is recomputed. A causal system reuses the
-    whole prefix; one that routes prefix tokens on later (question) tokens does not."""
+    The first request with a given prefix misses: it computes its prompt from scratch, and the
+    server keeps the K/V of the prefix positions as that request computed them. A later
+    request reuses the leading positions whose K/V are bit-identical to a fresh computation of
+    the prefix under its own routing; the rest of its prompt is computed on top.
+
+    What the bit-identity shows: that the request's routing gives the prefix the K/V the cache
+    holds. For a causal system both sides are prefix-only forwards under the same gates, so
+    they match by construction and the whole prefix is reused; a system that routes prefix
+    tokens by later (question) tokens loses the positions whose K/V change. What it does not
+    show: that decoding from the served cache gives what a full-prompt prefill gives (cache
+    offsets, cropping, the suffix's routing): evaluate decodes both ways and reports the share
+    of requests that agree (``kv_reuse_agreement``)."""
 
     def __init__(self, decoder: RoutedDecoder) -> None:
         self.decoder = decoder
@@ -656,9 +714,10 @@ class PrefixCache:
         """(reused prompt tokens, a cache of exactly those positions to decode from; None when
         nothing is reused)."""
         key = tuple(prompt[:prefix_len])
-        if key not in self.store:
-            self.store[key] = self.decoder.prefill(key).cache
         fresh = self.decoder.prefill(prompt[:prefix_len], routed_as=prompt).cache
+        if key not in self.store:  # a miss: this request computes and stores the prefix
+            self.store[key] = fresh
+            return 0, None
         reused = identical_positions(self.store[key], fresh, prefix_len)
         if reused == 0:
             return 0, None

@@ -107,14 +107,18 @@ def test_evaluate_records_and_metrics(micro: MicroRun) -> None:
     # latency only on the timed subset (micro: latency_examples = 8, every test item)
     timed = [r for r in records if "latency_ms" in r.metrics]
     assert {r.example_id for r in timed} == test_ids and len(timed) == 16
-    for r in timed:
-        per_token = r.metrics["latency_ms"] / r.metrics["generated_tokens"]
-        assert r.metrics["latency_per_token_ms"] == pytest.approx(per_token)
-    # KV reuse on the serving workload: the test items plus generated questions over their facts
+    for r in timed:  # per decoding step: the prompt prefill (time to first token) left out
+        mm = r.metrics
+        assert 0.0 < mm["ttft_ms"] < mm["latency_ms"]
+        per_token = (mm["latency_ms"] - mm["ttft_ms"]) / (mm["generated_tokens"] - 1)
+        assert mm["latency_per_token_ms"] == pytest.approx(per_token)
+    # KV reuse on the serving workload (the test items plus generated questions over their
+    # facts): one record per context group and system
     served = [r for r in records if "kv_hit_ratio" in r.metrics]
-    assert test_ids < {r.example_id for r in served}
+    assert {r.example_id.removeprefix("kv:") for r in served} <= test_ids
     for r in served:
-        assert 0.0 < r.metrics["kv_hit_ratio"] < 1.0  # the shared prefix, never the question
+        # the first request misses, the others reuse the shared prefix, never the question
+        assert 0.0 < r.metrics["kv_hit_ratio"] < 1.0
         assert r.slices == ("slice_b",)
     by = {(r.example_id, r.system): r.metrics for r in served}
     for (eid, system), mm in by.items():
@@ -137,7 +141,12 @@ def test_evaluate_records_and_metrics(micro: MicroRun) -> None:
     )
     assert m["em_gain"] == pytest.approx(m["router"]["em"] - m["baseline"]["em"])
     assert m["param_parity"] == micro.metrics["train_experts"]["param_parity"]
-    assert m["n_latency"] == 8 and m["n_kv_requests"] == len(served) // 2
+    assert m["n_latency"] == 8 and m["n_kv_contexts"] == len(served) // 2
+    assert m["n_kv_contexts"] < m["n_kv_requests"] <= 4 * m["n_kv_contexts"]
+    for system in ("router", "baseline"):  # decoded from the served cache = from a full prefill
+        assert m[f"{system}_kv_reuse_agreement"] == 1.0
+        # every request but the first of its group reused the prefix
+        assert m[f"{system}_kv_reused_requests"] == m["n_kv_requests"] - m["n_kv_contexts"]
     # test-slice means are the means of the slice_b records
     test_em = [r.metrics["em"] for r in router if r.slices == ("slice_b",)]
     assert m["router"]["em"] == pytest.approx(sum(test_em) / len(test_em))

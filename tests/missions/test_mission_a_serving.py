@@ -1,5 +1,6 @@
-"""Mission A evaluation as served: batched decoding, KV reuse on a shared-prefix workload, the
-unconstrained plan length, and the gates these feed (on the shared micro run)."""
+"""Mission A evaluation as served: batched decoding, the decoder's own timing, KV reuse on a
+shared-prefix workload, the unconstrained plan length, and the gates these feed (on the shared
+micro run)."""
 
 from __future__ import annotations
 
@@ -17,11 +18,8 @@ from bem_tasks.missions.planner import (
     RoutedDecoder,
     encode_items,
     greedy_chooser,
-    greedy_decision,
     length_buckets,
-    segments,
     shared_prefix,
-    unconstrained_decisions,
 )
 from bem_tasks.stats import analyze
 from tests.missions.conftest import ROOT, MicroRun, load_router_system
@@ -73,6 +71,30 @@ def test_batched_decoding_gives_the_batch_one_tokens_and_decisions(micro: MicroR
     assert m["router_batch_agreement"] == m["baseline_batch_agreement"] == 1.0
 
 
+def test_decoder_times_prefill_and_steps_apart(micro: MicroRun) -> None:
+    """Known answer: a clock that reads the number of positions the model body has computed.
+    Time to first token = the prompt's length (its prefill); each later token costs one."""
+    routed, fused, p, codec = _systems(micro)
+    prompt = encode_items(mission_a._read_split(micro.ctx("evaluate", micro.tmp), "test"), codec)
+    for decoder in (routed, fused):
+        computed = [0]
+        body = decoder.body
+
+        def counting(*, input_ids, body=body, computed=computed, **kw):
+            computed[0] += input_ids.shape[1]
+            return body(input_ids=input_ids, **kw)
+
+        decoder.body = counting
+        decoder._clock = lambda computed=computed: float(computed[0]) / 1e3  # "1 ms" a position
+        for e in prompt[:3]:
+            start = computed[0]
+            d = decoder(e.prompt, greedy_chooser(p.bem.tau, p.router.plan_horizon))
+            n = len(d.tokens)
+            assert n > 1 and d.ttft_ms == pytest.approx(len(e.prompt))
+            assert d.total_ms == pytest.approx(len(e.prompt) + n - 1) == computed[0] - start
+            assert d.latency_per_token_ms == pytest.approx(1.0)  # the prefill is not spread
+
+
 def test_length_buckets_need_no_padding(micro: MicroRun) -> None:
     prompts = [[1] * n for n in (3, 5, 3, 3, 5, 4)]
     buckets = length_buckets(prompts, 2)
@@ -83,11 +105,29 @@ def test_length_buckets_need_no_padding(micro: MicroRun) -> None:
         fused.batch([[1, 2], [1, 2, 3]])
 
 
+def test_a_prefix_cache_serves_one_request(micro: MicroRun) -> None:
+    routed, fused, p, codec = _systems(micro)
+    choose = greedy_chooser(p.bem.tau, p.router.plan_horizon)
+    q = codec.encode("k0=1;k1=2|min k0 k1\n")
+    for decoder in (routed, fused):
+        one = decoder.prefill(q[:5]).cache
+        with pytest.raises(ValueError, match="one prompt, a one-row cache.*2 prompt"):
+            decoder.batch([q, q], choose, prefix=one)
+        two = decoder.prefill(q[:5]).cache
+        two.batch_repeat_interleave(2)
+        with pytest.raises(ValueError, match="a cache of 2 row"):
+            decoder(q, choose, prefix=two)
+        with pytest.raises(ValueError, match="at least its last token"):
+            decoder(q[:5], choose, prefix=decoder.prefill(q[:5]).cache)
+        assert decoder(q, choose, prefix=one).tokens == decoder(q, choose).tokens
+
+
 # ---------------------------------------------------------------------------- KV reuse
-def _workload(micro: MicroRun, p, codec):
+def _workload(micro: MicroRun, p, codec, splits=("test",)):
+    """evaluate's workload over the contexts of ``splits`` (the micro test split has 8)."""
     ctx = micro.ctx("evaluate", micro.tmp)
-    test = mission_a._read_split(ctx, "test")
-    return mission_a._serving_workload(test, {it.id for it in test}, p, codec)
+    items = [it for s in splits for it in mission_a._read_split(ctx, s)]
+    return mission_a._serving_workload(items, {it.id for it in items}, p, codec)
 
 
 def test_serving_workload_shares_fact_contexts_with_valid_items(micro: MicroRun) -> None:
@@ -105,20 +145,35 @@ def test_serving_workload_shares_fact_contexts_with_valid_items(micro: MicroRun)
     assert groups == _workload(micro, p, codec)  # deterministic
 
 
+def _long_context_groups(codec) -> list[list[list[int]]]:
+    """Requests over a fact context three times as long as the micro suite's (10 facts)."""
+    facts = ";".join(f"k{i % 4}={(3 * i) % 6}" for i in range(10))
+    questions = ("min k0 k1", "max k2 k3", "add k1 k2", "sort k3 k0")
+    return [[codec.encode(f"{facts}|{q}\n") for q in questions]]
+
+
 def test_prefix_reuse_decodes_exactly_what_a_fresh_prefill_decodes(micro: MicroRun) -> None:
     routed, fused, p, codec = _systems(micro)
     choose = greedy_chooser(p.bem.tau, p.router.plan_horizon)
+    groups = [[e.prompt for e in g] for g in _workload(micro, p, codec)[:4]]
+    long = _long_context_groups(codec)
+    assert shared_prefix(long[0]) >= 2 * max(shared_prefix(g) for g in groups)
     for decoder in (routed, fused):
         caches = PrefixCache(decoder)
-        for group in _workload(micro, p, codec)[:4]:
-            n = shared_prefix([e.prompt for e in group])
-            for e in group:
-                reused, cache = caches.serve(e.prompt, n)
-                assert reused == n  # causal systems: the whole shared prefix is served
-                served = decoder(e.prompt, choose, prefix=cache)
-                fresh = decoder(e.prompt, choose)
+        for group in groups + long:
+            n = shared_prefix(group)
+            for i, prompt in enumerate(group):
+                reused, cache = caches.serve(prompt, n)
+                # the first request computes and stores the prefix; causal systems then serve
+                # the whole shared prefix to every later request
+                assert reused == (n if i else 0) and (cache is None) == (i == 0)
+                if i:
+                    assert cache.get_seq_length() == n
+                served = decoder(prompt, choose, prefix=cache)
+                fresh = decoder(prompt, choose)
+                assert len(served.tokens) > 1
                 assert (served.tokens, served.decisions) == (fresh.tokens, fresh.decisions)
-        assert len(caches.store) == 4  # one prefill per distinct prefix
+        assert len(caches.store) == 5  # one stored prefix per distinct context
 
 
 def _question_routed(ids: torch.Tensor) -> torch.Tensor:
@@ -130,10 +185,12 @@ def _question_routed(ids: torch.Tensor) -> torch.Tensor:
 
 
 def _kv_ratios(decoder: RoutedDecoder, groups) -> list[float]:
+    """Per context group (evaluate's record unit): reused prompt tokens / prompt tokens."""
     caches, out = PrefixCache(decoder), []
     for g in groups:
         n = shared_prefix([e.prompt for e in g])
-        out += [caches.serve(e.prompt, n)[0] / len(e.prompt) for e in g]
+        reused = sum(caches.serve(e.prompt, n)[0] for e in g)
+        out.append(reused / sum(len(e.prompt) for e in g))
     return out
 
 
@@ -153,16 +210,16 @@ def test_a_router_that_routes_the_prefix_from_the_question_loses_kv_hits(
 ) -> None:
     causal, fused, p, codec = _systems(micro)
     leaky, _, _, _ = _systems(micro, router=causal.router, prompt_router=_question_routed)
-    groups = _workload(micro, p, codec)
+    groups = _workload(micro, p, codec, splits=("train", "dev", "test"))[:40]
     base = _kv_ratios(fused, groups)
     honest = _kv_ratios(causal, groups)
     lossy = _kv_ratios(leaky, groups)
-    assert len(base) >= 30  # enough paired requests for the gate's min_examples
-    assert honest == base  # both causal: the same prefix served to every request
+    assert len(base) >= 30  # enough context groups for the gate's min_examples
+    assert honest == base  # both causal: the same prefix served to every later request
     assert np.mean(lossy) < np.mean(base)
-    assert min(r / b for r, b in zip(lossy, base, strict=True)) == 0.0  # some requests: nothing
-    # prefix K/V computed under the question's routing cannot be reused by another question
-    # unless that question happens to route the prefix the same way
+    assert min(lossy) == 0.0  # groups whose later questions all route the prefix differently
+    # prefix K/V computed under the first question's routing cannot be reused by another
+    # question unless that question happens to route the prefix the same way
     decision, gate = _kv_decision(lossy, base)
     assert gate.status == "failed" and decision.decision == "REJECTED"
     # the causal router passes it: its ratios equal the baseline's, inside the 1% margin
@@ -171,22 +228,6 @@ def test_a_router_that_routes_the_prefix_from_the_question_loses_kv_hits(
 
 
 # ---------------------------------------------------------------------------- plan length
-def test_unconstrained_decisions_follow_the_decoded_plan_until_the_lock() -> None:
-    tau, horizon = 0.1, 3
-    # logits over 3 experts per decision point: wants 0, 1, 2, then 0 again, then stays
-    seq = [torch.tensor(x) for x in ([2, 0, 0], [0, 2, 0], [0, 0, 2], [2, 0, 0], [2, 0, 0.05])]
-    decoded, cur, segs = [], -1, 0
-    for lg in seq:
-        a = greedy_decision(lg, cur, segs, tau, horizon)
-        segs += a != cur
-        cur = a
-        decoded.append(a)
-    free = unconstrained_decisions(seq, tau)
-    assert decoded == [0, 1, 2, 2, 2] and segments(decoded) == 3  # the lock held it at 3
-    assert free == [0, 1, 2, 0, 0] and segments(free) == 4  # what the router wanted
-    assert unconstrained_decisions(seq[:3], tau) == decoded[:3]
-
-
 class _Restless(MacroRouter):
     """A macro-policy that wants a new expert at every decision: (segments used) mod 3."""
 
@@ -198,15 +239,22 @@ class _Restless(MacroRouter):
 def test_an_unconstrained_plan_beyond_the_horizon_fails_the_plan_gate(micro: MicroRun) -> None:
     routed, _, p, codec = _systems(micro, router=_Restless(32, horizon=3, hidden=4))
     ctx = micro.ctx("evaluate", micro.tmp)
-    choose = greedy_chooser(p.bem.tau, p.router.plan_horizon)
-    rows = []
-    for e in encode_items(mission_a._read_split(ctx, "test"), codec):
-        dec = routed(e.prompt, choose)
-        rows.append(mission_a._plan_metrics(dec, p.bem.tau))
+    examples = encode_items(mission_a._read_split(ctx, "test"), codec)
+    # evaluate's two decodes: with the horizon lock, and with a horizon no decode reaches
+    locked = greedy_chooser(p.bem.tau, p.router.plan_horizon)
+    unlocked = greedy_chooser(p.bem.tau, routed.max_new)
+    rows = [
+        mission_a._plan_metrics(a, b)
+        for a, b in zip(
+            mission_a._decode_all(routed, examples, locked, 4),
+            mission_a._decode_all(routed, examples, unlocked, 4),
+            strict=True,
+        )
+    ]
     locked = [r["plan_length"] for r in rows]
     free = [r["plan_length_unconstrained"] for r in rows]
     assert max(locked) <= 3  # the horizon lock holds the decoded plan
-    assert max(free) >= 4  # but the router wanted more
+    assert max(free) >= 4  # but the router, decoded without it, makes more
     assert all(r["flip_rate_unconstrained"] >= r["flip_rate"] for r in rows)
     cfg = load_gates(GATES)
     decision = evaluate_gates("mission_a", cfg, [], {"plan_length_unconstrained": free})
@@ -223,3 +271,31 @@ def test_evaluated_router_records_both_plan_lengths(micro: MicroRun) -> None:
     assert router and all(
         m["plan_length"] <= m["plan_length_unconstrained"] and m["plan_length"] <= 3 for m in router
     )
+
+
+def test_base_kv_share_tells_a_perturbed_base_apart(micro: MicroRun) -> None:
+    """evaluate's base_kv_share against a separately loaded base (the same weights: the router
+    system's prompt K/V are the base model's), and against one whose second layer's attention
+    input projection is perturbed (a negative control: only layer 0's K/V still match)."""
+    routed, fused, p, codec = _systems(micro)
+    ctx, _, _, _ = load_router_system(micro)
+    base, _ = mission_a._load_base(ctx, p)
+    plain = RoutedDecoder(base.eval(), eos_id=codec.eos_id, max_new_tokens=8, device="cpu")
+    choose = greedy_chooser(p.bem.tau, p.router.plan_horizon)
+    groups = _workload(micro, p, codec)[:3]
+
+    def shares() -> dict[str, set[float]]:
+        kv = mission_a._kv_reuse(
+            {"router": routed, "baseline": fused}, groups, choose, 4,
+            lambda q: plain.prefill(q).cache,
+        )  # fmt: skip
+        assert kv["agreement"] == {"router": 1.0, "baseline": 1.0}
+        out: dict[str, set[float]] = {"router": set(), "baseline": set()}
+        for (_, system), m in kv["records"].items():
+            out[system].add(m["base_kv_share"])
+        return out
+
+    assert shares() == {"router": {1.0}, "baseline": {0.5}}  # fused: layer 0's K/V escape it
+    with torch.no_grad():
+        base.transformer.h[1].attn.c_attn.weight.add_(0.01)
+    assert shares() == {"router": {0.5}, "baseline": {0.5}}
