@@ -111,10 +111,10 @@ class PhaseSpec(Strict):
     doc: str = ""
 
 
-class TrainingSpec(Strict):
-    """Optimiser settings shared by every trainable phase."""
+class StepsSpec(Strict):
+    """Optimiser settings shared by every trainable phase, except the learning rate (a phase
+    whose lr is tuned takes this block alone)."""
 
-    lr: PositiveFloat
     steps: PositiveInt
     batch_size: PositiveInt
     weight_decay: float = Field(0.0, ge=0)
@@ -122,6 +122,10 @@ class TrainingSpec(Strict):
     grad_clip: PositiveFloat | None = 1.0
     checkpoint_every: PositiveInt = 50
     keep_checkpoints: PositiveInt = 2
+
+
+class TrainingSpec(StepsSpec):
+    lr: PositiveFloat
 
 
 class ModelSpec(Strict):

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
-from bem_tasks.config.schema import BemSpec, ModelSpec, Strict, TrainingSpec
+from bem_tasks.config.schema import BemSpec, ModelSpec, StepsSpec, Strict, TrainingSpec
 
 # Kept in step with bem_tasks.data.suites.compositional.OPS (a test checks); not imported from
 # there so that this module stays light.
@@ -55,17 +55,9 @@ class DataSpec(Strict):
         return self
 
 
-class TunedTrainingSpec(Strict):
+class TunedTrainingSpec(StepsSpec):
     """`training.train_experts`: TrainingSpec's settings without `lr`. Each system trains at
     the lr its tuning chose from `tuning.grid.lr` (systems.json `experts_lr`, `baseline_lr`)."""
-
-    steps: PositiveInt
-    batch_size: PositiveInt
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(0, ge=0)
-    grad_clip: PositiveFloat | None = 1.0
-    checkpoint_every: PositiveInt = 50
-    keep_checkpoints: PositiveInt = 2
 
     @model_validator(mode="before")
     @classmethod

@@ -16,16 +16,10 @@ import yaml
 from bem_tasks.config.loader import FleetConfig, load_fleet
 from bem_tasks.fleet.phases import PhaseContext, execute
 from bem_tasks.missions import common, mission_a
+from bem_tasks.missions.registry import IMPLEMENTED
 
 ROOT = Path(__file__).resolve().parents[2]
-PHASES = (
-    "prepare",
-    "pretrain_base",
-    "train_experts",
-    "behavioral_cloning",
-    "policy_gradient",
-    "evaluate",
-)
+PHASES = IMPLEMENTED["mission_a"].phases
 PER_SEED = PHASES[2:]
 
 MICRO = {
