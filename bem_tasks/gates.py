@@ -20,7 +20,7 @@ must have been computed at ``confidence = 1 - alpha``.
 * passed: the CI bound on the passing side satisfies ``op`` and ``p_adjusted < alpha``;
 * failed: the CI bound on the failing side violates ``op`` (the whole CI is on the wrong side);
   when the bootstrap is degenerate (zero-width CI) also the exact sign test's ``p < alpha``;
-  CI bounds within ``ON_THRESHOLD_RTOL`` (1e-9) of the data's magnitude from the threshold count
+  CI bounds within ``TIE_RTOL`` (1e-9) of the data's magnitude from the threshold count
   as on it (rounding is not evidence);
 * underpowered: anything else (the CI straddles the threshold, or clears it only before the
   FDR adjustment); the outcome says how many examples would give ``power`` at the observed effect.
@@ -41,7 +41,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import (
     Field,
@@ -54,20 +54,18 @@ from pydantic import (
 from bem_tasks.config.loader import ConfigError, error_message, load_yaml
 from bem_tasks.config.schema import Strict
 from bem_tasks.io import atomic_write_json
-from bem_tasks.stats.statistic import parse_statistic
+from bem_tasks.stats.statistic import TIE_RTOL, parse_statistic
 
 Op = Literal[">=", "<=", ">", "<"]
 Kind = Literal["superiority", "non_inferiority", "absolute"]
 Status = Literal["passed", "failed", "underpowered", "too_few_examples", "missing"]
-STATUSES: tuple[Status, ...] = ("passed", "failed", "underpowered", "too_few_examples", "missing")
+STATUSES: tuple[Status, ...] = get_args(Status)
 DecisionValue = Literal["PROMOTED", "REJECTED", "INSUFFICIENT_EVIDENCE", "ERROR"]
 DEFAULT_MIN_EXAMPLES = 30
 # A quantile gate also needs this many pooled (example x seed) values beyond its quantile: a p95
 # interval from 1.5 values in the tail (30 examples, 1 seed) promoted falsely 7% of the time on
 # the threshold (docs/statistics.md, tests/stats/test_stats_simulation.py).
 MIN_TAIL_VALUES = 10
-# Values within this relative distance of the threshold are on it (rounding, not evidence).
-ON_THRESHOLD_RTOL = 1e-9
 
 OPS: dict[str, Callable[[Any, Any], bool]] = {
     ">=": operator.ge,
@@ -398,7 +396,7 @@ def _comparative(g: Gate, r: Mapping[str, Any], alpha: float, power: float) -> G
     scale = [abs(t), abs(est), abs(lo), abs(hi), 1.0 if rel else 0.0]
     scale += [abs(float(r.get(k) or 0.0)) for k in (
         "candidate_value", "baseline_value", "candidate_mean", "baseline_mean")]  # fmt: skip
-    tol = ON_THRESHOLD_RTOL * max(scale)
+    tol = TIE_RTOL * max(scale)
 
     def snap(v: float) -> float:
         return t if abs(v - t) <= tol else v

@@ -276,8 +276,8 @@ def gate_results(
                 )
             except Exception as exc:  # noqa: BLE001 - not registered: ERROR, the others go on
                 message = f"the gates passed but registering the candidate failed: {_error(exc)}"
-                decision = decision.model_copy(
-                    update={"decision": "ERROR", "summary": f"error: {message}", "error": message}
+                decision = error_decision(mission, gates, message).model_copy(
+                    update={"gates": decision.gates}
                 )
         decisions.append(decision)
     report: dict[str, Any] = {

@@ -253,20 +253,11 @@ def analyze(
         tc, tb = stat.values()
         out.append(
             {
-                "mission": md.mission,
-                "metric": md.metric,
-                "slice": md.slice,
-                "family": md.family,
-                "statistic": md.statistic,
-                "relative": bool(md.relative),
-                "higher_is_better": bool(md.higher_is_better),
-                "n": int(r.n),
-                "n_seeds": n_seeds,
+                **dict.fromkeys(RESULT_KEYS),
+                **common,
                 "estimate": float(r.estimate),
                 "ci_low": float(r.low),
                 "ci_high": float(r.high),
-                "confidence": float(confidence),
-                "null_value": float(md.null_value),
                 "p_value": float(r.p_value),
                 "p_value_method": "exact_sign_test" if r.degenerate else "interval_inversion",
                 "p_adjusted": p_adj[i],
@@ -284,10 +275,6 @@ def analyze(
                 "candidate_value": tc,
                 "degenerate": bool(r.degenerate),
                 "continuity": float(r.continuity),
-                "method": method,
-                "n_resamples": int(n_resamples),
-                "seed": int(seed),
-                "alpha": float(alpha),
                 "error": None,
             }
         )

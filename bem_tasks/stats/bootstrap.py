@@ -88,7 +88,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy.special import betainc, ndtr, ndtri
 
-from bem_tasks.stats.statistic import parse_statistic
+from bem_tasks.stats.statistic import TIE_RTOL, parse_statistic
 
 FloatArray = NDArray[np.float64]
 
@@ -97,10 +97,6 @@ FloatArray = NDArray[np.float64]
 CHUNK_ELEMENTS = 1 << 18
 MIN_RESAMPLES = 100
 METHODS = ("fast", "scipy")
-# Relative rounding tolerance: values closer than this times the data's magnitude are equal (a
-# tie in the sign test, a degenerate bootstrap, an estimate on the threshold). Float64 sums of a
-# few thousand values err by about 1e-13 relative; real effects are far larger than 1e-9.
-TIE_RTOL = 1e-9
 
 
 class UndefinedStatistic(ValueError):
@@ -164,7 +160,7 @@ def _is_int(v: object) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
-def check_options(confidence: float, n_resamples: int, method: str, seed: int | None = 0) -> None:
+def check_options(confidence: float, n_resamples: int, method: str, seed: int) -> None:
     """Refuse options that would fail later with a less clear error, or silently."""
     if not (isinstance(confidence, numbers.Real) and 0.0 < confidence < 1.0):
         raise ValueError(f"confidence must be a number in (0, 1), got {confidence!r}")
@@ -272,11 +268,6 @@ class PairedStatistic:
 
     def describe_t(self) -> str:
         return "mean" if self.q is None else f"quantile {self.q:g}"
-
-    @property
-    def interval(self) -> str:
-        """scipy's name of the interval: BCa for every statistic (means and HD quantiles)."""
-        return "BCa"
 
     def _t(self, x: FloatArray) -> float:
         # Constant data give their constant exactly (the mean's rounding would not).
@@ -560,10 +551,7 @@ def _tail_for_level(level: float, z0: float, a: float) -> float:
 
 
 def bca_pvalue(theta_b_sorted: FloatArray, z0: float, a: float, null_value: float) -> float:
-    """Two-sided p-value: the smallest 1 - confidence whose interval excludes the null.
-
-    ``z0 = a = 0`` gives the percentile interval's p-value.
-    """
+    """Two-sided p-value: the smallest 1 - confidence whose interval excludes the null."""
     s = theta_b_sorted
     b = s.shape[0]
     # Largest quantile level whose value is <= null, and smallest whose value is >= null
@@ -683,7 +671,7 @@ def _scipy_one(
             fn,
             n_resamples=n_resamples,
             rng=seed,
-            method=stat.interval,
+            method="BCa",
             confidence_level=confidence,
             paired=paired,
             vectorized=True,
@@ -695,7 +683,7 @@ def _scipy_one(
         if result.degenerate:
             return result
         raise ValueError(
-            f"scipy.stats.bootstrap could not compute a {stat.interval} interval (the estimate lies outside "
+            "scipy.stats.bootstrap could not compute a BCa interval (the estimate lies outside "
             "the bootstrap distribution or the jackknife is flat); use method='fast'"
         )
     return _finish(

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import re
 
+# Relative rounding tolerance: values closer than this times the data's magnitude are equal (a
+# tie in the sign test, a degenerate bootstrap, a CI bound on a gate's threshold). Float64 sums of
+# a few thousand values err by about 1e-13 relative; real effects are far larger than 1e-9.
+TIE_RTOL = 1e-9
+
 
 def parse_statistic(name: str) -> float | None:
     """``"mean"`` -> None; ``"median"`` -> 0.5; ``"p95"`` -> 0.95 (any percentile in (0, 100))."""
