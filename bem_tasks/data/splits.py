@@ -152,8 +152,9 @@ def check_disjoint(
     splits: Mapping[str, Iterable[Any]], *, key: Callable[[Any], str] = _default_key
 ) -> None:
     """Raise ``ValueError`` if any key occurs in two splits (or twice in one split), naming
-    both places (``find_overlaps``). Every suite row's ``key`` is its content key, so this
-    checks disjointness by content, not by text."""
+    both places (``find_overlaps``). Suite A/B rows and Suite C's benign rows key by their
+    content key, so for them this checks disjointness by content, not by text; other rows key
+    by their own ``key``."""
     found = find_overlaps(splits, key=key)
     if found:
         shown = "; ".join(f"{a} and {b} share {k!r}" for k, a, b in found[:5])

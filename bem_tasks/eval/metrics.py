@@ -104,14 +104,13 @@ def _canonical(value: Any) -> Hashable:
 
 
 def _matched(pred: Any, gold: Any) -> tuple[int, int, int]:
-    """(matched, predicted, gold) element counts for F1: a list's longest common subsequence
-    (order counts), an object's key: value multiset overlap, a scalar as a one-element list."""
-    if isinstance(pred, dict) and isinstance(gold, dict):
-        a = Counter((k, _canonical(v)) for k, v in pred.items())
-        b = Counter((k, _canonical(v)) for k, v in gold.items())
-        return sum((a & b).values()), len(pred), len(gold)
-    xs = [_canonical(v) for v in (pred if isinstance(pred, list) else [pred])]
-    ys = [_canonical(v) for v in (gold if isinstance(gold, list) else [gold])]
+    """(matched, predicted, gold) element counts for F1 of two ``_canonical`` forms: a list's
+    longest common subsequence (order counts), an object's key: value overlap (keys are unique),
+    a scalar as a one-element list."""
+    if pred[0] == gold[0] == "dict":
+        return len(set(pred[1]) & set(gold[1])), len(pred[1]), len(gold[1])
+    xs = pred[1] if pred[0] == "list" else (pred,)
+    ys = gold[1] if gold[0] == "list" else (gold,)
     lcs = [[0] * (len(ys) + 1) for _ in range(len(xs) + 1)]  # answers are short lists
     for i, x in enumerate(xs, start=1):
         for j, y in enumerate(ys, start=1):
@@ -143,8 +142,9 @@ def answer_em_f1(prediction: str | None, gold: str) -> tuple[float, float]:
     got = _parse(prediction)
     if got is _MISSING:
         return 0.0, 0.0
-    em = float(_canonical(got) == _canonical(want))
-    same, n_pred, n_gold = _matched(got, want)
+    pred, ref = _canonical(got), _canonical(want)
+    em = float(pred == ref)
+    same, n_pred, n_gold = _matched(pred, ref)
     if not n_pred or not n_gold:  # an empty list or object: right only if both are empty
         return 100.0 * em, 100.0 * float(n_pred == n_gold)
     return 100.0 * em, 100.0 * 2 * same / (n_pred + n_gold)

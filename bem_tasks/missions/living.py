@@ -211,7 +211,7 @@ class LastGood:
 
     def __init__(self, directory: str | Path, *, trainable_only: bool) -> None:
         self.manager = CheckpointManager(Path(directory), keep=1, trainable_only=trainable_only)
-        self.log_path = Path(directory) / "rollbacks.json"
+        self.log_path = self.manager.directory / "rollbacks.json"
         self.rollbacks: list[Rollback] = []
         if self.log_path.is_file():
             for entry in json.loads(self.log_path.read_text(encoding="utf-8")):

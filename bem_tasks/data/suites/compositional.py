@@ -100,8 +100,8 @@ class PlanStep(BaseModel):
     end: int
 
 
-def answer_json(result: Answer) -> str:
-    """The canonical answer text: compact JSON (``-3``, ``[4,8,17]``)."""
+def answer_json(result: Answer | dict[str, Answer]) -> str:
+    """The canonical answer text: compact JSON (``-3``, ``[4,8,17]``, ``{"answer":-3}``)."""
     return json.dumps(result, separators=(",", ":"))
 
 
@@ -164,8 +164,7 @@ def render_target(
     segments: list[tuple[Skill, str]] = [("retrieve", "R:" + ",".join(map(str, values)) + ";")]
     if with_reason:
         segments.append(("reason", f"C:{answer_json(result)};"))
-    formal = json.dumps({answer_field: result}, separators=(",", ":"))
-    segments.append(("formalize", "F:" + formal))
+    segments.append(("formalize", "F:" + answer_json({answer_field: result})))
     plan: list[PlanStep] = []
     pos = 0
     for skill, text in segments:
@@ -485,7 +484,6 @@ def item_space(cfg: CompositionalConfig) -> int:
 def check_item_space(
     cfg: CompositionalConfig,
     sizes: Mapping[str, int],
-    fractions: Mapping[str, float] = DEFAULT_FRACTIONS,
 ) -> int:
     """Check one necessary condition and return the item space's size: each requested split
     size is at most the number of content-distinct items whose hash falls in that split's
@@ -496,17 +494,19 @@ def check_item_space(
     sampler draws fact sets and questions, not items uniformly, so some items are much rarer
     than others: a request under this bound can still be unfillable or slow to fill, which the
     bounded draws of ``make_compositional`` turn into an error naming the sizes."""
-    unknown = sorted(set(sizes) - set(fractions))
+    unknown = sorted(set(sizes) - set(DEFAULT_FRACTIONS))
     if unknown:
-        raise ValueError(f"unknown split name(s) {unknown}; expected some of {list(fractions)}")
+        raise ValueError(
+            f"unknown split name(s) {unknown}; expected some of {list(DEFAULT_FRACTIONS)}"
+        )
     space = item_space(cfg)
     for name, n in sizes.items():
-        room = space * fractions[name]
+        room = space * DEFAULT_FRACTIONS[name]
         if n > room:
             raise ValueError(
                 f"n_{name}={n} asks for more items than the compositional item space holds: "
                 f"{_describe(cfg, space)}, about {room:.0f} of them in the {name} region "
-                f"({fractions[name]:.0%}); ask for fewer or widen the item space"
+                f"({DEFAULT_FRACTIONS[name]:.0%}); ask for fewer or widen the item space"
             )
     return space
 
