@@ -38,6 +38,7 @@ from bem_tasks.data.suites.compositional import (
     CompositionalConfig,
     CompositionalItem,
     make_item,
+    question_key,
     render_question,
     sample_question,
 )
@@ -99,13 +100,11 @@ class StreamItem(CompositionalItem):
 
 
 def _item(
-    rng: random.Random, cfg: CompositionalConfig, variant: Variant | None, split: str
+    question: tuple[dict[str, int], str, list[str]], variant: Variant | None, split: str
 ) -> CompositionalItem:
+    facts, op, args = question
     if variant is None:
-        facts, op, args = sample_question(rng, cfg)
         return make_item(facts, op, args, split=split, id_prefix="B")
-    ops = [o for o in cfg.ops if o in variant.ops]
-    facts, op, args = sample_question(rng, cfg, ops)
     return make_item(
         facts,
         op,
@@ -150,9 +149,12 @@ def make_feedback_stream(
     seen: set[str] = set()
 
     def draw(v: Variant | None, region: str, split: str) -> CompositionalItem:
-        return draw_in_region(
-            lambda: _item(rng, cfg, v, split), lambda it: it.key, region, salt=SALT, seen=seen
+        # Questions are keyed before an item is built: most draws land outside the region.
+        ops = None if v is None else [o for o in cfg.ops if o in v.ops]
+        question = draw_in_region(
+            lambda: sample_question(rng, cfg, ops), question_key, region, salt=SALT, seen=seen
         )
+        return _item(question, v, split)
 
     stream: list[StreamItem] = []
     for t in range(n_stream):
