@@ -590,7 +590,6 @@ class BEMLayer(nn.Module):
             )
         if torch.is_grad_enabled() or g.requires_grad:
             w, decisions, g = self._external_solution(g if window is None else g[:, window])
-            w_seen = w.detach()
         else:
             # Inference: solve once per gates (and parameters), not once per forward.
             sol = self._expert_solution()
@@ -601,14 +600,13 @@ class BEMLayer(nn.Module):
             _, w, decisions, g = cached
             if window is not None:
                 w, decisions, g = w[:, window], decisions[:, window], g[:, window]
-            w_seen = w
         if decisions.shape[1] != length:
             decisions = decisions.expand(batch, length)
             g = g.expand(batch, length, k)
         prev = self._stream_cur if self.streaming else None
         self.routing_stats.add(decisions, None, prev, g)
         self.last_decisions = decisions
-        self.last_weights = w_seen
+        self.last_weights = w.detach()
         if self.streaming:
             self._stream_cur = decisions[:, -1]
             self._stream_w = w[:, -1].detach()

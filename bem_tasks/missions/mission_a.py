@@ -237,11 +237,23 @@ def fused_rank_at_parity(experts: nn.Module, router: nn.Module) -> tuple[int, in
     return max(1, round(system / per_rank)), system, per_rank
 
 
-def _experts_system(ctx: Any, p: MissionAParams) -> tuple[nn.Module, TextCodec]:
+def _systems_info(ctx: Any) -> dict[str, Any]:
+    """train_experts' systems.json (parameter counts, chosen lr/alpha, baseline rank)."""
+    path = ctx.input_dir("train_experts", ctx.seed) / "systems.json"
+    info: dict[str, Any] = json.loads(path.read_text())
+    return info
+
+
+def _experts_system(
+    ctx: Any, p: MissionAParams, systems_info: dict[str, Any] | None = None
+) -> tuple[nn.Module, TextCodec]:
+    """The frozen base with the trained expert adapters; ``systems_info``: ``_systems_info(ctx)``
+    when the caller has it already (read here otherwise)."""
     model, codec = _load_base(ctx, p)
     experts_dir = ctx.input_dir("train_experts", ctx.seed)
-    alpha = json.loads((experts_dir / "systems.json").read_text())["experts_alpha"]
-    _attach_experts(model, p, ctx.seed or 0, alpha=alpha)
+    if systems_info is None:
+        systems_info = _systems_info(ctx)
+    _attach_experts(model, p, ctx.seed or 0, alpha=systems_info["experts_alpha"])
     load_weights(experts_dir / "experts.safetensors", model, trainable_only=True)
     model.eval()
     return model, codec
@@ -402,9 +414,9 @@ def train_experts(ctx: Any) -> dict[str, Any]:
     # Parameter counts (alpha does not change them), from adapters attached for the count only.
     _attach_experts(base, p, seed, alpha=1.0)
     router = _new_router(base, p, seed)
-    experts_params = count_bem_parameters(base)
     router_params = sum(q.numel() for q in router.parameters())
     baseline_rank, system_params, per_rank = fused_rank_at_parity(base, router)
+    experts_params = system_params - router_params  # the expert adapters' count
     detach_bem(base)
     _attach_fused(base, p, baseline_rank, seed, alpha=1.0)
     baseline_params = count_bem_parameters(base)
@@ -432,6 +444,11 @@ def train_experts(ctx: Any) -> dict[str, Any]:
     train = encode_items(_read_split(ctx, "train"), codec)
     dev = encode_items(_read_split(ctx, "dev"), codec)
     spec = p.training.train_experts
+    # Dev batches and their target-token counts (the model shifts labels by one), built once.
+    dev_batches = []
+    for i in range(0, len(dev), spec.batch_size):
+        b = make_batch(dev[i : i + spec.batch_size], codec.pad_id, loss_on_prompt=False)
+        dev_batches.append((b, int((b.labels[:, 1:] != -100).sum())))
     inputs_fp = fingerprint_of(
         p.model, _bem_used(p), p.data, p.router, p.runtime.dtype, seed, _base_digest(ctx)
     )
@@ -458,9 +475,7 @@ def train_experts(ctx: Any) -> dict[str, Any]:
     def dev_loss(system: str) -> float:
         """Teacher-forced loss per target token over the whole dev split."""
         total, tokens = 0.0, 0
-        for i in range(0, len(dev), spec.batch_size):
-            b = make_batch(dev[i : i + spec.batch_size], codec.pad_id, loss_on_prompt=False)
-            n = int((b.labels[:, 1:] != -100).sum())  # the model shifts labels by one
+        for b, n in dev_batches:
             total += float(lm_loss(system, b)) * n
             tokens += n
         return total / tokens
@@ -832,12 +847,12 @@ def evaluate(ctx: Any) -> dict[str, Any]:
     """Router system vs fused baseline: decoded EM/F1, plans, latency, KV reuse when serving."""
     p = _params(ctx)
     seed = int(ctx.seed or 0)
-    router_model, codec = _experts_system(ctx, p)
+    systems_info = _systems_info(ctx)
+    router_model, codec = _experts_system(ctx, p, systems_info)
     router = _load_router(
         router_model, p, ctx.input_dir("policy_gradient", ctx.seed) / "router.safetensors"
     )
     experts_dir = ctx.input_dir("train_experts", ctx.seed)
-    systems_info = json.loads((experts_dir / "systems.json").read_text())
     baseline_model, _ = _load_base(ctx, p)
     _attach_fused(
         baseline_model, p, systems_info["baseline_rank"], seed, alpha=systems_info["baseline_alpha"]
@@ -991,30 +1006,40 @@ def _kv_reuse(
     ``agreement`` = share of those requests whose tokens and routing decisions are identical."""
     requests = [e for g in workload for e in g]
     caches = {s: PrefixCache(decoders[s]) for s in SYSTEMS}
-    records: dict[tuple[str, str], dict[str, float]] = {}
+    fresh = {s: iter(_decode_all(decoders[s], requests, choose, batch_size)) for s in SYSTEMS}
     same = dict.fromkeys(SYSTEMS, 0)
     reused_requests = dict.fromkeys(SYSTEMS, 0)
-    for name in SYSTEMS:
-        fresh = iter(_decode_all(decoders[name], requests, choose, batch_size))
-        for group in workload:
-            shared = shared_prefix([e.prompt for e in group])
-            reused = tokens = 0
-            shares = []
-            for e in group:
+    per_group: dict[str, list[dict[str, float]]] = {s: [] for s in SYSTEMS}
+    for group in workload:
+        shared = shared_prefix([e.prompt for e in group])
+        reused = dict.fromkeys(SYSTEMS, 0)
+        tokens = dict.fromkeys(SYSTEMS, 0)
+        shares: dict[str, list[float]] = {s: [] for s in SYSTEMS}
+        for e in group:
+            base = base_kv(e.prompt)  # once per request, for both systems
+            for name in SYSTEMS:
                 own = decoders[name].prefill(e.prompt).cache
-                shares.append(kv_share(own, base_kv(e.prompt), len(e.prompt)))
+                shares[name].append(kv_share(own, base, len(e.prompt)))
                 n, cache = caches[name].serve(e.prompt, shared)
-                full = next(fresh)
+                full = next(fresh[name])
                 if n:
                     served = decoders[name](e.prompt, choose, prefix=cache)
                     same[name] += (served.tokens, served.decisions) == (full.tokens, full.decisions)
                     reused_requests[name] += 1
-                reused += n
-                tokens += len(e.prompt)
-            records[(f"kv:{group[0].id}", name)] = {
-                "kv_hit_ratio": reused / tokens,
-                "base_kv_share": sum(shares) / len(shares),
-            }
+                reused[name] += n
+                tokens[name] += len(e.prompt)
+        for name in SYSTEMS:
+            per_group[name].append(
+                {
+                    "kv_hit_ratio": reused[name] / tokens[name],
+                    "base_kv_share": sum(shares[name]) / len(shares[name]),
+                }
+            )
+    records = {  # per system, then per group
+        (f"kv:{group[0].id}", name): per_group[name][j]
+        for name in SYSTEMS
+        for j, group in enumerate(workload)
+    }
     return {
         "records": records,
         "agreement": {s: same[s] / max(reused_requests[s], 1) for s in SYSTEMS},

@@ -28,7 +28,7 @@ import copy
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -245,11 +245,9 @@ def hysteresis_logits(logits: Tensor, prev: Tensor, tau: float) -> Tensor:
 def policy_logits(logits: Tensor, prev: Tensor, segs: Tensor, tau: float, horizon: int) -> Tensor:
     """The acting policy's logits: ``hysteresis_logits`` with the other experts masked once
     ``horizon`` segments are used (the plan cannot grow any more)."""
-    k = logits.shape[-1]
-    has = (prev >= 0)[:, None]
-    cur = F.one_hot(prev.clamp_min(0), k).bool() & has
-    locked = has & (segs >= horizon)[:, None]
-    return hysteresis_logits(logits, prev, tau).masked_fill(locked & ~cur, MASKED)
+    locked = ((prev >= 0) & (segs >= horizon))[:, None]
+    other = ~F.one_hot(prev.clamp_min(0), logits.shape[-1]).bool()
+    return hysteresis_logits(logits, prev, tau).masked_fill(locked & other, MASKED)
 
 
 def greedy_decision(
@@ -659,13 +657,20 @@ def cache_tensors(cache: Any) -> list[tuple[Tensor, Tensor]]:
     return [(k, v) for k, v in cache]
 
 
+def _head_vectors_equal(a: Any, b: Any, n: int) -> Iterator[Tensor]:
+    """Per layer, K then V: which of the first ``n`` positions' head vectors are bit-identical
+    in the two caches ([B, heads, n] booleans)."""
+    for (ka, va), (kb, vb) in zip(cache_tensors(a), cache_tensors(b), strict=True):
+        for x, y in ((ka, kb), (va, vb)):
+            yield (x[:, :, :n] == y[:, :, :n]).all(-1)
+
+
 def identical_positions(a: Any, b: Any, n: int) -> int:
     """Leading positions (of the first ``n``) whose keys and values are bit-identical in every
     layer and head of both caches: the prefix of ``a`` that can stand in for ``b``."""
     same = torch.ones(n, dtype=torch.bool)
-    for (ka, va), (kb, vb) in zip(cache_tensors(a), cache_tensors(b), strict=True):
-        for x, y in ((ka, kb), (va, vb)):
-            same &= (x[:, :, :n] == y[:, :, :n]).flatten(0, 1).all(-1).all(0).cpu()
+    for eq in _head_vectors_equal(a, b, n):
+        same &= eq.flatten(0, 1).all(0).cpu()
     return int(same.int().cumprod(0).sum())
 
 
@@ -673,21 +678,17 @@ def kv_share(a: Any, b: Any, n: int) -> float:
     """Share of the first ``n`` positions' K/V head vectors (per layer, K and V) that are
     bit-identical in the two caches."""
     hits = total = 0
-    for (ka, va), (kb, vb) in zip(cache_tensors(a), cache_tensors(b), strict=True):
-        for x, y in ((ka, kb), (va, vb)):
-            eq = (x[:, :, :n] == y[:, :, :n]).all(-1)
-            hits += int(eq.sum())
-            total += eq.numel()
+    for eq in _head_vectors_equal(a, b, n):
+        hits += int(eq.sum())
+        total += eq.numel()
     return hits / total
 
 
 def shared_prefix(prompts: Sequence[Sequence[int]]) -> int:
     """Length of the token prefix every prompt of a group shares."""
-    n = min(len(q) for q in prompts)
-    for i in range(n):
-        if len({q[i] for q in prompts}) > 1:
-            return i
-    return n
+    if not prompts:  # as before: a group of no prompts has no defined prefix
+        raise ValueError("shared_prefix: no prompts")
+    return len(os.path.commonprefix([list(q) for q in prompts]))
 
 
 class PrefixCache:
