@@ -1,0 +1,241 @@
+"""Soak test: run an online learner for a wall-clock duration and report what a long run shows.
+
+A mission supplies ``advance()``, which processes one chunk of prompts (updates, canaries, drift
+checks, rollbacks) and says what happened in it. ``run_soak`` calls it until the duration is
+spent, samples the process's *current* resident memory after every chunk, and reports the
+steady state: rollbacks and canary failures per 1000 prompts after the warm-up share of the
+prompts, and memory growth as the least-squares slope of RSS against prompts processed with its
+confidence interval. A leak shows as a slope whose interval lies above 0; a flat process has an
+interval around 0. Nothing here knows about models; ``mission_b.soak`` supplies the learner.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bem_tasks.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+
+
+@dataclass(frozen=True)
+class SoakChunk:
+    """What one ``advance()`` call did."""
+
+    prompts: int
+    rollbacks: int = 0
+    canary_checks: int = 0
+    canary_failures: int = 0
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``90s``, ``5m``, ``24h``, ``1d`` or ``1h30m``."""
+    compact = text.strip().lower().replace(" ", "")
+    parts = _DURATION.findall(compact)
+    if not compact or "".join(n + u for n, u in parts) != compact:
+        raise ValueError(
+            f"duration {text!r}: expected a number with a unit s, m, h or d, e.g. 90s, 5m, 24h "
+            "or 1h30m"
+        )
+    seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+    if seconds <= 0:
+        raise ValueError(f"duration {text!r}: must be longer than 0 seconds")
+    return seconds
+
+
+def current_rss_mib() -> float:
+    """Resident set size of this process now (not the peak), in MiB, from /proc/self/statm."""
+    statm = Path("/proc/self/statm")
+    if not statm.exists():
+        raise OSError(
+            f"{statm} not found: reading the current RSS needs Linux procfs; the peak "
+            "(getrusage) cannot show growth over a soak"
+        )
+    resident_pages = int(statm.read_text().split()[1])
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def memory_growth(
+    prompts: Sequence[float], rss_mib: Sequence[float], confidence: float = 0.95
+) -> dict[str, Any]:
+    """Least-squares slope of RSS (MiB) on prompts processed, in MiB per 1000 prompts, with its
+    two-sided t interval and the p-value of slope = 0 (``scipy.stats.linregress``).
+
+    Fewer than 3 samples (no residual degree of freedom for an interval) or a single prompt
+    count gives ``slope=None`` and the reason, never a made-up number.
+    """
+    from scipy import stats
+
+    if len(prompts) != len(rss_mib):
+        raise ValueError(f"{len(prompts)} prompt counts but {len(rss_mib)} RSS samples")
+    n = len(prompts)
+    out: dict[str, Any] = {"n_samples": n, "confidence": confidence}
+    if n < 3 or len(set(prompts)) < 2:
+        reason = f"{n} samples with {len(set(prompts))} distinct prompt counts; need 3 and 2"
+        return {
+            **out, "slope_mib_per_1k_prompts": None, "ci_low": None, "ci_high": None,
+            "p_value": None, "leak": None, "reason": reason,
+        }  # fmt: skip
+    fit = stats.linregress([p / 1000 for p in prompts], list(rss_mib))
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 2)) * float(fit.stderr)
+    slope = float(fit.slope)
+    return {
+        **out,
+        "slope_mib_per_1k_prompts": slope,
+        "ci_low": slope - half,
+        "ci_high": slope + half,
+        "p_value": float(fit.pvalue),
+        "intercept_mib": float(fit.intercept),
+        # A leak is growth the interval cannot explain away; a positive slope whose interval
+        # reaches 0 is reported but not called one.
+        "leak": bool(slope - half > 0),
+    }
+
+
+@dataclass(frozen=True)
+class Sample:
+    """State after a chunk (the first sample is taken before any)."""
+
+    elapsed_s: float
+    prompts: int  # processed so far
+    rss_mib: float
+    rollbacks: int = 0  # in this chunk
+    canary_checks: int = 0
+    canary_failures: int = 0
+
+
+def soak_summary(
+    samples: Sequence[Sample], *, warmup_fraction: float, confidence: float = 0.95
+) -> dict[str, Any]:
+    """Totals, and the steady state: the chunks that start after ``warmup_fraction`` of all the
+    prompts processed (allocator and caches settle during warm-up)."""
+    if not 0 <= warmup_fraction < 1:
+        raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
+    if not samples:
+        raise ValueError("no samples: a soak takes one before its first chunk")
+    total = samples[-1].prompts
+    start = warmup_fraction * total
+    # Sample i closes the chunk that started at sample i-1's prompt count.
+    chunks = [(prev, s) for prev, s in zip(samples, samples[1:], strict=False)]
+    steady = [s for prev, s in chunks if prev.prompts >= start]
+    steady_prompts = sum(s.prompts - prev.prompts for prev, s in chunks if prev.prompts >= start)
+    rollbacks = sum(s.rollbacks for s in steady)
+    first = max((i for i, s in enumerate(samples) if s.prompts <= start), default=0)
+    memory = memory_growth(
+        [s.prompts for s in samples[first:]], [s.rss_mib for s in samples[first:]], confidence
+    )
+    rss = [s.rss_mib for s in samples]
+    return {
+        "elapsed_s": samples[-1].elapsed_s,
+        "chunks": len(samples) - 1,
+        "prompts": total,
+        "prompts_per_s": total / samples[-1].elapsed_s if samples[-1].elapsed_s > 0 else None,
+        "rollbacks": sum(s.rollbacks for s in samples),
+        "canary_checks": sum(s.canary_checks for s in samples),
+        "canary_failures": sum(s.canary_failures for s in samples),
+        "warmup_fraction": warmup_fraction,
+        "steady_state": {
+            "from_prompt": samples[first].prompts,
+            "chunks": len(steady),
+            "prompts": steady_prompts,
+            "rollbacks": rollbacks,
+            "rollbacks_per_1k_prompts": 1000 * rollbacks / steady_prompts
+            if steady_prompts
+            else None,
+            "canary_checks": sum(s.canary_checks for s in steady),
+            "canary_failures": sum(s.canary_failures for s in steady),
+        },
+        "rss_mib": {"start": rss[0], "end": rss[-1], "peak_sampled": max(rss)},
+        "memory_growth": memory,
+    }
+
+
+def run_soak(
+    advance: Callable[[], SoakChunk],
+    *,
+    duration_s: float,
+    out_dir: Path,
+    warmup_fraction: float = 0.2,
+    clock: Callable[[], float] = time.monotonic,
+    rss_mib: Callable[[], float] = current_rss_mib,
+    report_every_s: float = 300.0,
+) -> dict[str, Any]:
+    """Call ``advance()`` until ``duration_s`` of ``clock`` has passed (at least once), sample RSS
+    after each chunk, and write ``soak.json`` (also every ``report_every_s`` while running, so a
+    long soak can be watched) and ``soak.png`` in ``out_dir``. Returns the report."""
+    if duration_s <= 0:
+        raise ValueError(f"duration_s must be > 0, got {duration_s}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = clock()
+    samples = [Sample(0.0, 0, rss_mib())]
+    last_report = t0
+    while True:
+        chunk = advance()
+        if not isinstance(chunk, SoakChunk) or chunk.prompts < 1:
+            raise ValueError(f"advance() must return a SoakChunk of >= 1 prompt, got {chunk!r}")
+        now = clock()
+        samples.append(
+            Sample(now - t0, samples[-1].prompts + chunk.prompts, rss_mib(), chunk.rollbacks,
+                   chunk.canary_checks, chunk.canary_failures)
+        )  # fmt: skip
+        if now - last_report >= report_every_s:
+            last_report = now
+            _write(out_dir, samples, warmup_fraction, duration_s, status="running")
+        if now - t0 >= duration_s:
+            break
+    return _write(out_dir, samples, warmup_fraction, duration_s, status="complete")
+
+
+def _write(
+    out_dir: Path, samples: list[Sample], warmup_fraction: float, duration_s: float, status: str
+) -> dict[str, Any]:
+    report = {
+        "status": status,
+        "duration_s": duration_s,
+        **soak_summary(samples, warmup_fraction=warmup_fraction),
+        "samples": [asdict(s) for s in samples],
+    }
+    atomic_write_json(out_dir / "soak.json", report)
+    m, steady = report["memory_growth"], report["steady_state"]
+    log.info(
+        "soak %s: %.0fs, %d prompts, steady-state rollbacks/1k=%s, RSS %.1f -> %.1f MiB, "
+        "slope %s MiB/1k prompts [%s, %s]",
+        status, report["elapsed_s"], report["prompts"], steady["rollbacks_per_1k_prompts"],
+        report["rss_mib"]["start"], report["rss_mib"]["end"],
+        m["slope_mib_per_1k_prompts"], m["ci_low"], m["ci_high"],
+    )  # fmt: skip
+    if status == "complete":
+        _plot(out_dir / "soak.png", samples)
+    return report
+
+
+def _plot(path: Path, samples: list[Sample]) -> None:
+    from bem_tasks.missions.common import plot_series
+
+    rollbacks = canary = 0
+    cum_rollbacks, cum_canary = [], []
+    for s in samples:
+        rollbacks += s.rollbacks
+        canary += s.canary_failures
+        cum_rollbacks.append((s.prompts, rollbacks))
+        cum_canary.append((s.prompts, canary))
+    plot_series(
+        path,
+        {
+            "RSS (MiB)": [(s.prompts, s.rss_mib) for s in samples],
+            "rollbacks (cumulative)": cum_rollbacks,
+            "canary failures (cumulative)": cum_canary,
+        },
+        title="soak",
+        xlabel="prompts processed",
+    )
