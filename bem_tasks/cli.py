@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bem_tasks.config.loader import ConfigError, load_fleet, validate
+from bem_tasks.config.loader import ConfigError, FleetConfig, load_fleet, validate
 from bem_tasks.fleet.runs import FLEET_DAG_ID, STATS_DAG_ID
 from bem_tasks.fleet.summary import fmt_num
 
@@ -124,8 +124,6 @@ def _explicit_inputs(
 
 def _run_phase_standalone(args: argparse.Namespace, phase: str | None) -> int:
     """One phase of ``args.mission`` without Airflow; ``phase=None`` is the mission's last."""
-    from bem_tasks.fleet.phases import PhaseContext, execute
-
     mission = args.mission
     cfg = load_fleet(args.config, args.profile)
     if mission not in cfg.experiments:
@@ -138,13 +136,20 @@ def _run_phase_standalone(args: argparse.Namespace, phase: str | None) -> int:
         raise ValueError(f"{mission} is not enabled (no implementation or enabled: false)")
     seed = args.seed
     inputs = _explicit_inputs(phases, phase, seed, args.checkpoint, args.inputs_from, args.output)
-    spec = cfg.experiments[mission].phases[phase]
-    ctx = PhaseContext(
-        mission, phase, seed if spec.per_seed else None, cfg, Path(args.output), inputs=inputs
-    )
-    result = execute(ctx, config_hash=cfg.mission_hash(mission))
+    result = _execute_standalone(cfg, phase, seed, Path(args.output), inputs, mission=mission)
     print(json.dumps(result, indent=2))
     return 0
+
+
+def _execute_standalone(
+    cfg: FleetConfig, phase: str, seed: int, output: Path, inputs: dict[str, Path], *,
+    mission: str = "mission_b",
+) -> dict:  # fmt: skip
+    from bem_tasks.fleet.phases import PhaseContext, execute
+
+    spec = cfg.experiments[mission].phases[phase]
+    ctx = PhaseContext(mission, phase, seed if spec.per_seed else None, cfg, output, inputs=inputs)
+    return execute(ctx, config_hash=cfg.mission_hash(mission))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -155,6 +160,121 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """The mission's final phase, with --model as the previous phase's output."""
     args.checkpoint = args.model
     return _run_phase_standalone(args, None)
+
+
+ONLINE_MISSION = "mission_b"  # the one mission with an online learner to stream and soak
+
+
+def _online_config(args: argparse.Namespace, profile: str | None) -> FleetConfig:
+    if args.mission != ONLINE_MISSION:
+        raise ValueError(
+            f"--mission {args.mission}: only {ONLINE_MISSION} (Living Model) has an online "
+            f"learner to {args.command}"
+        )
+    cfg = load_fleet(args.config, profile)
+    if ONLINE_MISSION not in cfg.enabled_missions:
+        raise ValueError(f"{ONLINE_MISSION} is not enabled in {cfg.path}")
+    return cfg
+
+
+def _phase_root(path: Path) -> Path:
+    """The folder holding a phase's folder: ``X`` for ``X/shadow`` and ``X/shadow/seed_0``."""
+    path = path.resolve()
+    return path.parent.parent if path.name.startswith("seed_") else path.parent
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    """The manual's `run_stream.py --mode shadow` (prepare when not found, then shadow) and
+    `online_learner.py --mode online` (canary_gate beside --output, then online into it)."""
+    cfg = _online_config(args, args.profile)
+    phases = list(cfg.experiments[ONLINE_MISSION].phases)
+    out = Path(args.output)
+    if args.mode == "shadow":
+        steps = ["prepare", "shadow"]
+        root = Path(args.inputs_from) if args.inputs_from else _phase_root(out)
+    else:
+        if not args.checkpoint:
+            raise ValueError("--mode online needs --checkpoint: the output folder of --mode shadow")
+        steps = ["canary_gate", "online"]
+        root = Path(args.inputs_from) if args.inputs_from else _phase_root(Path(args.checkpoint))
+    inputs = _explicit_inputs(phases, steps[-1], args.seed, None, str(root), str(out))
+    if args.checkpoint:
+        inputs["shadow"] = Path(args.checkpoint)
+    for phase in steps:
+        if phase == "prepare" and phase in inputs:
+            print(f"prepare: using {inputs[phase]}")
+            continue
+        where = out if phase == steps[-1] else _phase_root(out) / phase
+        result = _execute_standalone(cfg, phase, args.seed, where, dict(inputs))
+        print(json.dumps(result, indent=2))
+        inputs[phase] = where
+    return 0
+
+
+def _newest_online_run(root: Path, seed: int) -> Path | None:
+    """The mission folder of the newest run (any DAG) with a complete online/seed_<seed>."""
+    found = root.glob(f"*/*/{ONLINE_MISSION}/online/seed_{seed}/manifest.json")
+    newest = max(found, key=lambda p: p.stat().st_mtime, default=None)
+    return newest.parent.parent.parent if newest else None
+
+
+def cmd_soak(args: argparse.Namespace) -> int:
+    """Continue the promoted learner of a run's `online` phase on the replayed stream for
+    --duration and report steady-state rollbacks and memory growth (bem_tasks.missions.soak)."""
+    from bem_tasks.fleet.runs import read_manifest
+    from bem_tasks.missions.soak import parse_duration
+
+    duration_s = parse_duration(args.duration)
+    cfg = _online_config(args, args.profile)
+    seed, phases = args.seed, list(cfg.experiments[ONLINE_MISSION].phases)
+    out = Path(args.output or cfg.artifact_root / "soak" / ONLINE_MISSION / f"seed_{seed}")
+    mission_dir = Path(args.inputs_from) if args.inputs_from else None
+    mission_dir = mission_dir or _newest_online_run(cfg.artifact_root, seed)
+    if mission_dir is None:
+        mission_dir = out / "phases"
+        upto = phases[: phases.index("online") + 1]
+        print(
+            f"no run under {cfg.artifact_root} has a complete {ONLINE_MISSION}/online/seed_{seed}"
+            f": running {', '.join(upto)} standalone into {mission_dir} first (a `bem_fleet` or "
+            f"`bem_mission_b` DAG run, or `bem-fleet train {ONLINE_MISSION} --phase <phase>`, "
+            "leaves one to soak instead)"
+        )
+        inputs: dict[str, Path] = {}
+        for phase in upto:
+            where = mission_dir / phase
+            if cfg.experiments[ONLINE_MISSION].phases[phase].per_seed:
+                where /= f"seed_{seed}"
+            result = _execute_standalone(cfg, phase, seed, where, dict(inputs))
+            print(f"{phase}: {'reused' if result['reused'] else 'done'} in {where}")
+            inputs[phase] = where
+    inputs = _explicit_inputs([*phases, "soak"], "soak", seed, None, str(mission_dir), str(out))
+    if "online" not in inputs:
+        raise FileNotFoundError(
+            f"{mission_dir}: no complete online/seed_{seed} (or online/) to soak; run the "
+            f"`bem_mission_b` DAG or `bem-fleet train {ONLINE_MISSION} --phase online` first"
+        )
+    # The learner was built with the run's profile; soak it with the same sizes.
+    run_profile = (read_manifest(inputs["online"]) or {}).get("profile")
+    if args.profile is None and run_profile and run_profile != cfg.profile:
+        cfg = cfg.for_profile(run_profile)
+    from importlib import import_module
+
+    from bem_tasks.fleet.phases import PhaseContext
+    from bem_tasks.missions.registry import IMPLEMENTED
+
+    gpus = cfg.experiments[ONLINE_MISSION].phases["online"].gpus
+    device = "cuda" if gpus and _cuda_device_count() else "cpu"
+    ctx = PhaseContext(ONLINE_MISSION, "soak", seed, cfg, out, inputs=inputs, device=device)
+    out.mkdir(parents=True, exist_ok=True)
+    print(
+        f"soaking {inputs['online']} for {args.duration} ({duration_s:.0f}s) on {device} -> {out}"
+    )
+    print("inputs: " + ", ".join(f"{k}={v}" for k, v in inputs.items()))
+    soak = import_module(IMPLEMENTED[ONLINE_MISSION].module).soak
+    report = soak(ctx, duration_s=duration_s, canary_every=args.canary_every)
+    print(json.dumps({k: v for k, v in report.items() if k != "samples"}, indent=2))
+    print(f"wrote {out / 'soak.json'} and {out / 'soak.png'}")
+    return 0
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -375,6 +495,32 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--mission", required=True)
     evaluate.add_argument("--model", required=True, help="output folder of the trained model")
     phase_args(evaluate)
+
+    stream = add("stream", cmd_stream, "Mission B's stream without Airflow: shadow or online")
+    stream.add_argument("--mission", required=True)
+    stream.add_argument("--mode", required=True, choices=["shadow", "online"])
+    stream.add_argument(
+        "--checkpoint", default=None, help="--mode online: output folder of --mode shadow"
+    )
+    phase_args(stream)
+
+    soak = add("soak", cmd_soak, "replay Mission B's stream for a duration: rollbacks, memory")
+    soak.add_argument("--mission", required=True)
+    soak.add_argument("--duration", required=True, help="e.g. 5m, 24h, 90s")
+    soak.add_argument(
+        "--inputs-from",
+        default=None,
+        help="a run's <artifacts>/<dag>/<run>/mission_b folder (default: the newest run with a "
+        "complete online/seed_N; none: the phases run standalone into <output>/phases first)",
+    )
+    soak.add_argument(
+        "--output", default=None, help="default: <artifact_root>/soak/mission_b/seed_N"
+    )
+    soak.add_argument("--seed", type=int, default=0)
+    soak.add_argument(
+        "--canary-every", type=int, default=None, help="prompts between canaries (default: config)"
+    )
+    soak.add_argument("--profile", default=None, help="default: the soaked run's profile")
 
     stats = add("stats", cmd_stats, "paired BCa CIs, p-values, BH-FDR of missions' results")
     stats.add_argument("--results", nargs="*", help="results.json files (default: latest run)")
