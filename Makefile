@@ -7,8 +7,10 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt co
 PROFILE ?= smoke
 PORT ?= 8080
 PYTEST_ARGS ?=
+DURATION ?= 5m
+SEED ?= 0
 
-.PHONY: install run status stop test lint format typecheck pytest validate bench constraints clean
+.PHONY: install run status stop test lint format typecheck pytest validate bench soak constraints clean
 
 install: $(STAMP)
 
@@ -48,6 +50,11 @@ format: $(STAMP)
 
 pytest: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## Mission B's soak: the newest run's online learner on the replayed stream for DURATION (24h for a
+## real soak); steady-state rollbacks and memory growth in <artifact_root>/soak/mission_b/seed_SEED.
+soak: $(STAMP)
+	$(BIN)/bem-fleet soak --mission mission_b --duration $(DURATION) --seed $(SEED)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bem_vs_lora.py
