@@ -22,9 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from bem_tasks.config.schema import TrainingSpec
-from bem_tasks.core import CheckpointManager
+from bem_tasks.config.schema import ModelSpec, TrainingSpec
+from bem_tasks.core import CheckpointManager, build_model
 from bem_tasks.io import atomic_write_bytes, atomic_write_json, sha256_file
+from bem_tasks.missions.planner import make_batch
 
 
 def progress(ctx: Any, loop: str, step: int, total: int, **values: float) -> None:
@@ -116,6 +117,40 @@ def train_loop(
         progress(ctx, name, step + 1, spec.steps, loss=history[-1][1])
     model.eval()
     return {"history": history, "resumed_from": start, "final_loss": history[-1][1]}
+
+
+def pretrain_lm(
+    ctx: Any,
+    name: str,
+    train: Sequence[Any],
+    pad_id: int,
+    model_spec: ModelSpec,
+    spec: TrainingSpec,
+    *,
+    seed: int,
+    fingerprint: str,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The fleet's base-LM recipe: a tiny ``model_spec`` model built from ``seed`` and trained
+    from scratch on prompts + targets of ``train`` (planner ``Example`` rows; batches drawn
+    from (seed, step)) under ckpt/<name>. Mission A's pretrain_base and Mission B's own anchor
+    both come from here, so the two are the same kind of model."""
+    model = build_model(
+        model_spec.family,
+        seed=seed,
+        d_model=model_spec.n_embd,
+        n_layers=model_spec.n_layer,
+        n_heads=model_spec.n_head,
+        max_positions=model_spec.max_positions,
+    ).to(ctx.device)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        idx = step_rng(seed, step, 0).choice(len(train), spec.batch_size, replace=False)
+        b = make_batch([train[i] for i in idx], pad_id, loss_on_prompt=True).to(ctx.device)
+        out = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels)
+        return out.loss  # type: ignore[no-any-return]
+
+    run = train_loop(ctx, name, model, loss_fn, spec, fingerprint=fingerprint, trainable_only=False)
+    return model, run
 
 
 def plot_series(

@@ -68,7 +68,6 @@ from bem_tasks.core import (
     bem_disabled,
     bem_layers,
     bem_routing,
-    build_model,
     count_bem_parameters,
     detach_bem,
     load_model,
@@ -93,6 +92,7 @@ from bem_tasks.missions.common import (
     fingerprinted_checkpoints,
     input_digest,
     plot_series,
+    pretrain_lm,
     progress,
     step_rng,
     train_loop,
@@ -329,14 +329,6 @@ def pretrain_base(ctx: Any) -> dict[str, Any]:
     codec = TextCodec(ByteTokenizer())
     train = encode_items(_read_split(ctx, "train"), codec)
     dev = encode_items(_read_split(ctx, "dev"), codec)
-    model = build_model(
-        p.model.family,
-        seed=p.data.seed,
-        d_model=p.model.n_embd,
-        n_layers=p.model.n_layer,
-        n_heads=p.model.n_head,
-        max_positions=p.model.max_positions,
-    ).to(ctx.device)
     longest = max(len(e.prompt) + len(e.target) for e in train + dev) + p.evaluate.max_new_tokens
     if longest > p.model.max_positions:
         raise ValueError(
@@ -344,15 +336,10 @@ def pretrain_base(ctx: Any) -> dict[str, Any]:
             f"prompt + generation ({longest} tokens)"
         )
     spec = p.training.pretrain_base
-
-    def loss_fn(step: int) -> torch.Tensor:
-        idx = step_rng(p.data.seed, step, 0).choice(len(train), spec.batch_size, replace=False)
-        b = make_batch([train[i] for i in idx], codec.pad_id, loss_on_prompt=True).to(ctx.device)
-        out = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels)
-        return out.loss  # type: ignore[no-any-return]
-
     fp = fingerprint_of(p.model, p.data, spec, input_digest(ctx, "prepare", None, "train.jsonl"))
-    run = train_loop(ctx, "base", model, loss_fn, spec, fingerprint=fp, trainable_only=False)
+    model, run = pretrain_lm(
+        ctx, "base", train, codec.pad_id, p.model, spec, seed=p.data.seed, fingerprint=fp
+    )
     save_model(model, ctx.out_dir / "model", codec.tok)
     plot_series(ctx.out_dir / "loss.png", {"LM loss": run["history"]}, "pretrain_base", "step")
     decoder = RoutedDecoder(
