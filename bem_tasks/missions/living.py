@@ -20,13 +20,12 @@ from typing import Any, Generic, Literal, TypeVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import PositiveFloat
 from torch import nn
 
-from bem_tasks.config.schema import Strict
 from bem_tasks.core import CheckpointManager
 from bem_tasks.io import atomic_write_json
 from bem_tasks.missions.common import step_rng
+from bem_tasks.missions.mission_b_params import DriftThresholds  # light: the DAG files read it
 
 log = logging.getLogger(__name__)
 
@@ -138,15 +137,6 @@ def controller_spectral_norm(model: nn.Module, anchor: Mapping[str, torch.Tensor
     if not deltas:
         raise ValueError("controller_spectral_norm: the model has no trainable weight matrix")
     return max(float(torch.linalg.matrix_norm(d, ord=2).max()) for d in deltas)
-
-
-class DriftThresholds(Strict):
-    """Upper bounds on the drift monitors; exceeding any one trips a rollback."""
-
-    kl_max: PositiveFloat
-    param_distance_max: PositiveFloat
-    grad_norm_max: PositiveFloat
-    spectral_norm_max: PositiveFloat
 
 
 @dataclass(frozen=True)

@@ -30,4 +30,9 @@ IMPLEMENTED: dict[str, MissionImpl] = {
         ),
         params_model="bem_tasks.missions.mission_a_params:MissionAParams",
     ),
+    "mission_b": MissionImpl(
+        module="bem_tasks.missions.mission_b",
+        phases=("prepare", "shadow", "canary_gate", "online", "evaluate"),
+        params_model="bem_tasks.missions.mission_b_params:MissionBParams",
+    ),
 }

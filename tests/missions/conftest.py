@@ -138,3 +138,6 @@ def run_interrupted(ctx: PhaseContext, loop: str, step: int) -> None:
             execute(ctx, config_hash="micro")
     assert not (ctx.out_dir / "manifest.json").exists()
     execute(ctx, config_hash="micro")
+
+
+from tests.missions.conftest_b import micro_b  # noqa: E402,F401  (Mission B's micro run)
