@@ -201,3 +201,54 @@ def test_statistics_dags_are_scheduled_on_assets(toy_bag) -> None:
     assert [o.uri for o in stats.get_task("validate").outlets] == ["bem://statistics/results"]
     assert "bem://statistics/results" in repr(gates.timetable.asset_condition)
     assert set(gates.params) == {"profile", "statistical_results"}
+
+
+B_PHASES = ["prepare", "shadow", "canary_gate", "online", "evaluate"]
+
+
+@pytest.fixture
+def b_bag(project: Path, monkeypatch: pytest.MonkeyPatch):
+    """The DAGs of the shipped configs, Mission A and Mission B enabled."""
+    from bem_tasks.missions import registry
+
+    assert list(registry.IMPLEMENTED["mission_b"].phases) == B_PHASES
+    bag = dagbag(project / "configs" / "bem_fleet_architecture.yml", monkeypatch)
+    assert bag.import_errors == {}
+    return bag
+
+
+def test_mission_b_runs_after_mission_a_in_the_fleet(b_bag) -> None:
+    fleet = b_bag.dags["bem_fleet"]
+    chain = [f"mission_b.{p}" for p in [*B_PHASES, "publish_results"]]
+    assert set(chain) | {"mission_b.selected"} <= set(fleet.task_ids)
+    for before, after in zip(chain, chain[1:], strict=False):
+        assert before in fleet.get_task(after).upstream_task_ids, (before, after)
+    # B starts only once A has published (selecting B adds A: resolve_plan closes over deps)
+    assert "mission_a.publish_results" in fleet.get_task("mission_b.selected").upstream_task_ids
+    assert fleet.get_task("mission_b.prepare").upstream_task_ids == {"mission_b.selected"}
+    assert [o.uri for o in fleet.get_task("mission_b.publish_results").outlets] == [
+        "bem://missions/mission_b/results"
+    ]
+    order = [t.task_id for t in fleet.topological_sort()]
+    assert order.index("mission_a.publish_results") < order.index("mission_b.prepare")
+    assert fleet.params["missions"] == ["mission_a", "mission_b"]
+
+
+def test_mission_b_dag_alone_and_statistics_on_both_assets(b_bag) -> None:
+    dag = b_bag.dags["bem_mission_b"]
+    assert set(dag.task_ids) == {"plan", *B_PHASES, "publish_results"}  # no Mission A tasks
+    for before, after in zip(B_PHASES, B_PHASES[1:], strict=False):
+        assert before in dag.get_task(after).upstream_task_ids
+    assert dag.get_task("publish_results").upstream_task_ids == {"evaluate"}
+    condition = repr(b_bag.dags["bem_statistical_validation"].timetable.asset_condition)
+    assert "bem://missions/mission_a/results" in condition
+    assert "bem://missions/mission_b/results" in condition
+
+
+def test_plan_for_mission_b_adds_mission_a(project: Path, b_bag) -> None:
+    from bem_tasks.config.loader import load_fleet
+    from bem_tasks.fleet.dags import resolve_plan
+
+    cfg = load_fleet(project / "configs" / "bem_fleet_architecture.yml")
+    plan = resolve_plan(cfg, {"profile": "smoke", "missions": ["mission_b"], "seeds": None})
+    assert plan["missions"] == ["mission_a", "mission_b"]
