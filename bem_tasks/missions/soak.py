@@ -5,8 +5,10 @@ checks, rollbacks) and says what happened in it. ``run_soak`` calls it until the
 spent, samples the process's *current* resident memory after every chunk, and reports the
 steady state: rollbacks and canary failures per 1000 prompts after the warm-up share of the
 prompts, and memory growth as the least-squares slope of RSS against prompts processed with its
-confidence interval. A leak shows as a slope whose interval lies above 0; a flat process has an
-interval around 0. Nothing here knows about models; ``mission_b.soak`` supplies the learner.
+confidence interval, of every sample and of the floor (the lowest RSS of each tenth of the
+steady state). A leak shows as a floor slope whose interval lies above 0; memory that is freed
+again moves only the plain slope. Nothing here knows about models; ``mission_b.soak`` supplies
+the learner.
 """
 
 from __future__ import annotations
@@ -135,6 +137,7 @@ def soak_summary(
         [s.prompts for s in samples[first:]], [s.rss_mib for s in samples[first:]], confidence
     )
     rss = [s.rss_mib for s in samples]
+    floor_growth = memory_growth(*memory_floor(samples[first:]), confidence)
     return {
         "elapsed_s": samples[-1].elapsed_s,
         "chunks": len(samples) - 1,
@@ -157,7 +160,25 @@ def soak_summary(
         },
         "rss_mib": {"start": rss[0], "end": rss[-1], "peak_sampled": max(rss)},
         "memory_growth": memory,
+        "memory_floor_growth": floor_growth,
+        # A leak raises the floor; a sawtooth of memory given back tilts only the plain fit.
+        "leak": floor_growth["leak"],
     }
+
+
+def memory_floor(samples: Sequence[Sample], blocks: int = 10) -> tuple[list[int], list[float]]:
+    """(prompts, RSS) at the lowest RSS of each of up to ``blocks`` consecutive runs of >= 3
+    samples. Memory that is freed again (a cache refilled and dropped each pass over the stream)
+    gives RSS a sawtooth whose straight-line fit tilts up when a short soak ends on a rise; the
+    floor rises only with memory that is never given back."""
+    n = min(blocks, len(samples) // 3)
+    if n < 1:
+        return [], []
+    size = len(samples) / n
+    lows = [
+        min(samples[int(i * size) : int((i + 1) * size)], key=lambda s: s.rss_mib) for i in range(n)
+    ]
+    return [s.prompts for s in lows], [s.rss_mib for s in lows]
 
 
 def run_soak(
@@ -206,17 +227,22 @@ def _write(
         "samples": [asdict(s) for s in samples],
     }
     atomic_write_json(out_dir / "soak.json", report)
-    m, steady = report["memory_growth"], report["steady_state"]
+    m, f, steady = report["memory_growth"], report["memory_floor_growth"], report["steady_state"]
     log.info(
         "soak %s: %.0fs, %d prompts, steady-state rollbacks/1k=%s, RSS %.1f -> %.1f MiB, "
-        "slope %s MiB/1k prompts [%s, %s]",
+        "MiB/1k prompts: slope %s [%s, %s], floor %s [%s, %s], leak=%s",
         status, report["elapsed_s"], report["prompts"], steady["rollbacks_per_1k_prompts"],
         report["rss_mib"]["start"], report["rss_mib"]["end"],
-        m["slope_mib_per_1k_prompts"], m["ci_low"], m["ci_high"],
+        *(_g(d[k]) for d in (m, f) for k in ("slope_mib_per_1k_prompts", "ci_low", "ci_high")),
+        report["leak"],
     )  # fmt: skip
     if status == "complete":
         _plot(out_dir / "soak.png", samples)
     return report
+
+
+def _g(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
 
 
 def _plot(path: Path, samples: list[Sample]) -> None:

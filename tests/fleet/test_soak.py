@@ -99,6 +99,7 @@ def test_run_soak_with_a_leaking_and_a_flat_fake(tmp_path: Path) -> None:
     assert leak["status"] == "complete" and leak["chunks"] == 30 and leak["prompts"] == 1500
     assert leak["memory_growth"]["slope_mib_per_1k_prompts"] == pytest.approx(10.0)
     assert leak["memory_growth"]["ci_low"] > 0 and leak["memory_growth"]["leak"] is True
+    assert leak["leak"] is True
     assert leak["steady_state"]["rollbacks_per_1k_prompts"] == 0
     on_disk = json.loads((tmp_path / "leak" / "soak.json").read_text())
     assert on_disk["prompts"] == 1500 and len(on_disk["samples"]) == 31
@@ -113,6 +114,7 @@ def test_run_soak_with_a_leaking_and_a_flat_fake(tmp_path: Path) -> None:
     )  # fmt: skip
     growth = flat["memory_growth"]
     assert growth["ci_low"] < 0 < growth["ci_high"] and growth["leak"] is False
+    assert flat["leak"] is False
     # the one rollback happened in the first chunk, inside the warm-up
     assert flat["rollbacks"] == 1 and flat["steady_state"]["rollbacks"] == 0
 
@@ -154,4 +156,26 @@ def test_a_real_object_leak_shows_in_the_real_rss(tmp_path: Path) -> None:
     growth = out["memory_growth"]
     assert growth["leak"] is True and growth["ci_low"] > 0
     assert 80 < growth["slope_mib_per_1k_prompts"] < 120, growth
+    assert out["leak"] is True  # kept memory raises the floor too
     assert out["rss_mib"]["end"] - out["rss_mib"]["start"] >= 35
+
+
+def _sawtooth(floor_step: float) -> list[Sample]:
+    """RSS that climbs 10 MiB per chunk for 3 chunks, then drops back: 200 chunks of 100 prompts,
+    ending on a climb; the floor rises ``floor_step`` MiB per tooth (400 prompts)."""
+    return [Sample(0.0, 0, 500.0)] + [
+        Sample(float(i), 100 * i, 500.0 + floor_step * (i // 4) + 10.0 * (i % 4))
+        for i in range(1, 200)
+    ]
+
+
+def test_a_sawtooth_of_freed_memory_is_not_a_leak_but_a_rising_floor_is() -> None:
+    freed = soak_summary(_sawtooth(0.0), warmup_fraction=0.2)
+    floor = freed["memory_floor_growth"]
+    assert floor["slope_mib_per_1k_prompts"] == pytest.approx(0.0, abs=1e-9)
+    assert freed["leak"] is False and floor["n_samples"] == 10
+    leaking = soak_summary(_sawtooth(3.0), warmup_fraction=0.2)
+    assert leaking["leak"] is True
+    assert leaking["memory_floor_growth"]["slope_mib_per_1k_prompts"] == pytest.approx(
+        7.5, rel=0.05
+    )
