@@ -383,3 +383,32 @@ def test_smoke_params_validate():
     for key, value in doc["profiles"]["full"]["params"].items():
         full[key] = full.get(key, {}) | value if isinstance(value, dict) else value
     assert MissionBParams.model_validate(full).model.path == "/models/anchor"
+
+
+def test_prepare_anchors_on_mission_a_base_in_the_same_run(micro_b: MicroB, tmp_path):
+    base = tmp_path / "mission_a" / "pretrain_base"
+    shutil.copytree(micro_b.dirs["prepare"] / "anchor" / "model", base / "model")
+    p = mission_b._params(micro_b.ctx("prepare", tmp_path))
+
+    def fake_ctx(a_data):
+        return SimpleNamespace(
+            layout=SimpleNamespace(
+                phase_dir=lambda mission, phase, seed=None: tmp_path / mission / phase
+            ),
+            cfg=SimpleNamespace(params={"mission_a": SimpleNamespace(data=a_data)}),
+            out_dir=tmp_path / "prepare",
+            log=micro_b.ctx("prepare", tmp_path).log,
+        )
+
+    same = SimpleNamespace(**p.data.model_dump())
+    assert mission_b._mission_a_base(fake_ctx(same)) is None  # no manifest: A is not complete
+    (base / "manifest.json").write_text("{}")
+    info, metrics = mission_b._prepare_anchor(fake_ctx(same), p)
+    assert info["source"] == metrics["anchor_source"] == "mission_a"
+    assert info["path"] == str((base / "model").resolve())
+    saved = json.loads((tmp_path / "prepare" / "anchor.json").read_text())
+    own = json.loads((micro_b.dirs["prepare"] / "anchor.json").read_text())
+    assert saved["sha256"] == own["sha256"]  # the same weights, read where A left them
+    other = SimpleNamespace(**(p.data.model_dump() | {"ops": ["add"]}))
+    with pytest.raises(ValueError, match=r"mission_a_agentic_planner\.yml \(ops: \['add'\]"):
+        mission_b._prepare_anchor(fake_ctx(other), p)
