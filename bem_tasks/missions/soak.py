@@ -88,6 +88,12 @@ def memory_growth(
             **out, "slope_mib_per_1k_prompts": None, "ci_low": None, "ci_high": None,
             "p_value": None, "leak": None, "reason": reason,
         }  # fmt: skip
+    if len(set(rss_mib)) == 1:  # an exact fit: no residual to test against, nothing grew
+        return {
+            **out, "slope_mib_per_1k_prompts": 0.0, "ci_low": 0.0, "ci_high": 0.0,
+            "p_value": None, "intercept_mib": float(rss_mib[0]), "leak": False,
+            "reason": "RSS constant",
+        }  # fmt: skip
     fit = stats.linregress([p / 1000 for p in prompts], list(rss_mib))
     half = float(stats.t.ppf(0.5 + confidence / 2, n - 2)) * float(fit.stderr)
     slope = float(fit.slope)

@@ -61,6 +61,7 @@ def test_memory_growth_known_slope_and_flat() -> None:
     assert flat["p_value"] > 0.05 and flat["leak"] is False
     constant = memory_growth(prompts, [100.0] * 6)
     assert constant["slope_mib_per_1k_prompts"] == 0 and constant["leak"] is False
+    assert (constant["ci_low"], constant["ci_high"], constant["p_value"]) == (0, 0, None)
 
 
 def test_memory_growth_needs_three_samples() -> None:
