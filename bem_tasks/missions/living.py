@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
@@ -23,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from bem_tasks.core import CheckpointManager
-from bem_tasks.io import atomic_write_json
 from bem_tasks.missions.common import step_rng
 from bem_tasks.missions.mission_b_params import DriftThresholds  # light: the DAG files read it
 
@@ -190,6 +191,34 @@ class Rollback:
     tripped: list[Trip]
 
 
+ROLLBACK_LOG = "rollbacks.jsonl"
+
+
+def read_rollback_log(path: str | Path) -> Iterator[tuple[int, Rollback]]:
+    """``(line number, Rollback)`` for each line of a rollback log, in order; a line that is not
+    a rollback raises a ValueError naming ``file:line``. A final line without its newline is an
+    append cut short by a crash and is skipped: the retried task redoes that rollback."""
+    path = Path(path)
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.endswith("\n"):
+                log.warning("%s:%d: skipping an unfinished last line %r", path, lineno, line[:80])
+                return
+            try:
+                entry = json.loads(line)
+                trips = [Trip(**t) for t in entry.pop("tripped")]
+                record = Rollback(tripped=trips, **entry)
+                if not isinstance(record.at_step, int) or not isinstance(record.restored_step, int):
+                    raise TypeError("at_step and restored_step must be integers")
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                raise ValueError(
+                    f"{path}:{lineno}: not a rollback record ({type(exc).__name__}: {exc}); "
+                    "expected a JSON object with at_step, restored_step and tripped "
+                    "[{monitor, value, threshold, bound}]"
+                ) from None
+            yield lineno, record
+
+
 class LastGood:
     """The last checkpoint marked good (after a passing canary and drift check) and the log of
     rollbacks to it, both under ``directory``.
@@ -197,16 +226,31 @@ class LastGood:
     The good checkpoint lives in its own keep=1 CheckpointManager, so the training loop's pruning
     never deletes it. A rollback restores weights (and optimizer state when given) bit for bit but
     not the RNG: the steps after a rollback must not replay the draws that led to the trip.
+
+    The log, ``rollbacks.jsonl``, gets one appended line per rollback, so a soak that rolls back
+    thousands of times never rewrites it; in memory are only the newest ``keep_in_memory``
+    rollbacks (``rollbacks``) and the number logged (``total``).
     """
 
-    def __init__(self, directory: str | Path, *, trainable_only: bool) -> None:
+    def __init__(
+        self, directory: str | Path, *, trainable_only: bool, keep_in_memory: int = 1000
+    ) -> None:
+        if keep_in_memory < 1:
+            raise ValueError(f"keep_in_memory must be >= 1, got {keep_in_memory}")
         self.manager = CheckpointManager(Path(directory), keep=1, trainable_only=trainable_only)
-        self.log_path = self.manager.directory / "rollbacks.json"
-        self.rollbacks: list[Rollback] = []
+        self.log_path = self.manager.directory / ROLLBACK_LOG
+        self._recent: deque[Rollback] = deque(maxlen=keep_in_memory)
+        self.total = 0
+        self._last_step: int | None = None  # the largest logged at_step
         if self.log_path.is_file():
-            for entry in json.loads(self.log_path.read_text(encoding="utf-8")):
-                trips = [Trip(**t) for t in entry.pop("tripped")]
-                self.rollbacks.append(Rollback(tripped=trips, **entry))
+            self._truncate_unfinished_line()
+            for _, record in read_rollback_log(self.log_path):
+                self._count(record)
+
+    @property
+    def rollbacks(self) -> list[Rollback]:
+        """The newest rollbacks (all of them up to ``keep_in_memory``), oldest first."""
+        return list(self._recent)
 
     @property
     def step(self) -> int | None:
@@ -225,8 +269,8 @@ class LastGood:
         model: nn.Module,
         optimizer: torch.optim.Optimizer | None = None,
     ) -> Rollback:
-        """Restore the good weights after ``tripped`` fired at ``step``; log it and record it in
-        ``rollbacks.json`` (one record per step, so a retried task does not count twice)."""
+        """Restore the good weights after ``tripped`` fired at ``step``; log it and append it to
+        ``rollbacks.jsonl`` (once per step, so a retried task does not count it twice)."""
         if not tripped:
             raise ValueError(f"rollback at step {step} without a tripped check")
         loaded = self.manager.resume(model, optimizer, restore_rng=False)
@@ -235,9 +279,13 @@ class LastGood:
                 f"{self.manager.directory}: rollback at step {step} but no checkpoint was marked good"
             )
         record = Rollback(at_step=step, restored_step=loaded.step, tripped=list(tripped))
-        # a retried task that rolls back at the same step again is the same rollback, not another
-        self.rollbacks = [r for r in self.rollbacks if r.at_step != step] + [record]
-        atomic_write_json(self.log_path, [asdict(r) for r in self.rollbacks])
+        if not self._logged(step):
+            line = json.dumps(asdict(record), sort_keys=True) + "\n"
+            with self.log_path.open("a", encoding="utf-8") as fh:
+                fh.write(line)
+                fh.flush()
+                os.fsync(fh.fileno())
+            self._count(record)
         log.warning(
             "rollback at step %d to good step %d: %s",
             step,
@@ -245,6 +293,32 @@ class LastGood:
             ", ".join(f"{t.monitor}={t.value:.4g} ({t.bound} {t.threshold:.4g})" for t in tripped),
         )
         return record
+
+    def _count(self, record: Rollback) -> None:
+        self._recent.append(record)
+        self.total += 1
+        if self._last_step is None or record.at_step > self._last_step:
+            self._last_step = record.at_step
+
+    def _logged(self, step: int) -> bool:
+        """Whether a rollback at ``step`` is in the log already. Steps only grow within a try, so
+        only a retried task, redoing steps up to the largest logged one, reads the file."""
+        if self._last_step is None or step > self._last_step:
+            return False
+        if any(r.at_step == step for r in self._recent):
+            return True
+        return any(r.at_step == step for _, r in read_rollback_log(self.log_path))
+
+    def _truncate_unfinished_line(self) -> None:
+        """Drop a last line a crash left without its newline, so the next append starts a line."""
+        with self.log_path.open("r+b") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            if size:
+                fh.seek(size - 1)
+                if fh.read(1) != b"\n":
+                    log.warning("%s: dropping an unfinished last line", self.log_path)
+                    fh.seek(0)
+                    fh.truncate(fh.read().rfind(b"\n") + 1)
 
 
 # ---------------------------------------------------------------------- prioritized replay
