@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from bem_tasks.missions.soak import (
+    LEAK_MIN_MIB_PER_1K_PROMPTS,
     Sample,
     SoakChunk,
     current_rss_mib,
@@ -180,3 +181,53 @@ def test_a_sawtooth_of_freed_memory_is_not_a_leak_but_a_rising_floor_is() -> Non
     assert leaking["memory_floor_growth"]["slope_mib_per_1k_prompts"] == pytest.approx(
         7.5, rel=0.05
     )
+
+
+def test_a_long_soak_keeps_bounded_evenly_spaced_samples_and_every_count(tmp_path: Path) -> None:
+    """1000 chunks with max_samples=10: merged two by two until 10..20 samples are held, each
+    of the same number of chunks, with every rollback and canary counted and the slope kept."""
+    i = [0]  # chunks so far
+
+    def advance() -> SoakChunk:
+        i[0] += 1
+        return SoakChunk(prompts=10, rollbacks=i[0] % 3 == 0, canary_checks=1,
+                         canary_failures=i[0] % 5 == 0)  # fmt: skip
+
+    out = run_soak(
+        advance, duration_s=1000, out_dir=tmp_path, clock=Ticks(1.0), max_samples=10,
+        rss_mib=lambda: 100.0 + 0.5 * i[0] / 100 + 0.01 * (i[0] % 7),  # 0.5 MiB per 1000 prompts
+    )  # fmt: skip
+    samples = out["samples"]
+    assert 10 <= len(samples) - 1 < 20 and out["chunks_per_sample"] == 64
+    assert [s["chunks"] for s in samples[1:-1]] == [64] * (len(samples) - 2)
+    assert sum(s["chunks"] for s in samples) == out["chunks"] == 1000 and out["prompts"] == 10000
+    assert sum(s["rollbacks"] for s in samples) == out["rollbacks"] == 333
+    assert out["canary_checks"] == 1000 and out["canary_failures"] == 200
+    assert [s["prompts"] for s in samples[1:-1]] == [640 * k for k in range(1, len(samples) - 1)]
+    # RSS is read once per kept sample; the slope survives the thinning
+    assert out["memory_growth"]["slope_mib_per_1k_prompts"] == pytest.approx(0.5, rel=0.01)
+    with pytest.raises(ValueError, match="max_samples must be >= 3"):
+        run_soak(advance, duration_s=5, out_dir=tmp_path, max_samples=2)
+
+
+def test_growth_below_the_minimum_is_reported_but_not_called_a_leak(tmp_path: Path) -> None:
+    prompts = [1000 * k for k in range(50)]
+    tiny = [500.0 + 0.01 * k + (0.001 if k % 2 else 0.0) for k in range(50)]  # 0.01 MiB / 1k
+    strict = memory_growth(prompts, tiny)
+    assert strict["ci_low"] > 0 and strict["leak"] is True  # significant, however small
+    lenient = memory_growth(prompts, tiny, min_slope=0.05)
+    assert lenient["slope_mib_per_1k_prompts"] == pytest.approx(0.01, rel=0.01)
+    assert lenient["ci_low"] > 0 and lenient["leak"] is False and lenient["min_slope"] == 0.05
+
+    rss = iter(tiny * 4)
+    report = run_soak(lambda: SoakChunk(prompts=1000), duration_s=49, out_dir=tmp_path,
+                      clock=Ticks(1.0), rss_mib=lambda: next(rss))  # fmt: skip
+    assert report["leak_min_mib_per_1k_prompts"] == LEAK_MIN_MIB_PER_1K_PROMPTS == 0.05
+    assert report["leak"] is False and report["memory_floor_growth"]["ci_low"] > 0
+    # 0.01 MiB per 1000 prompts at 1000 prompts a second
+    assert report["floor_growth_mib_per_hour"] == pytest.approx(36.0, rel=0.05)
+    rss = iter(tiny * 4)
+    strict_run = run_soak(lambda: SoakChunk(prompts=1000), duration_s=49, out_dir=tmp_path,
+                          clock=Ticks(1.0), rss_mib=lambda: next(rss),
+                          leak_min_mib_per_1k_prompts=0.0)  # fmt: skip
+    assert strict_run["leak"] is True
