@@ -245,6 +245,11 @@ def run_soak(
         raise ValueError(f"duration_s must be > 0, got {duration_s}")
     if max_samples < 3:
         raise ValueError(f"max_samples must be >= 3 (a fit with an interval), got {max_samples}")
+    if not leak_min_mib_per_1k_prompts >= 0:
+        raise ValueError(
+            f"leak_min_mib_per_1k_prompts must be >= 0 MiB per 1000 prompts, got "
+            f"{leak_min_mib_per_1k_prompts}"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = clock()
     samples = [Sample(0.0, 0, rss_mib(), chunks=0)]

@@ -231,3 +231,6 @@ def test_growth_below_the_minimum_is_reported_but_not_called_a_leak(tmp_path: Pa
                           clock=Ticks(1.0), rss_mib=lambda: next(rss),
                           leak_min_mib_per_1k_prompts=0.0)  # fmt: skip
     assert strict_run["leak"] is True
+    with pytest.raises(ValueError, match="leak_min_mib_per_1k_prompts must be >= 0"):
+        run_soak(lambda: SoakChunk(prompts=1), duration_s=5, out_dir=tmp_path,
+                 leak_min_mib_per_1k_prompts=-1.0)  # fmt: skip
