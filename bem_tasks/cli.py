@@ -143,13 +143,29 @@ def _run_phase_standalone(args: argparse.Namespace, phase: str | None) -> int:
 
 def _execute_standalone(
     cfg: FleetConfig, phase: str, seed: int, output: Path, inputs: dict[str, Path], *,
-    mission: str = "mission_b",
+    mission: str,
 ) -> dict:  # fmt: skip
+    """Run ``mission.phase`` into ``output`` with ``inputs`` recorded in its manifest. A complete
+    folder is reused on config and seed alone, so one made from other inputs (a canary gate
+    decided on another shadow) is refused instead of handed back."""
     from bem_tasks.fleet.phases import PhaseContext, execute
+    from bem_tasks.fleet.runs import is_complete, read_manifest
 
     spec = cfg.experiments[mission].phases[phase]
-    ctx = PhaseContext(mission, phase, seed if spec.per_seed else None, cfg, output, inputs=inputs)
-    return execute(ctx, config_hash=cfg.mission_hash(mission))
+    seed_or_none = seed if spec.per_seed else None
+    config_hash = cfg.mission_hash(mission)
+    used = {name: str(path.resolve()) for name, path in sorted(inputs.items())}
+    if is_complete(output, config_hash, seed_or_none):
+        made_from = (read_manifest(output) or {}).get("inputs")
+        if made_from != used:
+            raise ValueError(
+                f"{output}: a complete {mission} {phase} made from inputs "
+                f"{made_from if made_from is not None else '(not recorded)'}, not from {used}; "
+                "reusing it would report a result of other inputs: choose another --output or "
+                "delete that folder"
+            )
+    ctx = PhaseContext(mission, phase, seed_or_none, cfg, output, inputs=inputs)
+    return execute(ctx, config_hash=config_hash, extra={"inputs": used})
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -185,7 +201,9 @@ def _phase_root(path: Path) -> Path:
 
 def cmd_stream(args: argparse.Namespace) -> int:
     """The manual's `run_stream.py --mode shadow` (prepare when not found, then shadow) and
-    `online_learner.py --mode online` (canary_gate beside --output, then online into it)."""
+    `online_learner.py --mode online` (canary_gate into ``<output>_canary_gate`` beside
+    --output, so each online run's gate decides on its own --checkpoint, then online into
+    --output)."""
     cfg = _online_config(args, args.profile)
     phases = list(cfg.experiments[ONLINE_MISSION].phases)
     out = Path(args.output)
@@ -204,8 +222,15 @@ def cmd_stream(args: argparse.Namespace) -> int:
         if phase == "prepare" and phase in inputs:
             print(f"prepare: using {inputs[phase]}")
             continue
-        where = out if phase == steps[-1] else _phase_root(out) / phase
-        result = _execute_standalone(cfg, phase, args.seed, where, dict(inputs))
+        if phase == steps[-1]:
+            where = out
+        elif phase == "canary_gate":
+            where = out.parent / f"{out.name}_canary_gate"
+        else:
+            where = _phase_root(out) / phase
+        result = _execute_standalone(
+            cfg, phase, args.seed, where, dict(inputs), mission=ONLINE_MISSION
+        )
         print(json.dumps(result, indent=2))
         inputs[phase] = where
     return 0
@@ -244,7 +269,9 @@ def cmd_soak(args: argparse.Namespace) -> int:
             where = mission_dir / phase
             if cfg.experiments[ONLINE_MISSION].phases[phase].per_seed:
                 where /= f"seed_{seed}"
-            result = _execute_standalone(cfg, phase, seed, where, dict(inputs))
+            result = _execute_standalone(
+                cfg, phase, seed, where, dict(inputs), mission=ONLINE_MISSION
+            )
             print(f"{phase}: {'reused' if result['reused'] else 'done'} in {where}")
             inputs[phase] = where
     inputs = _explicit_inputs([*phases, "soak"], "soak", seed, None, str(mission_dir), str(out))
@@ -271,7 +298,9 @@ def cmd_soak(args: argparse.Namespace) -> int:
     )
     print("inputs: " + ", ".join(f"{k}={v}" for k, v in inputs.items()))
     soak = import_module(IMPLEMENTED[ONLINE_MISSION].module).soak
-    report = soak(ctx, duration_s=duration_s, canary_every=args.canary_every)
+    # passed only when given: mission_b.soak's own default is soak.LEAK_MIN_MIB_PER_1K_PROMPTS
+    leak_min = {} if args.leak_min is None else {"leak_min_mib_per_1k_prompts": args.leak_min}
+    report = soak(ctx, duration_s=duration_s, canary_every=args.canary_every, **leak_min)
     print(json.dumps({k: v for k, v in report.items() if k != "samples"}, indent=2))
     print(f"wrote {out / 'soak.json'} and {out / 'soak.png'}")
     return 0
@@ -519,6 +548,14 @@ def build_parser() -> argparse.ArgumentParser:
     soak.add_argument("--seed", type=int, default=0)
     soak.add_argument(
         "--canary-every", type=int, default=None, help="prompts between canaries (default: config)"
+    )
+    soak.add_argument(
+        "--leak-min-mib-per-1k-prompts",
+        dest="leak_min",
+        type=float,
+        default=None,
+        help="memory growth (MiB per 1000 prompts) the floor's CI must exceed to be called a "
+        "leak (default 0.05: about 50 bytes kept per prompt)",
     )
     soak.add_argument("--profile", default=None, help="default: the soaked run's profile")
 

@@ -38,17 +38,17 @@ def _phase(name: str):  # type: ignore[no-untyped-def]
 prepare, shadow, canary_gate, online, evaluate = (_phase(p) for p in PHASES)
 
 
-def soak(ctx, *, duration_s: float, canary_every: int | None = None) -> dict:  # type: ignore[no-untyped-def]
+def soak(ctx, *, duration_s: float, canary_every: int | None = None, **leak_min) -> dict:  # type: ignore[no-untyped-def]
     ticks = iter(range(10**6))
     report = run_soak(
         lambda: SoakChunk(prompts=10, canary_checks=1),
         duration_s=duration_s, out_dir=ctx.out_dir, clock=lambda: float(next(ticks)),
-        rss_mib=lambda: 100.0,
+        rss_mib=lambda: 100.0, **leak_min,
     )  # fmt: skip
     used = {q: str(ctx.input_dir(q, ctx.seed)) for q in ("prepare", "online")}
     atomic_write_json(ctx.out_dir / "soak_call.json", {
         "duration_s": duration_s, "canary_every": canary_every, "inputs": used,
-        "profile": ctx.profile, "phase": ctx.phase, "seed": ctx.seed,
+        "profile": ctx.profile, "phase": ctx.phase, "seed": ctx.seed, "leak_min": leak_min,
     })  # fmt: skip
     return report
 
@@ -87,12 +87,28 @@ def test_stream_shadow_then_online(arch: str, tmp_path: Path, capsys) -> None:
     online_dir = tmp_path / "elsewhere" / "online"
     argv = [*base, "--mode", "online", "--checkpoint", str(run / "shadow")]
     assert main([*argv, "--output", str(online_dir)]) == 0
-    gate = tmp_path / "elsewhere" / "canary_gate"
+    gate = tmp_path / "elsewhere" / "online_canary_gate"  # its own, named after --output
     assert ran(gate)["inputs"] == {"prepare": str(run / "prepare"), "shadow": str(run / "shadow")}
     assert ran(online_dir)["inputs"] == {
         "prepare": str(run / "prepare"), "shadow": str(run / "shadow"), "canary_gate": str(gate),
     }  # fmt: skip
     assert (online_dir / "manifest.json").exists()
+    assert main([*argv, "--output", str(online_dir)]) == 0  # the same call again reuses both
+
+    # the other shadow, online into its own folder: its gate decides on shadow2, not on shadow
+    online2 = tmp_path / "elsewhere" / "online2"
+    argv2 = [*base, "--mode", "online", "--checkpoint", str(run / "shadow2")]
+    assert main([*argv2, "--output", str(online2)]) == 0
+    gate2 = tmp_path / "elsewhere" / "online2_canary_gate"
+    assert ran(gate2)["inputs"]["shadow"] == str(run / "shadow2")
+    assert ran(online2)["inputs"]["canary_gate"] == str(gate2)
+    # ... and into the first one's folder: refused, not handed the first shadow's decision
+    capsys.readouterr()
+    assert main([*argv2, "--output", str(online_dir)]) == 2
+    err = capsys.readouterr().err
+    assert f"{gate}: a complete mission_b canary_gate made from inputs" in err
+    assert str(run / "shadow2") in err and "choose another --output" in err
+    assert ran(gate)["inputs"]["shadow"] == str(run / "shadow")
 
 
 def test_stream_errors(arch: str, tmp_path: Path, capsys) -> None:
@@ -128,6 +144,7 @@ def test_soak_uses_the_newest_run_with_an_online_output(arch: str, tmp_path: Pat
     assert main([*argv, "--config", arch, "--output", str(out)]) == 0
     call = json.loads((out / "soak_call.json").read_text())
     assert call["duration_s"] == 30 and call["canary_every"] == 50 and call["seed"] == 0
+    assert call["leak_min"] == {}  # not given: mission_b.soak's default applies
     assert call["phase"] == "soak" and call["profile"] == "full"  # the soaked run's profile
     assert call["inputs"] == {
         "prepare": str(newest / "prepare"), "online": str(newest / "online" / "seed_0"),
@@ -135,6 +152,12 @@ def test_soak_uses_the_newest_run_with_an_online_output(arch: str, tmp_path: Pat
     printed = capsys.readouterr().out
     assert '"steady_state"' in printed and '"samples"' not in printed
     assert json.loads((out / "soak.json").read_text())["prompts"] == 300
+    argv += ["--leak-min-mib-per-1k-prompts", "0.5"]
+    assert main([*argv, "--config", arch, "--output", str(out)]) == 0
+    assert json.loads((out / "soak_call.json").read_text())["leak_min"] == {
+        "leak_min_mib_per_1k_prompts": 0.5
+    }
+    assert json.loads((out / "soak.json").read_text())["leak_min_mib_per_1k_prompts"] == 0.5
 
 
 def test_soak_without_a_run_trains_the_phases_standalone_first(
