@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import shutil
 from collections.abc import Sequence
 from dataclasses import astuple, dataclass
@@ -113,6 +112,7 @@ from bem_tasks.missions.planner import (
     load_codec,
     make_batch,
 )
+from bem_tasks.missions.soak import current_rss_mib
 
 SLICE = "slice_b"
 DATA_FILES = ("stream", "probe", "variant_test", "heldout", "canary", "drift")
@@ -311,9 +311,6 @@ class Engine:
         if self.learn:
             trips += self._update(list(ts), examples)
         done = ts[-1] + 1
-        if done % p.stream.probe_every == 0:
-            ok = greedy_exact(self.model, data.probe, data.pad_id, p.stream.batch_size)
-            self.state["probe_evals"].append([done, len(ok) - sum(ok), len(ok)])
         if self.guard is not None and self.learn and done % self.canary_every == 0:
             rate = _pass_rate(self.model, data.canary, data.pad_id, p.stream.batch_size)
             self.state["canary"].append([done, rate])
@@ -330,6 +327,10 @@ class Engine:
                 events["rolled_back"] = True
             elif events["canary_checked"]:
                 self.guard.last_good.mark(step, self.model, self.opt)
+        # after any rollback: the probes judge the weights that serve the next prompts
+        if done % p.stream.probe_every == 0:
+            ok = greedy_exact(self.model, data.probe, data.pad_id, p.stream.batch_size)
+            self.state["probe_evals"].append([done, len(ok) - sum(ok), len(ok)])
         return events
 
     def _serve(self, examples: list[Example]) -> list[bool]:
@@ -460,9 +461,14 @@ def run_stream(
         engine.restore_state(dict(loaded.extra))
         ctx.log.info("%s: resumed %s at prompt %d (%s)", ctx.phase, name, position, loaded.path)
     total = (stop - start) // s.update_every
+    cuda = _device(engine.model).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(_device(engine.model))
+    rss = [current_rss_mib()]
     while position < stop:
         events = engine.chunk(range(position, position + s.update_every))
         position += s.update_every
+        rss.append(current_rss_mib())
         k = (position - start) // s.update_every
         special = events["rolled_back"] or events["canary_checked"]
         if engine.learn and (k % s.checkpoint_every == 0 or position == stop or special):
@@ -471,6 +477,15 @@ def run_stream(
             )
         losses = engine.state["losses"]
         progress(ctx, name, k, total, loss=losses[-1][1] if losses else math.nan)
+    # this phase's process only (a resumed run measures its own part): the living model's
+    # footprint while it serves and learns, and its growth over the stream
+    engine.state["memory"] = {
+        "rss_peak_mib": max(rss),
+        "rss_growth_mib": rss[-1] - rss[0],
+        "cuda_peak_mib": torch.cuda.max_memory_allocated(_device(engine.model)) / 2**20
+        if cuda
+        else None,
+    }
     return engine.state
 
 
@@ -801,17 +816,12 @@ def evaluate(ctx: Any) -> dict[str, Any]:
     probe = encode_items(_read(ctx, "probe"), codec)
     anchor_failed = len(probe) - sum(greedy_exact(anchor, probe, codec.pad_id))
 
-    # The served system's probe record: the anchor's (computed once) until activation.
-    points = [a for a, _, _ in shadow_state["probe_evals"]]
-    served_evals = [ProbeEval(a, anchor_failed, len(probe)) for a in points]
-    learner_evals = _probe_evals(shadow_state["probe_evals"])
-    if activated:
-        served_evals += _probe_evals(online_state["probe_evals"])
-        learner_evals += _probe_evals(online_state["probe_evals"])
-    else:
-        served_evals += [
-            ProbeEval(a, anchor_failed, len(probe)) for a, _, _ in online_state["probe_evals"]
-        ]
+    served_evals, learner_evals = probe_records(
+        _probe_evals(shadow_state["probe_evals"]),
+        _probe_evals(online_state["probe_evals"]),
+        ProbeEval(0, anchor_failed, len(probe)),
+        activated=activated,
+    )
     horizon = p.data.n_stream - t0
     fix = time_to_fix(served_evals, t0, p.fix.window, p.fix.threshold)
     learner_fix = time_to_fix(learner_evals, t0, p.fix.window, p.fix.threshold)
@@ -832,14 +842,23 @@ def evaluate(ctx: Any) -> dict[str, Any]:
         for it, e, dec in zip(items, examples, decoded, strict=True):
             em, f1 = answer_em_f1(extract_answer(codec.decode(dec.tokens)), e.answer)
             rows[name].append({"em": em, "f1": f1, "aggregate_score": weight[it.variant] * em})
+    # Timed: regular and variant items alternately (both slices of the stream); warm-up on
+    # drift items, which are never timed nor scored.
+    timed = _interleave(range(len(heldout)), range(len(heldout), len(items)))
+    timed = timed[: p.evaluate.latency_examples]
+    warmup = encode_items(_read(ctx, "drift"), codec)[: p.evaluate.latency_warmup]
     latency = _latency(
         {n: _decoder(systems[n], codec, p) for n in ("online", "anchor")},
-        examples[: p.evaluate.latency_examples],
-        p.evaluate.latency_warmup,
+        [examples[i] for i in timed],
+        warmup,
     )
-    for name, values in latency.items():
-        for row, ms in zip(rows[name], values, strict=False):
-            row["latency_ms"] = ms
+    for k, i in enumerate(timed):
+        per_token = {n: latency[n][k].latency_per_token_ms for n in latency}
+        for name, dec in ((n, latency[n][k]) for n in latency):
+            rows[name][i] |= {"latency_ms": dec.total_ms, "ttft_ms": dec.ttft_ms}
+            step = per_token[name]
+            if step is not None and None not in per_token.values():  # a pair, or neither
+                rows[name][i]["latency_per_token_ms"] = step
 
     rollback_count = int(online_state["rollbacks"])
     drift_rate = (
@@ -868,7 +887,10 @@ def evaluate(ctx: Any) -> dict[str, Any]:
         return sum(vals) / len(vals)
 
     agg = {n: mean(n, "aggregate_score") for n in ("online", "anchor")}
-    lat = {n: summarize_latencies(latency[n]) for n in ("online", "anchor")}
+    per_tok = {n: [r["latency_per_token_ms"] for r in rows[n] if "latency_per_token_ms" in r]
+               for n in ("online", "anchor")}  # fmt: skip
+    lat = {n: summarize_latencies(per_tok[n]) for n in ("online", "anchor")}
+    total = {n: summarize_latencies([d.total_ms for d in latency[n]]) for n in latency}
     metrics: dict[str, Any] = {
         "anchor_used": json.loads((ctx.input_dir("prepare") / "anchor.json").read_text())["source"],
         "serving": online_state["serving"],
@@ -884,19 +906,22 @@ def evaluate(ctx: Any) -> dict[str, Any]:
         "aggregate_improvement": (
             100 * (agg["online"] / agg["anchor"] - 1) if agg["anchor"] else None
         ),
-        "memory_usage_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "memory_usage_mib": online_state["memory"]["rss_peak_mib"],
+        "memory_growth_mib": online_state["memory"]["rss_growth_mib"],
         "n_heldout": len(heldout),
         "n_variant_test": len(variant),
-        "n_latency": len(latency["anchor"]),
+        "n_latency": len(timed),
     }
-    if torch.cuda.is_available() and str(ctx.device).startswith("cuda"):
-        metrics["cuda_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    if online_state["memory"]["cuda_peak_mib"] is not None:
+        metrics["cuda_memory_mib"] = online_state["memory"]["cuda_peak_mib"]
     for name in ("online", "anchor"):
         for group, label in ((BASE, "regular"), (p.data.variant, "variant")):
             metrics[f"{name}_{label}_em"] = mean(name, "em", group)
     for q in ("p50", "p95"):
         a, o = getattr(lat["anchor"], f"{q}_ms"), getattr(lat["online"], f"{q}_ms")
-        metrics[f"latency_overhead_{q}"] = o / a - 1.0
+        metrics[f"latency_overhead_{q}"] = o / a - 1.0  # per generated token, as Mission A
+        a, o = getattr(total["anchor"], f"{q}_ms"), getattr(total["online"], f"{q}_ms")
+        metrics[f"latency_overhead_total_{q}"] = o / a - 1.0
     metrics["headline"] = [
         "serving", "time_to_fix", "time_to_fix_censored", "aggregate_improvement",
         "rollback_count", "online_variant_em", "anchor_variant_em", "online_regular_em",
@@ -914,6 +939,25 @@ def evaluate(ctx: Any) -> dict[str, Any]:
     return metrics
 
 
+def probe_records(
+    shadow: Sequence[ProbeEval],
+    online: Sequence[ProbeEval],
+    anchor: ProbeEval,
+    *,
+    activated: bool,
+) -> tuple[list[ProbeEval], list[ProbeEval]]:
+    """(served, learner) probe records. Served: the anchor's result (``anchor``, computed once;
+    its after_prompt is ignored) at every shadow point, then the online learner's if the gate
+    activated it, else the anchor's still. Learner: shadow then online (when it learned)."""
+
+    def of_anchor(evals: Sequence[ProbeEval]) -> list[ProbeEval]:
+        return [ProbeEval(e.after_prompt, anchor.failed, anchor.probes) for e in evals]
+
+    served = of_anchor(shadow) + (list(online) if activated else of_anchor(online))
+    learner = list(shadow) + (list(online) if activated else [])
+    return served, learner
+
+
 def _decoder(model: nn.Module, codec: TextCodec, p: MissionBParams) -> RoutedDecoder:
     return RoutedDecoder(
         model, eos_id=codec.eos_id, max_new_tokens=p.evaluate.max_new_tokens, device=_device(model)
@@ -928,19 +972,25 @@ def _decode_all(decoder: RoutedDecoder, examples: Sequence[Example], bs: int) ->
 
 
 def _latency(
-    decoders: dict[str, RoutedDecoder], examples: Sequence[Example], warmup: int
-) -> dict[str, list[float]]:
-    """Per-token batch-1 decode time (ms), both systems interleaved, alternating first."""
+    decoders: dict[str, RoutedDecoder], examples: Sequence[Example], warmup: Sequence[Example]
+) -> dict[str, list[Decoded]]:
+    """Batch-1 decodes of ``examples`` (after untimed ``warmup`` decodes), both systems
+    interleaved, alternating which goes first, each timed by the decoder."""
     names = list(decoders)
-    for e in examples[:warmup]:
+    for e in warmup:
         for n in names:
             decoders[n](e.prompt)
-    out: dict[str, list[float]] = {n: [] for n in names}
+    out: dict[str, list[Decoded]] = {n: [] for n in names}
     for i, e in enumerate(examples):
         for n in names if i % 2 == 0 else names[::-1]:
-            dec = decoders[n](e.prompt)
-            out[n].append(dec.total_ms / max(len(dec.tokens), 1))
+            out[n].append(decoders[n](e.prompt))
     return out
+
+
+def _interleave(a: Sequence[int], b: Sequence[int]) -> list[int]:
+    out = [x for pair in zip(a, b, strict=False) for x in pair]
+    n = min(len(a), len(b))
+    return out + list(a[n:]) + list(b[n:])
 
 
 # ============================================================================ soak

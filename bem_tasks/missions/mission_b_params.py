@@ -180,6 +180,12 @@ class MissionBParams(Strict):
                     f"{key}={value} must be a multiple of stream.update_every={every}: the stream "
                     "engine works in whole updates"
                 )
+        if self.fix.threshold > d.min_anchor_probe_failure:
+            raise ValueError(
+                f"fix.threshold={self.fix.threshold} must be <= data.min_anchor_probe_failure="
+                f"{d.min_anchor_probe_failure}: else an anchor that fails fewer probes than the "
+                "threshold passes prepare and counts as fixed from the first window"
+            )
         horizon = d.n_stream - d.inject_at
         if horizon <= self.targets.time_to_fix:
             raise ValueError(

@@ -35,8 +35,8 @@ def test_soak_counts_forced_canary_rollbacks(micro_b: MicroB, tmp_path, monkeypa
     assert checks == report["prompts"] // 8 >= 1
     assert sum(s["canary_failures"] for s in samples) == checks
     assert sum(s["rollbacks"] for s in samples) == checks
-    rollbacks = json.loads((tmp_path / "soak" / "last_good" / "rollbacks.json").read_text())
-    assert len(rollbacks) == checks
+    log = tmp_path / "soak" / "last_good" / "rollbacks.jsonl"
+    assert len(log.read_text().splitlines()) == checks
 
 
 def test_soak_refuses_a_canary_cadence_off_the_update_grid(micro_b: MicroB, tmp_path):
