@@ -242,8 +242,7 @@ class Guard:
 
     reference: dict[str, torch.Tensor]  # promoted weights: EWC/proximal anchor and drift origin
     fisher: dict[str, torch.Tensor]
-    drift_batch: Any  # planner Batch of drift.jsonl
-    anchor_logits: torch.Tensor  # the anchor's logits on it, computed once
+    drift_batches: list[Any]  # planner Batches of drift.jsonl
     last_good: LastGood
 
 
@@ -380,14 +379,28 @@ class Engine:
     def _drift(self, grad_norm: float) -> DriftReading:
         g = self.guard
         assert g is not None
-        b = g.drift_batch
-        logits = self.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
         return DriftReading(
-            kl=probe_kl(g.anchor_logits, logits, b.attention_mask),
+            kl=drift_kl(self.model, g.drift_batches),
             param_distance=parameter_distance(self.model, g.reference),
             grad_norm=grad_norm,
             spectral_norm=controller_spectral_norm(self.model, g.reference),
         )
+
+
+@torch.no_grad()
+def drift_kl(model: nn.Module, batches: Sequence[Any]) -> float:
+    """KL(anchor || learner) of the next-token distributions, mean over the drift set's tokens.
+    Batch by batch, with the anchor's logits recomputed (deltas off) rather than kept: [N, T, V]
+    logits of a full-size vocabulary would not fit for the whole phase."""
+    total, count = 0.0, 0.0
+    for b in batches:
+        with bem_disabled(model):
+            anchor = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+        learner = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+        n = float(b.attention_mask.sum())
+        total += probe_kl(anchor.float(), learner.float(), b.attention_mask) * n
+        count += n
+    return total / max(count, 1.0)
 
 
 @dataclass
@@ -429,16 +442,15 @@ def _make_guard(
     model.train()
     fisher = diagonal_fisher(model, batches, log_likelihood)
     model.eval()
-    drift_batch = make_batch(data.drift, data.pad_id, loss_on_prompt=False).to(_device(model))
-    with torch.no_grad(), bem_disabled(model):
-        anchor_logits = model(
-            input_ids=drift_batch.input_ids, attention_mask=drift_batch.attention_mask
-        ).logits
+    bs = p.stream.batch_size
+    drift_batches = [
+        make_batch(data.drift[i : i + bs], data.pad_id, loss_on_prompt=False).to(_device(model))
+        for i in range(0, len(data.drift), bs)
+    ]
     return Guard(
         reference=snapshot(model),
         fisher=fisher,
-        drift_batch=drift_batch,
-        anchor_logits=anchor_logits,
+        drift_batches=drift_batches,
         last_good=LastGood(last_good_dir, trainable_only=True),
     )
 
@@ -649,12 +661,18 @@ def _train_own_anchor(ctx: Any, p: MissionBParams) -> None:
             f"prompt + generation ({longest} tokens)"
         )
     spec = p.anchor_training
-    fp = fingerprint_of(p.model, p.data, spec)
+    fp = anchor_fingerprint(p)
     model, run = pretrain_lm(
         ctx, "anchor", train, codec.pad_id, p.model, spec, seed=p.data.seed, fingerprint=fp
     )
     save_model(model, ctx.out_dir / "anchor" / "model", codec.tok)
     plot_series(ctx.out_dir / "anchor_loss.png", {"LM loss": run["history"]}, "anchor", "step")
+
+
+def anchor_fingerprint(p: MissionBParams) -> str:
+    """Only what the own anchor is trained from: stream or pool sizes do not retrain it."""
+    d = p.data
+    return fingerprint_of(p.model, _item_space(p), d.anchor_train, d.seed, p.anchor_training)
 
 
 def _stream_fingerprint(ctx: Any, p: MissionBParams, *extra: Any) -> str:
@@ -763,7 +781,7 @@ def online(ctx: Any) -> dict[str, Any]:
     ]  # fmt: skip
     state["serving"] = "learner" if activated else "anchor"
     atomic_write_json(ctx.out_dir / "state.json", state)
-    _plot_online(ctx.out_dir / "online.png", state)
+    _plot_online(ctx.out_dir / "online.png", state, p.stream.shadow_until, p.stream.update_every)
     return {
         "activated": int(activated),
         "serving": state["serving"],
@@ -782,19 +800,24 @@ def online(ctx: Any) -> dict[str, Any]:
     }
 
 
-def _plot_online(path: Path, state: dict[str, Any]) -> None:
+def _plot_online(path: Path, state: dict[str, Any], start: int, every: int) -> None:
+    """Every series against prompts: update u ends after prompt start + u * every."""
+
+    def prompt(update: int) -> int:
+        return start + update * every
+
     plot_series(
         path,
         {
             "probe failure rate": [[a, f / n] for a, f, n in state["probe_evals"]],
             "canary pass rate": state["canary"],
-            "drift KL": [[r[0], r[1]] for r in state["drift"]],
-            "rollbacks (update)": [
-                [r["at_update"], i + 1] for i, r in enumerate(state.get("rollback_log", []))
+            "drift KL": [[prompt(r[0]), r[1]] for r in state["drift"]],
+            "rollbacks": [
+                [prompt(r["at_update"]), i + 1] for i, r in enumerate(state.get("rollback_log", []))
             ],
         },
         "online",
-        "prompt / update",
+        "prompt",
     )
 
 
@@ -1038,4 +1061,5 @@ def soak(ctx: Any, *, duration_s: float, canary_every: int | None = None) -> dic
         return SoakChunk(every, rollbacks, checks, failures)
 
     report = run_soak(advance, duration_s=duration_s, out_dir=ctx.out_dir)
-    return report | {"serving": "learner" if activated else "anchor"}
+    # not activated: the anchor serves and nothing learns, so its 0 rollbacks say nothing
+    return report | {"serving": "learner" if activated else "anchor", "learning": activated}

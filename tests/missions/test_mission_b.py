@@ -568,3 +568,37 @@ def test_time_to_fix_target_equals_the_gate_in_every_profile():
         target = (doc["profiles"][profile] or {}).get("params", {}).get("targets", {})
         value = target.get("time_to_fix", doc["params"]["targets"]["time_to_fix"])
         assert value == gate.threshold, profile
+
+
+def test_drift_kl_in_batches_equals_one_batch_and_is_zero_at_the_anchor(micro_b: MicroB, tmp_path):
+    from bem_tasks.core import bem_disabled
+    from bem_tasks.missions.living import probe_kl
+    from bem_tasks.missions.planner import make_batch
+
+    ctx, p, model, codec = _promoted(micro_b, tmp_path)
+    data = mission_b._stream_data(ctx, codec)
+    whole = make_batch(data.drift, codec.pad_id, loss_on_prompt=False)
+    parts = [
+        make_batch(data.drift[i : i + 3], codec.pad_id, loss_on_prompt=False)
+        for i in range(0, len(data.drift), 3)
+    ]
+    with torch.no_grad():
+        with bem_disabled(model):
+            anchor = model(input_ids=whole.input_ids, attention_mask=whole.attention_mask).logits
+        learner = model(input_ids=whole.input_ids, attention_mask=whole.attention_mask).logits
+    expected = probe_kl(anchor, learner, whole.attention_mask)
+    assert expected > 0
+    assert mission_b.drift_kl(model, parts) == pytest.approx(expected, rel=1e-4)
+    fresh = mission_b.attach_controller(mission_b.load_anchor(ctx, p)[0], p, 0)  # U = 0
+    assert mission_b.drift_kl(fresh, parts) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_own_anchor_fingerprint_ignores_stream_sizes():
+    p = MissionBParams.model_validate(MICRO_B)
+    fp = mission_b.anchor_fingerprint(p)
+    bigger = copy.deepcopy(MICRO_B)
+    bigger["data"].update(n_stream=320, n_heldout=20, n_canary_pool=40)
+    assert mission_b.anchor_fingerprint(MissionBParams.model_validate(bigger)) == fp
+    other = copy.deepcopy(MICRO_B)
+    other["data"]["anchor_train"] = 300
+    assert mission_b.anchor_fingerprint(MissionBParams.model_validate(other)) != fp

@@ -22,6 +22,7 @@ def test_soak_continues_the_online_learner(micro_b: MicroB, tmp_path):
     assert sum(s["canary_checks"] for s in samples) == report["prompts"] // 16
     assert sum(s["rollbacks"] for s in samples) == 0  # the micro thresholds never trip
     assert (tmp_path / "soak" / "soak.png").is_file()
+    assert report["learning"] is True and report["serving"] == "learner"
 
 
 def test_soak_counts_forced_canary_rollbacks(micro_b: MicroB, tmp_path, monkeypatch):
