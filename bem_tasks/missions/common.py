@@ -16,7 +16,7 @@ import json
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -26,6 +26,8 @@ from bem_tasks.config.schema import ModelSpec, TrainingSpec
 from bem_tasks.core import CheckpointManager, build_model
 from bem_tasks.io import atomic_write_bytes, atomic_write_json, sha256_file
 from bem_tasks.missions.planner import make_batch
+
+P = TypeVar("P")
 
 
 def progress(ctx: Any, loop: str, step: int, total: int, **values: float) -> None:
@@ -37,6 +39,21 @@ def progress(ctx: Any, loop: str, step: int, total: int, **values: float) -> Non
 
 def step_rng(seed: int, step: int, salt: int) -> np.random.Generator:
     return np.random.default_rng([seed, step, salt])
+
+
+def mission_params(ctx: Any, cls: type[P], mission: str) -> P:
+    """``ctx.params`` checked to be ``cls``; applies its ``runtime.threads``."""
+    p = ctx.params
+    if not isinstance(p, cls):
+        raise TypeError(f"{mission} expects {cls.__name__}, got {type(p).__name__}")
+    threads = p.runtime.threads  # type: ignore[attr-defined]
+    if threads:
+        torch.set_num_threads(threads)
+    return p
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return torch.bfloat16 if name == "bfloat16" else torch.float32
 
 
 def fingerprint_of(*parts: Any) -> str:
@@ -129,11 +146,20 @@ def pretrain_lm(
     *,
     seed: int,
     fingerprint: str,
+    max_new_tokens: int,
+    also_fits: Sequence[Any] = (),
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The fleet's base-LM recipe: a tiny ``model_spec`` model built from ``seed`` and trained
     from scratch on prompts + targets of ``train`` (planner ``Example`` rows; batches drawn
     from (seed, step)) under ckpt/<name>. Mission A's pretrain_base and Mission B's own anchor
-    both come from here, so the two are the same kind of model."""
+    both come from here, so the two are the same kind of model. Refuses a ``max_positions``
+    shorter than the longest prompt + target of ``train`` and ``also_fits`` + generation."""
+    longest = max(len(e.prompt) + len(e.target) for e in [*train, *also_fits]) + max_new_tokens
+    if longest > model_spec.max_positions:
+        raise ValueError(
+            f"params.model.max_positions={model_spec.max_positions} is shorter than the longest "
+            f"prompt + generation ({longest} tokens)"
+        )
     model = build_model(
         model_spec.family,
         seed=seed,

@@ -91,10 +91,12 @@ from bem_tasks.missions.common import (
     fingerprint_of,
     fingerprinted_checkpoints,
     input_digest,
+    mission_params,
     plot_series,
     pretrain_lm,
     progress,
     step_rng,
+    torch_dtype,
     train_loop,
 )
 from bem_tasks.missions.mission_a_params import MissionAParams
@@ -109,11 +111,11 @@ from bem_tasks.missions.planner import (
     TextCodec,
     bc_loss,
     closed_loop_accuracy,
+    decode_all,
     encode_items,
     expected_reward,
     greedy_chooser,
     kv_share,
-    length_buckets,
     load_codec,
     make_batch,
     ppo_update,
@@ -121,6 +123,7 @@ from bem_tasks.missions.planner import (
     shared_prefix,
     skill_gates,
     teacher_forced_chunks,
+    timed_decodes,
 )
 from bem_tasks.stats import paired_bootstrap
 
@@ -133,12 +136,7 @@ PARITY_TOLERANCE = 0.05
 
 # ============================================================================ helpers
 def _params(ctx: Any) -> MissionAParams:
-    p = ctx.params
-    if not isinstance(p, MissionAParams):
-        raise TypeError(f"mission_a expects MissionAParams, got {type(p).__name__}")
-    if p.runtime.threads:
-        torch.set_num_threads(p.runtime.threads)
-    return p
+    return mission_params(ctx, MissionAParams, "mission_a")
 
 
 def _read_split(ctx: Any, split: str) -> list[Any]:
@@ -146,7 +144,7 @@ def _read_split(ctx: Any, split: str) -> list[Any]:
 
 
 def _dtype(p: MissionAParams) -> torch.dtype:
-    return torch.bfloat16 if p.runtime.dtype == "bfloat16" else torch.float32
+    return torch_dtype(p.runtime.dtype)
 
 
 def _base_dir(ctx: Any) -> Path:
@@ -329,17 +327,12 @@ def pretrain_base(ctx: Any) -> dict[str, Any]:
     codec = TextCodec(ByteTokenizer())
     train = encode_items(_read_split(ctx, "train"), codec)
     dev = encode_items(_read_split(ctx, "dev"), codec)
-    longest = max(len(e.prompt) + len(e.target) for e in train + dev) + p.evaluate.max_new_tokens
-    if longest > p.model.max_positions:
-        raise ValueError(
-            f"params.model.max_positions={p.model.max_positions} is shorter than the longest "
-            f"prompt + generation ({longest} tokens)"
-        )
     spec = p.training.pretrain_base
     fp = fingerprint_of(p.model, p.data, spec, input_digest(ctx, "prepare", None, "train.jsonl"))
     model, run = pretrain_lm(
-        ctx, "base", train, codec.pad_id, p.model, spec, seed=p.data.seed, fingerprint=fp
-    )
+        ctx, "base", train, codec.pad_id, p.model, spec, seed=p.data.seed, fingerprint=fp,
+        max_new_tokens=p.evaluate.max_new_tokens, also_fits=dev,
+    )  # fmt: skip
     save_model(model, ctx.out_dir / "model", codec.tok)
     plot_series(ctx.out_dir / "loss.png", {"LM loss": run["history"]}, "pretrain_base", "step")
     decoder = RoutedDecoder(
@@ -817,11 +810,11 @@ def _dev_rewards(
     decoder: RoutedDecoder, examples: Sequence[Example], codec: TextCodec, p: MissionAParams
 ) -> dict[str, list[Any]]:
     """Training reward (rollout_reward) of each example greedy-decoded with greedy routing in
-    evaluate's batches (``_decode_all``: the batch-1 tokens and decisions): per-example reward,
+    evaluate's batches (``decode_all``: the batch-1 tokens and decisions): per-example reward,
     EM and routing decisions."""
     choose = greedy_chooser(p.bem.tau, p.router.plan_horizon)
     out: dict[str, list[Any]] = {"reward": [], "em": [], "decisions": []}
-    decoded = _decode_all(decoder, examples, choose, p.evaluate.batch_size)
+    decoded = decode_all(decoder, examples, p.evaluate.batch_size, choose)
     for e, dec in zip(examples, decoded, strict=True):
         reward, scores = rollout_reward(dec, codec.decode(dec.tokens), e.answer, p)
         out["reward"].append(reward)
@@ -862,12 +855,12 @@ def evaluate(ctx: Any) -> dict[str, Any]:
     # Answers and plans: every example, decoded in batches of one prompt length (no padding);
     # the router twice, with and without the horizon lock.
     decoded = {
-        split: {name: _decode_all(decoders[name], examples, choose, ev.batch_size)
+        split: {name: decode_all(decoders[name], examples, ev.batch_size, choose)
                 for name in SYSTEMS}
         for split, examples in splits.items()
     }  # fmt: skip
     free = {
-        split: _decode_all(decoders["router"], examples, unlocked, ev.batch_size)
+        split: decode_all(decoders["router"], examples, ev.batch_size, unlocked)
         for split, examples in splits.items()
     }
     metrics_of: dict[tuple[str, str], dict[str, float]] = {}  # (example id, system) -> metrics
@@ -887,14 +880,12 @@ def evaluate(ctx: Any) -> dict[str, Any]:
     # Latency is a serving metric: batch-1 decodes of the first latency_examples test items,
     # both systems interleaved, alternating which goes first, each timed by the decoder.
     timed = splits["test"][: ev.latency_examples]
-    for e in splits["dev"][: ev.latency_warmup]:  # untimed warm-up of both systems
-        for name in SYSTEMS:
-            decoders[name](e.prompt, choose)
+    warmup = splits["dev"][: ev.latency_warmup]
+    singles = timed_decodes({s: decoders[s] for s in SYSTEMS}, timed, warmup, choose)
     agree = {s: 0 for s in SYSTEMS}
     for i, e in enumerate(timed):
-        single: dict[str, Decoded] = {}
-        for name in SYSTEMS if i % 2 == 0 else SYSTEMS[::-1]:
-            single[name] = decoders[name](e.prompt, choose)
+        single = {s: singles[s][i] for s in SYSTEMS}
+        for name in SYSTEMS:
             batched = decoded["test"][name][i]
             agree[name] += (single[name].tokens, single[name].decisions) == (
                 batched.tokens, batched.decisions)  # fmt: skip
@@ -993,7 +984,7 @@ def _kv_reuse(
     ``agreement`` = share of those requests whose tokens and routing decisions are identical."""
     requests = [e for g in workload for e in g]
     caches = {s: PrefixCache(decoders[s]) for s in SYSTEMS}
-    fresh = {s: iter(_decode_all(decoders[s], requests, choose, batch_size)) for s in SYSTEMS}
+    fresh = {s: iter(decode_all(decoders[s], requests, batch_size, choose)) for s in SYSTEMS}
     same = dict.fromkeys(SYSTEMS, 0)
     reused_requests = dict.fromkeys(SYSTEMS, 0)
     per_group: dict[str, list[dict[str, float]]] = {s: [] for s in SYSTEMS}
@@ -1032,16 +1023,6 @@ def _kv_reuse(
         "agreement": {s: same[s] / max(reused_requests[s], 1) for s in SYSTEMS},
         "reused_requests": reused_requests,
     }
-
-
-def _decode_all(
-    decoder: RoutedDecoder, examples: Sequence[Example], choose: Any, batch_size: int
-) -> list[Decoded]:
-    """Greedy decodes of every example, batched by prompt length, in the examples' order."""
-    out: dict[int, Decoded] = {}
-    for idx in length_buckets([e.prompt for e in examples], batch_size):
-        out.update(zip(idx, decoder.batch([examples[i].prompt for i in idx], choose), strict=True))
-    return [out[i] for i in range(len(examples))]
 
 
 def _answer_metrics(text: str, answer: str, dec: Decoded) -> dict[str, float]:

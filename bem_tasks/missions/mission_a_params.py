@@ -25,6 +25,23 @@ class RuntimeSpec(Strict):
     dtype: Literal["float32", "bfloat16"] = "float32"
 
 
+# The compositional item space; Mission B anchoring on A's base must use the same values.
+ITEM_SPACE = ("n_keys", "min_facts", "max_facts", "value_min", "value_max", "ops")
+
+
+def check_item_ranges(d: Any) -> None:
+    """The item space's own constraints (shared by Mission A's and Mission B's data blocks)."""
+    if not 2 <= d.min_facts <= d.max_facts <= d.n_keys:
+        raise ValueError(
+            f"need 2 <= min_facts <= max_facts <= n_keys, got {d.min_facts}, "
+            f"{d.max_facts}, {d.n_keys}"
+        )
+    if d.value_max <= d.value_min:
+        raise ValueError(f"need value_min < value_max, got {d.value_min}, {d.value_max}")
+    if not d.ops:
+        raise ValueError("ops must name at least one operation")
+
+
 class DataSpec(Strict):
     """Suite A (bem_tasks.data compositional) sizes and item space. `sort` (a list answer) is
     on by default: it is what makes answer F1 differ from EM. prepare refuses sizes the item
@@ -43,15 +60,7 @@ class DataSpec(Strict):
 
     @model_validator(mode="after")
     def _ranges(self) -> DataSpec:
-        if not 2 <= self.min_facts <= self.max_facts <= self.n_keys:
-            raise ValueError(
-                f"need 2 <= min_facts <= max_facts <= n_keys, got {self.min_facts}, "
-                f"{self.max_facts}, {self.n_keys}"
-            )
-        if self.value_max <= self.value_min:
-            raise ValueError(f"need value_min < value_max, got {self.value_min}, {self.value_max}")
-        if not self.ops:
-            raise ValueError("ops must name at least one operation")
+        check_item_ranges(self)
         return self
 
 

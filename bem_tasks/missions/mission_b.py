@@ -79,9 +79,11 @@ from bem_tasks.missions.common import (
     fingerprint_of,
     fingerprinted_checkpoints,
     input_digest,
+    mission_params,
     plot_series,
     pretrain_lm,
     progress,
+    torch_dtype,
 )
 from bem_tasks.missions.living import (
     DriftReading,
@@ -101,16 +103,17 @@ from bem_tasks.missions.living import (
     time_to_fix,
     trainable,
 )
+from bem_tasks.missions.mission_a_params import ITEM_SPACE
 from bem_tasks.missions.mission_b_params import MissionBParams
 from bem_tasks.missions.planner import (
-    Decoded,
     Example,
     RoutedDecoder,
     TextCodec,
+    decode_all,
     encode_items,
-    length_buckets,
     load_codec,
     make_batch,
+    timed_decodes,
 )
 from bem_tasks.missions.soak import current_rss_mib
 
@@ -120,28 +123,16 @@ DATA_FILES = ("stream", "probe", "variant_test", "heldout", "canary", "drift")
 
 # ============================================================================ helpers
 def _params(ctx: Any) -> MissionBParams:
-    p = ctx.params
-    if not isinstance(p, MissionBParams):
-        raise TypeError(f"mission_b expects MissionBParams, got {type(p).__name__}")
-    if p.runtime.threads:
-        torch.set_num_threads(p.runtime.threads)
-    return p
+    return mission_params(ctx, MissionBParams, "mission_b")
 
 
 def _dtype(p: MissionBParams) -> torch.dtype:
-    return torch.bfloat16 if p.runtime.dtype == "bfloat16" else torch.float32
+    return torch_dtype(p.runtime.dtype)
 
 
 def _item_space(p: MissionBParams) -> CompositionalConfig:
-    d = p.data
-    return CompositionalConfig(
-        n_keys=d.n_keys,
-        min_facts=d.min_facts,
-        max_facts=d.max_facts,
-        value_min=d.value_min,
-        value_max=d.value_max,
-        ops=tuple(d.ops),
-    )
+    space = {k: getattr(p.data, k) for k in ITEM_SPACE}
+    return CompositionalConfig(**(space | {"ops": tuple(p.data.ops)}))
 
 
 def _read(ctx: Any, name: str) -> list[StreamItem]:
@@ -635,8 +626,7 @@ def _mission_a_base(ctx: Any) -> Path | None:
 
 def _check_same_items(ctx: Any, p: MissionBParams) -> None:
     a = ctx.cfg.params["mission_a"].data
-    keys = ("n_keys", "min_facts", "max_facts", "value_min", "value_max", "ops")
-    differ = [k for k in keys if getattr(a, k) != getattr(p.data, k)]
+    differ = [k for k in ITEM_SPACE if getattr(a, k) != getattr(p.data, k)]
     if differ:
         shown = ", ".join(f"{k}: {getattr(a, k)!r} vs {getattr(p.data, k)!r}" for k in differ)
         raise ValueError(
@@ -654,17 +644,12 @@ def _train_own_anchor(ctx: Any, p: MissionBParams) -> None:
     )["train"]
     write_jsonl(ctx.out_dir / "anchor_train.jsonl", items)
     train = encode_items(items, codec)
-    longest = max(len(e.prompt) + len(e.target) for e in train) + p.evaluate.max_new_tokens
-    if longest > p.model.max_positions:
-        raise ValueError(
-            f"params.model.max_positions={p.model.max_positions} is shorter than the longest "
-            f"prompt + generation ({longest} tokens)"
-        )
     spec = p.anchor_training
     fp = anchor_fingerprint(p)
     model, run = pretrain_lm(
-        ctx, "anchor", train, codec.pad_id, p.model, spec, seed=p.data.seed, fingerprint=fp
-    )
+        ctx, "anchor", train, codec.pad_id, p.model, spec, seed=p.data.seed, fingerprint=fp,
+        max_new_tokens=p.evaluate.max_new_tokens,
+    )  # fmt: skip
     save_model(model, ctx.out_dir / "anchor" / "model", codec.tok)
     plot_series(ctx.out_dir / "anchor_loss.png", {"LM loss": run["history"]}, "anchor", "step")
 
@@ -860,7 +845,7 @@ def evaluate(ctx: Any) -> dict[str, Any]:
     rows: dict[str, list[dict[str, float]]] = {}
     for name in ("online", "anchor"):
         decoder = _decoder(systems[name], codec, p)
-        decoded = _decode_all(decoder, examples, p.evaluate.batch_size)
+        decoded = decode_all(decoder, examples, p.evaluate.batch_size)
         rows[name] = []
         for it, e, dec in zip(items, examples, decoded, strict=True):
             em, f1 = answer_em_f1(extract_answer(codec.decode(dec.tokens)), e.answer)
@@ -870,7 +855,7 @@ def evaluate(ctx: Any) -> dict[str, Any]:
     timed = _interleave(range(len(heldout)), range(len(heldout), len(items)))
     timed = timed[: p.evaluate.latency_examples]
     warmup = encode_items(_read(ctx, "drift"), codec)[: p.evaluate.latency_warmup]
-    latency = _latency(
+    latency = timed_decodes(
         {n: _decoder(systems[n], codec, p) for n in ("online", "anchor")},
         [examples[i] for i in timed],
         warmup,
@@ -985,29 +970,6 @@ def _decoder(model: nn.Module, codec: TextCodec, p: MissionBParams) -> RoutedDec
     return RoutedDecoder(
         model, eos_id=codec.eos_id, max_new_tokens=p.evaluate.max_new_tokens, device=_device(model)
     )
-
-
-def _decode_all(decoder: RoutedDecoder, examples: Sequence[Example], bs: int) -> list[Decoded]:
-    out: dict[int, Decoded] = {}
-    for idx in length_buckets([e.prompt for e in examples], bs):
-        out.update(zip(idx, decoder.batch([examples[i].prompt for i in idx]), strict=True))
-    return [out[i] for i in range(len(examples))]
-
-
-def _latency(
-    decoders: dict[str, RoutedDecoder], examples: Sequence[Example], warmup: Sequence[Example]
-) -> dict[str, list[Decoded]]:
-    """Batch-1 decodes of ``examples`` (after untimed ``warmup`` decodes), both systems
-    interleaved, alternating which goes first, each timed by the decoder."""
-    names = list(decoders)
-    for e in warmup:
-        for n in names:
-            decoders[n](e.prompt)
-    out: dict[str, list[Decoded]] = {n: [] for n in names}
-    for i, e in enumerate(examples):
-        for n in names if i % 2 == 0 else names[::-1]:
-            out[n].append(decoders[n](e.prompt))
-    return out
 
 
 def _interleave(a: Sequence[int], b: Sequence[int]) -> list[int]:

@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
 from bem_tasks.config.schema import ModelSpec, Strict, TrainingSpec
-from bem_tasks.missions.mission_a_params import ALL_OPS, Op, RuntimeSpec
+from bem_tasks.missions.mission_a_params import ALL_OPS, Op, RuntimeSpec, check_item_ranges
 
 
 class DriftThresholds(Strict):
@@ -55,15 +55,7 @@ class DataSpec(Strict):
 
     @model_validator(mode="after")
     def _ranges(self) -> DataSpec:
-        if not 2 <= self.min_facts <= self.max_facts <= self.n_keys:
-            raise ValueError(
-                f"data: need 2 <= min_facts <= max_facts <= n_keys, got {self.min_facts}, "
-                f"{self.max_facts}, {self.n_keys}"
-            )
-        if self.value_max <= self.value_min:
-            raise ValueError(
-                f"data: need value_min < value_max, got {self.value_min}, {self.value_max}"
-            )
+        check_item_ranges(self)
         if not self.inject_at < self.n_stream:
             raise ValueError(
                 f"data.inject_at={self.inject_at} must be < data.n_stream={self.n_stream}"

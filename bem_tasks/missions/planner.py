@@ -28,7 +28,7 @@ import copy
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -647,6 +647,39 @@ def length_buckets(prompts: Sequence[Sequence[int]], size: int) -> list[list[int
     return [
         idx[lo : lo + size] for _, idx in sorted(by_len.items()) for lo in range(0, len(idx), size)
     ]
+
+
+def decode_all(
+    decoder: RoutedDecoder,
+    examples: Sequence[Example],
+    batch_size: int,
+    choose: Chooser | None = None,
+) -> list[Decoded]:
+    """Greedy decodes of every example, batched by prompt length, in the examples' order."""
+    out: dict[int, Decoded] = {}
+    for idx in length_buckets([e.prompt for e in examples], batch_size):
+        out.update(zip(idx, decoder.batch([examples[i].prompt for i in idx], choose), strict=True))
+    return [out[i] for i in range(len(examples))]
+
+
+def timed_decodes(
+    decoders: Mapping[str, RoutedDecoder],
+    examples: Sequence[Example],
+    warmup: Sequence[Example],
+    choose: Chooser | None = None,
+) -> dict[str, list[Decoded]]:
+    """Latency as a serving metric: batch-1 decodes of ``examples`` after untimed ``warmup``
+    decodes, the systems interleaved and alternating which goes first (so drift of the machine
+    hits both alike), each timed by its decoder."""
+    names = list(decoders)
+    for e in warmup:
+        for n in names:
+            decoders[n](e.prompt, choose)
+    out: dict[str, list[Decoded]] = {n: [] for n in names}
+    for i, e in enumerate(examples):
+        for n in names if i % 2 == 0 else names[::-1]:
+            out[n].append(decoders[n](e.prompt, choose))
+    return out
 
 
 # ---------------------------------------------------------------------------- KV-hit

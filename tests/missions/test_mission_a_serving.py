@@ -16,6 +16,7 @@ from bem_tasks.missions.planner import (
     MacroRouter,
     PrefixCache,
     RoutedDecoder,
+    decode_all,
     encode_items,
     greedy_chooser,
     length_buckets,
@@ -246,8 +247,8 @@ def test_an_unconstrained_plan_beyond_the_horizon_fails_the_plan_gate(micro: Mic
     rows = [
         mission_a._plan_metrics(a, b)
         for a, b in zip(
-            mission_a._decode_all(routed, examples, locked, 4),
-            mission_a._decode_all(routed, examples, unlocked, 4),
+            decode_all(routed, examples, 4, locked),
+            decode_all(routed, examples, 4, unlocked),
             strict=True,
         )
     ]

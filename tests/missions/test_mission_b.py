@@ -488,6 +488,7 @@ def test_anchor_json_names_the_anchor(micro_b: MicroB):
         (lambda d: d["controller"].update(chunk_size=4), r"chunk_size"),
         (lambda d: d["drift"].update(kl_max=0), r"kl_max"),
         (lambda d: d["online"].update(ewc=1.0), r"ewc"),
+        (lambda d: d["data"].update(ops=[]), r"ops must name at least one operation"),
         (lambda d: d["fix"].update(threshold=0.95), r"fix\.threshold=0\.95.*min_anchor_probe"),
     ],
 )
@@ -602,3 +603,15 @@ def test_own_anchor_fingerprint_ignores_stream_sizes():
     other = copy.deepcopy(MICRO_B)
     other["data"]["anchor_train"] = 300
     assert mission_b.anchor_fingerprint(MissionBParams.model_validate(other)) != fp
+
+
+def test_pretrain_lm_refuses_too_few_positions():
+    from bem_tasks.missions.common import pretrain_lm
+
+    p = MissionBParams.model_validate(MICRO_B)
+    long = SimpleNamespace(prompt=[1] * 60, target=[2] * 20)
+    with pytest.raises(ValueError, match=r"max_positions=96 .*\(104 tokens\)"):
+        pretrain_lm(
+            None, "anchor", [long], 0, p.model, p.anchor_training, seed=0, fingerprint="x",
+            max_new_tokens=24,
+        )  # fmt: skip
