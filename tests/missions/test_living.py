@@ -221,7 +221,8 @@ def test_a_trip_rolls_back_to_the_bit_identical_good_weights(tmp_path) -> None:
         assert torch.equal(value, good_moments[key]), key
     assert record.at_step == 23 and record.restored_step == 3
     assert record.tripped == [Trip("param_distance", reading.param_distance, 1e-3)]
-    logged = json.loads((tmp_path / "good" / "rollbacks.json").read_text())
+    lines = (tmp_path / "good" / "rollbacks.jsonl").read_text().splitlines()
+    logged = [json.loads(line) for line in lines]
     assert logged[0]["at_step"] == 23 and logged[0]["tripped"][0]["monitor"] == "param_distance"
     retried = LastGood(tmp_path / "good", trainable_only=True)
     assert retried.rollbacks == [record]  # a retried task reads the log ...
