@@ -21,11 +21,36 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from bem_tasks.core import attach_bem, build_model, count_bem_parameters
+
+
+def bem_variant(
+    base: nn.Module, sites: list[str], experts: int, rank: int
+) -> tuple[nn.Module, Any]:
+    """A copy of ``base`` with BEM on ``sites``: ``experts`` experts of total rank ``rank``,
+    alpha 2 * rank, the trust region on. Non-zero experts, so the trust region and routing do
+    real work in the timed passes. Returns the model and attach_bem's report."""
+    bem = copy.deepcopy(base)
+    report = attach_bem(
+        bem,
+        sites=sites,
+        num_experts=experts,
+        rank=rank // experts,
+        alpha=2.0 * rank,
+        chunk_size=32,
+        tau=0.1,
+        trust_budget=1.0,
+        seed=0,
+    )
+    for name, p in bem.named_parameters():
+        if name.endswith("bem_U"):
+            nn.init.normal_(p, std=0.02)
+    return bem, report
 
 
 def _train_step(model: nn.Module, ids: torch.Tensor) -> Callable[[], None]:
@@ -91,22 +116,7 @@ def main() -> None:
         fan_in_fan_out=True,
     )
     lora = get_peft_model(copy.deepcopy(base), lora_cfg)
-    bem = copy.deepcopy(base)
-    report = attach_bem(
-        bem,
-        sites=sites,
-        num_experts=args.experts,
-        rank=args.rank // args.experts,
-        alpha=2.0 * args.rank,
-        chunk_size=32,
-        tau=0.1,
-        trust_budget=1.0,
-        seed=0,
-    )
-    # Non-zero experts so the trust region and routing do real work in the timed passes.
-    for name, p in bem.named_parameters():
-        if name.endswith("bem_U"):
-            nn.init.normal_(p, std=0.02)
+    bem, report = bem_variant(base, sites, args.experts, args.rank)
 
     models = {"base": base.to(device), "lora": lora.to(device), "bem": bem.to(device)}
     gen = torch.Generator().manual_seed(0)

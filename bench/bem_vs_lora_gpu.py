@@ -75,11 +75,10 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bem_vs_lora import _cpu_threads, _infer, _train_step  # noqa: E402
+from bem_vs_lora import _cpu_threads, _infer, _train_step, bem_variant  # noqa: E402
 
 from bem_tasks.core import (  # noqa: E402
     DEFAULT_SITES,
-    attach_bem,
     bem_streaming,
     build_model,
     count_bem_parameters,
@@ -640,22 +639,7 @@ def build_variants(
         lora = get_peft_model(copy.deepcopy(base), lora_cfg, autocast_adapter_dtype=False)
     except TypeError:  # a peft without the argument (< 0.12) keeps the base dtype anyway
         lora = get_peft_model(copy.deepcopy(base), lora_cfg)
-    bem = copy.deepcopy(base)
-    report = attach_bem(
-        bem,
-        sites=sites,
-        num_experts=args.experts,
-        rank=args.rank // args.experts,
-        alpha=2.0 * args.rank,
-        chunk_size=32,
-        tau=0.1,
-        trust_budget=1.0,
-        seed=0,
-    )
-    with torch.no_grad():
-        for name, p in bem.named_parameters():
-            if name.endswith("bem_U"):
-                p.normal_(std=0.02)
+    bem, report = bem_variant(base, sites, args.experts, args.rank)
     models: dict[str, nn.Module] = {
         "base": base,
         "lora": lora.to(device=device, dtype=dtype),
