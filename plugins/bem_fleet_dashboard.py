@@ -11,11 +11,18 @@ from pathlib import Path
 
 from airflow.api_fastapi.core_api.security import get_user
 from airflow.plugins_manager import AirflowPlugin
-from fastapi import Depends, FastAPI, Query
-from fastapi.responses import HTMLResponse
+from fastapi import Depends, FastAPI, HTTPException, Query
+from fastapi.responses import FileResponse, HTMLResponse, Response
 
 from bem_tasks.config.loader import FleetConfig, load_fleet
-from bem_tasks.fleet.dashboard import fleet_overview, render_html
+from bem_tasks.fleet.dashboard import (
+    artifact_png,
+    fleet_overview,
+    mission_page,
+    render_html,
+    render_mission_html,
+)
+from bem_tasks.fleet.runs import GATES_DAG_ID
 
 
 @functools.cache
@@ -38,6 +45,49 @@ def page(refresh: int = Query(30, ge=0, le=3600, description="reload every N s; 
 @app.get("/api/overview")
 def overview() -> dict:
     return fleet_overview(_artifact_root())
+
+
+def _known(mission: str) -> str:
+    if mission not in _config().arch.missions:
+        raise HTTPException(404, f"unknown mission {mission!r}")
+    return mission
+
+
+@app.get("/mission/{mission}", response_class=HTMLResponse)
+def mission(mission: str) -> str:
+    return render_mission_html(mission_page(_artifact_root(), _known(mission)))
+
+
+@functools.lru_cache(maxsize=32)
+def _trend_png(root: Path, mission: str, reports: tuple[tuple[str, float], ...]) -> bytes:
+    # keyed by the gates reports' paths and mtimes: a refresh redraws only after a new report
+    from bem_tasks.fleet.trends import collect_trends, trend_png
+
+    points = [p for p in collect_trends(root)[0] if p.mission == mission]
+    return trend_png(points, mission) if points else b""
+
+
+@app.get("/mission/{mission}/trend.png")
+def trend(mission: str) -> Response:
+    root = _artifact_root()
+    reports = tuple(
+        sorted(
+            (str(p), p.stat().st_mtime)
+            for p in root.glob(f"{GATES_DAG_ID}/*/promotion_report.json")
+        )
+    )
+    image = _trend_png(root, _known(mission), reports)
+    if not image:
+        raise HTTPException(404, f"no gates run has judged {mission} yet")
+    return Response(image, media_type="image/png")
+
+
+@app.get("/file/{relative:path}")
+def artifact_file(relative: str) -> FileResponse:
+    path = artifact_png(_artifact_root(), relative)
+    if path is None:
+        raise HTTPException(404, "not a PNG under the artifact root")
+    return FileResponse(path, media_type="image/png")
 
 
 class BemFleetPlugin(AirflowPlugin):

@@ -98,8 +98,9 @@ def render_html(overview: dict[str, Any], *, refresh_s: int = 30) -> str:
                 parts.append(f"<p class='REJECTED'>{esc(report['error'])}</p>")
             for d in report.get("decisions", []):
                 decision = str(d.get("decision", "?"))
+                name = esc(str(d.get("mission", "?")))
                 parts.append(
-                    f"<h3>{esc(str(d.get('mission', '?')))}: "
+                    f"<h3><a href='mission/{name}'>{name}</a>: "
                     f"<span class='{esc(decision)}'>{esc(decision)}</span></h3>"
                     f"<p>{esc(str(d.get('summary', '')))}</p>"
                 )
@@ -108,3 +109,108 @@ def render_html(overview: dict[str, Any], *, refresh_s: int = 30) -> str:
                 parts.append(_table(GATE_HEADERS, gate_rows(d)))
     parts.append("</body></html>")
     return "".join(parts)
+
+
+# ----------------------------------------------------------------------------- mission pages
+
+
+def _newest_mission_dir(artifact_root: Path, mission: str) -> Path | None:
+    """The newest run folder holding this mission's phases (any mission or fleet DAG)."""
+    found = [d for d in artifact_root.glob(f"*/*/{mission}") if d.is_dir()]
+    return max(found, key=lambda d: d.stat().st_mtime) if found else None
+
+
+def mission_page(artifact_root: Path, mission: str) -> dict[str, Any]:
+    """What a mission's page shows: its newest run's curves (the PNGs its phases wrote), the
+    newest forest plot, and each gated metric across the gates runs (estimate and CI per run)."""
+    from bem_tasks.fleet.runs import GATES_DAG_ID
+    from bem_tasks.fleet.trends import collect_trends
+
+    run = _newest_mission_dir(artifact_root, mission)
+    curves = (
+        sorted(
+            str(p.relative_to(artifact_root))
+            for p in run.rglob("*.png")
+            if "ckpt" not in p.parts and not any(part.startswith(".") for part in p.parts)
+        )
+        if run
+        else []
+    )
+    forests = sorted(
+        artifact_root.glob(f"{GATES_DAG_ID}/*/forest_{mission}.png"),
+        key=lambda p: p.stat().st_mtime,
+    )
+    points, problems = collect_trends(artifact_root)
+    trend = [
+        {
+            "gate": p.gate,
+            "when": p.when.isoformat(timespec="minutes"),
+            "gates_run": p.gates_run,
+            "decision": p.decision,
+            "status": p.status,
+            "observed": p.observed,
+            "ci_low": p.ci_low,
+            "ci_high": p.ci_high,
+            "relative": p.relative,
+        }
+        for p in points
+        if p.mission == mission
+    ]
+    return {
+        "mission": mission,
+        "run": str(run.relative_to(artifact_root)) if run else None,
+        "curves": curves,
+        "forest": str(forests[-1].relative_to(artifact_root)) if forests else None,
+        "trend": trend,
+        "problems": problems,
+    }
+
+
+def render_mission_html(page: dict[str, Any]) -> str:
+    esc = html.escape
+    mission = esc(page["mission"])
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>BEM Fleet: {mission}</title>",
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}img{max-width:900px}"
+        "</style></head><body>",
+        f"<p><a href='../'>BEM Fleet</a></p><h1>{mission}</h1>",
+        f"<h2>Trends</h2><img src='{mission}/trend.png' alt='{mission} trend'>"
+        if page["trend"]
+        else "<h2>Trends</h2><p>No gates run has judged this mission yet.</p>",
+    ]
+    if page["trend"]:
+        rows = [
+            [
+                t["gate"], t["when"], t["decision"], fmt_num(t["observed"], relative=t["relative"]),
+                f"[{fmt_num(t['ci_low'], relative=t['relative'])}, "
+                f"{fmt_num(t['ci_high'], relative=t['relative'])}]",
+                t["status"],
+            ]
+            for t in page["trend"]
+        ]  # fmt: skip
+        parts.append(_table(["gate", "gates run", "decision", "estimate", "CI", "status"], rows))
+    for problem in page["problems"]:
+        parts.append(f"<p class='ERROR'>{esc(problem)}</p>")
+    parts.append("<h2>Forest plot (newest gates run)</h2>")
+    parts.append(
+        f"<img src='../file/{esc(page['forest'])}' alt='forest plot'>"
+        if page["forest"]
+        else "<p>None yet.</p>"
+    )
+    parts.append(f"<h2>Curves of the newest run ({esc(str(page['run'] or 'none'))})</h2>")
+    for curve in page["curves"]:
+        parts.append(f"<h3>{esc(curve)}</h3><img src='../file/{esc(curve)}' alt='{esc(curve)}'>")
+    if not page["curves"]:
+        parts.append("<p>No curves yet.</p>")
+    parts.append("</body></html>")
+    return "".join(parts)
+
+
+def artifact_png(artifact_root: Path, relative: str) -> Path | None:
+    """A PNG under the artifact root, or None (anything else, or a path that leaves it)."""
+    root = artifact_root.resolve()
+    path = (root / relative).resolve()
+    if path.suffix != ".png" or not path.is_relative_to(root) or not path.is_file():
+        return None
+    return path

@@ -99,3 +99,46 @@ def test_promotion_decisions_are_shown_gate_by_gate(tmp_path: Path, monkeypatch)
     page = client.get("/").text
     assert "<span class='ERROR'>ERROR</span>" in page
     assert "<p class='ERROR'>ValueError: unpaired records for &#x27;violation&#x27;</p>" in page
+
+
+def test_mission_page_shows_curves_forest_plot_and_trends(tmp_path: Path, monkeypatch) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def png(path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        plt.plot([0, 1], [1, 0])
+        plt.savefig(path)
+        plt.close()
+
+    png(tmp_path / "bem_fleet/run1/mission_a/train_experts/seed_0/loss.png")
+    png(tmp_path / "bem_promotion_gates/g1/forest_mission_a.png")
+    gate = {"gate": "em_gain", "threshold": 1.5, "status": "failed", "observed": 0.5,
+            "ci_low": -0.5, "ci_high": 1.5, "relative": False}  # fmt: skip
+    for run in ("g1", "g2"):
+        atomic_write_json(
+            tmp_path / f"bem_promotion_gates/{run}/promotion_report.json",
+            {"decisions": [{"mission": "mission_a", "decision": "REJECTED", "gates": [gate]}]},
+        )
+    monkeypatch.setenv("BEM_FLEET_ARTIFACT_ROOT", str(tmp_path))
+    plugin = load_plugin()
+    plugin.app.dependency_overrides[plugin.get_user] = lambda: "admin"
+    client = TestClient(plugin.app)
+    page = client.get("/mission/mission_a")
+    assert page.status_code == 200
+    text = page.text
+    curve = "bem_fleet/run1/mission_a/train_experts/seed_0/loss.png"
+    assert f"<img src='../file/{curve}'" in text
+    assert "<img src='../file/bem_promotion_gates/g1/forest_mission_a.png'" in text
+    assert "<img src='mission_a/trend.png'" in text and text.count("<td>em_gain</td>") == 2
+    for url in (f"/file/{curve}", "/mission/mission_a/trend.png"):
+        image = client.get(url)
+        assert image.status_code == 200 and image.content[:4] == b"\x89PNG", url
+    (tmp_path / "secret.txt").write_text("x")
+    assert client.get("/file/secret.txt").status_code == 404
+    assert client.get("/file/..%2F..%2Fetc%2Fpasswd.png").status_code == 404
+    assert client.get("/mission/mission_zz").status_code == 404
+    assert client.get("/mission/mission_b").status_code == 200  # nothing yet: still a page
+    assert client.get("/mission/mission_b/trend.png").status_code == 404
