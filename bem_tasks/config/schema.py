@@ -10,7 +10,15 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
 
 
 class Strict(BaseModel):
@@ -90,11 +98,47 @@ class Statistics(Strict):
     gates: str = "configs/gates_bem2.yaml"
 
 
+class Retention(Strict):
+    """What `bem-fleet cleanup` and the maintenance DAG keep (bem_tasks.fleet.retention)."""
+
+    keep_last_runs: PositiveInt = 5  # per mission (and per statistics/gates DAG), newest first
+    max_age_days: PositiveFloat | None = 30  # None: no age limit
+    prune_checkpoints: bool = True  # complete phases keep the newest checkpoint of each loop
+    stale_after_hours: PositiveFloat = 24  # an unfinished run untouched this long is not running
+
+
+AlertEvent = Literal["task_failure", "rejected", "error", "health"]
+
+
+class Alerts(Strict):
+    """Where failures and non-promotions are posted; the URL is a secret, so it is named here
+    and read from the environment or an Airflow connection, never written in this file."""
+
+    webhook_url_env: str | None = None  # an environment variable holding the webhook URL
+    webhook_conn_id: str | None = None  # or an Airflow connection (its host / URI)
+    timeout_s: PositiveFloat = 10
+    events: tuple[AlertEvent, ...] = ("task_failure", "rejected", "error", "health")
+
+
+class Maintenance(Strict):
+    schedule: str | None = "30 1 * * *"  # daily, before the nightly fleet run
+    min_free_gb: PositiveFloat = 5  # the health check fails below this on the artifact root
+    db_clean_days: PositiveInt = 30  # `airflow db clean` of metadata older than this
+    weekly_report_weekday: int = Field(0, ge=0, le=6)  # Monday = 0
+
+
+class Operations(Strict):
+    retention: Retention = Retention()
+    alerts: Alerts = Alerts()
+    maintenance: Maintenance = Maintenance()
+
+
 class Architecture(Strict):
     fleet: FleetSettings
     device_classes: dict[str, DeviceClass] = Field(min_length=1)
     missions: dict[str, MissionRef] = Field(min_length=1)
     statistics: Statistics = Statistics()
+    operations: Operations = Operations()
     # Overlays are validated after merging; here they are only required to be mappings.
     profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
@@ -102,13 +146,41 @@ class Architecture(Strict):
 # --------------------------------------------------------------------------- experiments
 
 
+VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
 class PhaseSpec(Strict):
     device_class: str
     gpus: int = Field(0, ge=0)
     per_seed: bool = False
+    # A mapped phase: one task per (seed, variant), Airflow's cross product of the two lists. The
+    # list is fixed when the experiment file is parsed, so the DAG's shape is too.
+    variants: list[str] | None = None
     timeout_minutes: PositiveFloat = 120
     retries: int | None = Field(None, ge=0)
     doc: str = ""
+
+    @field_validator("variants")
+    @classmethod
+    def _variant_names(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("a mapped phase needs at least one variant (or no `variants` key)")
+        bad = [n for n in v if not VARIANT_NAME.match(n)]
+        if bad:
+            raise ValueError(
+                f"variant names {bad} must be letters, digits, '_' or '-' (they name folders)"
+            )
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicate variant names in {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _variants_per_seed(self) -> PhaseSpec:
+        if self.variants is not None and not self.per_seed:
+            raise ValueError("`variants` needs `per_seed: true` (tasks map over seed x variant)")
+        return self
 
 
 class StepsSpec(Strict):

@@ -95,7 +95,7 @@ def resolve_plan(cfg: FleetConfig, params: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _run_phase(mission: str, phase: str, seed: int | None) -> dict:
+def _run_phase(mission: str, phase: str, seed: int | None, variant: str | None = None) -> dict:
     from bem_tasks.fleet.phases import run_phase
 
     ctx = get_current_context()
@@ -106,6 +106,7 @@ def _run_phase(mission: str, phase: str, seed: int | None) -> dict:
         dag_id=ctx["dag"].dag_id,
         run_id=ctx["run_id"],
         seed=seed,
+        variant=variant,
     )
 
 
@@ -144,7 +145,9 @@ def plan() -> list[int]:
 
 
 def _mission_pipeline(cfg: FleetConfig, mission: str, seeds: Any) -> tuple[Any, Any]:
-    """One task per phase, chained in config order; per-seed phases are mapped over seeds."""
+    """One task per phase, chained in config order; per-seed phases are mapped over seeds, and a
+    phase with variants over seeds x variants (map_index = seed position x len(variants) +
+    variant position: Airflow's cross product varies the last keyword fastest)."""
     exp = cfg.experiments[mission]
     classes = cfg.arch.device_classes
     first = last = None
@@ -162,11 +165,16 @@ def _mission_pipeline(cfg: FleetConfig, mission: str, seeds: Any) -> tuple[Any, 
         if spec.retries is not None:
             operator_kwargs["retries"] = spec.retries
 
-        def run(seed: int | None = None, _phase: str = phase) -> dict:
-            return _run_phase(mission, _phase, seed)
+        def run(seed: int | None = None, variant: str | None = None, _phase: str = phase) -> dict:
+            return _run_phase(mission, _phase, seed, variant)
 
         phase_task = task(**operator_kwargs)(run)
-        node = phase_task.expand(seed=seeds) if spec.per_seed else phase_task()
+        if spec.variants:
+            node = phase_task.expand(seed=seeds, variant=list(spec.variants))
+        elif spec.per_seed:
+            node = phase_task.expand(seed=seeds)
+        else:
+            node = phase_task()
         if last is not None:
             last >> node
         first = first if first is not None else node

@@ -8,6 +8,7 @@ write ``metrics.json`` and the manifest, and return small JSON for XCom.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import logging
@@ -43,6 +44,10 @@ class PhaseContext:
     device: str = "cpu"
     log: logging.Logger = log
     tracker: Tracker = field(default_factory=Tracker)
+    variant: str | None = None  # set for a mapped phase (PhaseSpec.variants)
+    # CLI-only choices that change what a phase computes (e.g. evaluate's --ood-suite); they are
+    # part of the config hash the manifest records, so a run with other options is not reused.
+    options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def profile(self) -> str:
@@ -56,10 +61,21 @@ class PhaseContext:
         """Record a point of a training curve (wandb; offline unless a key is set)."""
         self.tracker.log(metrics, step=step)
 
-    def input_dir(self, phase: str, seed: int | None = None) -> Path:
-        """Output folder of an earlier phase of this mission (explicit inputs win)."""
+    def input_dir(self, phase: str, seed: int | None = None, variant: str | None = None) -> Path:
+        """Output folder of an earlier phase of this mission (explicit inputs win). For a
+        mapped phase pass ``variant``; an explicit input then names the phase folder that holds
+        ``<variant>/seed_N`` (or ``<variant>``) folders."""
         if phase in self.inputs:
-            return self.inputs[phase]
+            given = self.inputs[phase]
+            if variant is None:
+                return given
+            for cand in (given / variant / f"seed_{seed}", given / variant):
+                if (cand / "manifest.json").exists():
+                    return cand
+            raise FileNotFoundError(
+                f"{self.mission}.{self.phase}: no complete output of phase '{phase}' variant "
+                f"'{variant}' (seed {seed}) under {given} (expected {given / variant}/seed_{seed})"
+            )
         if self.layout is None:
             raise FileNotFoundError(
                 f"{self.mission}.{self.phase}: needs the output of phase '{phase}'. Outside a DAG "
@@ -68,10 +84,11 @@ class PhaseContext:
                 f"{self.out_dir.parent / phase}` first, or point --inputs-from at a run's "
                 f"<artifacts>/<dag>/<run>/{self.mission} folder"
             )
-        path = self.layout.phase_dir(self.mission, phase, seed)
+        path = self.layout.phase_dir(self.mission, phase, seed, variant)
         if not (path / "manifest.json").exists():
+            which = f"seed {seed}" + (f", variant {variant}" if variant is not None else "")
             raise FileNotFoundError(
-                f"{self.mission}.{self.phase}: output of phase '{phase}' (seed {seed}) is missing "
+                f"{self.mission}.{self.phase}: output of phase '{phase}' ({which}) is missing "
                 f"or incomplete at {path}; run that phase first"
             )
         return path
@@ -88,24 +105,27 @@ def execute(ctx: PhaseContext, *, config_hash: str, extra: dict[str, Any] | None
     """Run the phase function in ``ctx.out_dir`` unless a matching complete result is there."""
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = ctx.out_dir / "metrics.json"
+    config_hash = options_hash(config_hash, ctx.options)
     if is_complete(ctx.out_dir, config_hash, ctx.seed):
         ctx.log.info(
-            "%s.%s seed=%s already complete in %s: reusing it",
+            "%s.%s%s seed=%s already complete in %s: reusing it",
             ctx.mission,
             ctx.phase,
+            f"[{ctx.variant}]" if ctx.variant else "",
             ctx.seed,
             ctx.out_dir,
         )
         metrics = json.loads(metrics_path.read_text())
         return _xcom(ctx, metrics, reused=True)
     started = time.monotonic()
+    label = f"{ctx.phase}[{ctx.variant}]" if ctx.variant else ctx.phase
     ctx.log.info(
-        "%s.%s seed=%s profile=%s -> %s", ctx.mission, ctx.phase, ctx.seed, ctx.profile, ctx.out_dir
+        "%s.%s seed=%s profile=%s -> %s", ctx.mission, label, ctx.seed, ctx.profile, ctx.out_dir
     )
     # Tracking files go next to the phase folder, not into it: the manifest covers results only.
     ctx.tracker = open_tracker(
         ctx.cfg.arch.fleet.tracking,
-        name=f"{ctx.mission}.{ctx.phase}" + (f".seed{ctx.seed}" if ctx.seed is not None else ""),
+        name=f"{ctx.mission}.{label}" + (f".seed{ctx.seed}" if ctx.seed is not None else ""),
         group=f"{ctx.layout.dag_id}/{ctx.layout.run_id}" if ctx.layout else "standalone",
         job_type=ctx.phase,
         out_dir=ctx.out_dir.parent / f".tracking-{ctx.out_dir.name}",
@@ -126,6 +146,8 @@ def execute(ctx: PhaseContext, *, config_hash: str, extra: dict[str, Any] | None
         extra={
             "mission": ctx.mission,
             "phase": ctx.phase,
+            **({"variant": ctx.variant} if ctx.variant is not None else {}),
+            **({"options": ctx.options} if ctx.options else {}),
             "profile": ctx.profile,
             "duration_s": round(duration, 3),
             **(extra or {}),
@@ -134,12 +156,21 @@ def execute(ctx: PhaseContext, *, config_hash: str, extra: dict[str, Any] | None
     return _xcom(ctx, metrics, reused=False)
 
 
+def options_hash(config_hash: str, options: dict[str, Any]) -> str:
+    """The config hash, extended by CLI options when there are any (none: unchanged)."""
+    if not options:
+        return config_hash
+    blob = json.dumps([config_hash, options], sort_keys=True).encode()
+    return f"{config_hash}+{hashlib.sha256(blob).hexdigest()[:12]}"
+
+
 def _xcom(ctx: PhaseContext, metrics: dict, *, reused: bool) -> dict:
     headline = {k: v for k, v in metrics.items() if isinstance(v, int | float | str | bool)}
     return {
         "mission": ctx.mission,
         "phase": ctx.phase,
         "seed": ctx.seed,
+        **({"variant": ctx.variant} if ctx.variant is not None else {}),
         "dir": str(ctx.out_dir),
         "metrics": headline,
         "reused": reused,
@@ -154,6 +185,7 @@ def run_phase(
     dag_id: str,
     run_id: str,
     seed: int | None = None,
+    variant: str | None = None,
     config_path: str | None = None,
 ) -> dict:
     """Entry point of a phase task: config, run folder, device lease, execution, manifest."""
@@ -163,10 +195,11 @@ def run_phase(
     # The task was queued and pooled by the deployment layout; lease devices of that class.
     deployed = cfg.deployment()
     spec = deployed.experiments[mission].phases[phase]
+    check_variant(mission, phase, spec.variants, variant)
     layout = RunLayout(cfg.artifact_root, dag_id, run_id)
-    out_dir = layout.phase_dir(mission, phase, seed if spec.per_seed else None)
+    out_dir = layout.phase_dir(mission, phase, seed if spec.per_seed else None, variant)
     device_class = deployed.arch.device_classes[spec.device_class]
-    holder = f"{mission}.{phase}[seed={seed}]"
+    holder = f"{mission}.{phase}[seed={seed}" + (f",variant={variant}]" if variant else "]")
     with gpu_lease(
         spec.device_class, spec.gpus, devices=device_class.devices, holder=holder
     ) as lease:
@@ -179,6 +212,7 @@ def run_phase(
             out_dir,
             layout=layout,
             device=device,
+            variant=variant,
         )
         return execute(
             ctx,
@@ -190,6 +224,18 @@ def run_phase(
                     "queues": os.environ.get("BEM_FLEET_WORKER_QUEUES", ""),
                 },
             },
+        )
+
+
+def check_variant(
+    mission: str, phase: str, variants: list[str] | None, variant: str | None
+) -> None:
+    """A mapped phase runs one of its variants; any other phase runs none."""
+    if variants is None and variant is not None:
+        raise ValueError(f"{mission}.{phase} is not a mapped phase; got variant {variant!r}")
+    if variants is not None and variant not in variants:
+        raise ValueError(
+            f"{mission}.{phase}: variant {variant!r} is not one of its variants {variants}"
         )
 
 

@@ -13,18 +13,27 @@ from bem_tasks.io import atomic_write_json
 RESULTS = "results.json"
 
 
-def collect_phase_outputs(mission_dir: Path, phases: list[str]) -> dict[str, Any]:
-    """metrics.json of every phase (and seed) that completed, keyed phase -> seed -> metrics."""
+def collect_phase_outputs(
+    mission_dir: Path, phases: list[str], variants: dict[str, list[str]] | None = None
+) -> dict[str, Any]:
+    """metrics.json of every phase (and seed) that completed, keyed phase -> seed -> metrics. A
+    mapped phase (``variants[phase]``) is keyed phase -> ``<variant>/seed_N`` -> metrics."""
     out: dict[str, Any] = {}
     for phase in phases:
         phase_dir = mission_dir / phase
-        dirs = sorted(phase_dir.glob("seed_*")) or ([phase_dir] if phase_dir.exists() else [])
+        mapped = (variants or {}).get(phase)
+        if mapped:
+            dirs = [d for v in mapped for d in sorted((phase_dir / v).glob("seed_*"))]
+        else:
+            dirs = sorted(phase_dir.glob("seed_*")) or ([phase_dir] if phase_dir.exists() else [])
         for d in dirs:
             manifest = read_manifest(d)
             if manifest is None or manifest.get("status") != "complete":
                 continue
             metrics = json.loads((d / "metrics.json").read_text())
             seed_key = d.name if d.name.startswith("seed_") else "all"
+            if mapped:
+                seed_key = f"{d.parent.name}/{seed_key}"
             out.setdefault(phase, {})[seed_key] = {
                 "dir": str(d),
                 "metrics": metrics,
@@ -37,8 +46,10 @@ def publish_mission_results(mission: str, *, profile: str, dag_id: str, run_id: 
     """Write ``<run>/<mission>/results.json``; fail if the mission's last phase produced nothing."""
     cfg = load_fleet(None, profile)
     layout = RunLayout(cfg.artifact_root, dag_id, run_id)
-    phases = list(cfg.experiments[mission].phases)
-    outputs = collect_phase_outputs(layout.mission_dir(mission), phases)
+    specs = cfg.experiments[mission].phases
+    phases = list(specs)
+    variants = {q: s.variants for q, s in specs.items() if s.variants}
+    outputs = collect_phase_outputs(layout.mission_dir(mission), phases, variants)
     final = phases[-1]
     if final not in outputs:
         raise RuntimeError(

@@ -1,6 +1,7 @@
 """Run-scoped artifact layout and manifests.
 
-Every phase writes under ``<artifact_root>/<dag_id>/<run_id>/<mission>/<phase>/[seed_<n>/]`` and
+Every phase writes under ``<artifact_root>/<dag_id>/<run_id>/<mission>/<phase>/[seed_<n>/]`` (a
+mapped phase under ``<phase>/<variant>/seed_<n>/``, one folder and manifest per variant) and
 finishes by writing ``manifest.json``: the sha256 of each file, the config hash, the seed, the git
 SHA and the versions of the packages that produced it. A phase whose manifest is complete and
 matches is not recomputed (tasks are idempotent: a rerun gives the same artifacts).
@@ -57,8 +58,12 @@ class RunLayout:
     def mission_dir(self, mission: str) -> Path:
         return self.run_dir / mission
 
-    def phase_dir(self, mission: str, phase: str, seed: int | None = None) -> Path:
+    def phase_dir(
+        self, mission: str, phase: str, seed: int | None = None, variant: str | None = None
+    ) -> Path:
         d = self.mission_dir(mission) / phase
+        if variant is not None:
+            d /= safe_component(variant)
         return d if seed is None else d / f"seed_{seed}"
 
 

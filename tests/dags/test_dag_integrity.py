@@ -231,7 +231,8 @@ def test_mission_b_runs_after_mission_a_in_the_fleet(b_bag) -> None:
     ]
     order = [t.task_id for t in fleet.topological_sort()]
     assert order.index("mission_a.publish_results") < order.index("mission_b.prepare")
-    assert fleet.params["missions"] == ["mission_a", "mission_b"]
+    enabled = fleet.params["missions"]  # other enabled missions (C, D) come in too
+    assert enabled.index("mission_a") < enabled.index("mission_b")
 
 
 def test_mission_b_dag_alone_and_statistics_on_both_assets(b_bag) -> None:
@@ -252,3 +253,25 @@ def test_plan_for_mission_b_adds_mission_a(project: Path, b_bag) -> None:
     cfg = load_fleet(project / "configs" / "bem_fleet_architecture.yml")
     plan = resolve_plan(cfg, {"profile": "smoke", "missions": ["mission_b"], "seeds": None})
     assert plan["missions"] == ["mission_a", "mission_b"]
+
+
+def test_mission_d_pretrain_is_mapped_over_seed_x_variant(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped config: mission_d's pretrain expands over seeds (from plan) and the phase's
+    variants (a literal list fixed at parse time), in both the mission DAG and the fleet."""
+    from airflow.sdk.definitions.mappedoperator import MappedOperator
+
+    bag = dagbag(ROOT / "configs" / "bem_fleet_architecture.yml", monkeypatch)
+    assert bag.import_errors == {}
+    exp = yaml.safe_load((ROOT / "experiments" / "mission_d_sep.yml").read_text())
+    variants = exp["phases"]["pretrain"]["variants"]
+    for dag_id, prefix in (("bem_mission_d", ""), ("bem_fleet", "mission_d.")):
+        dag = bag.dags[dag_id]
+        pretrain = dag.get_task(f"{prefix}pretrain")
+        assert isinstance(pretrain, MappedOperator)
+        mapped = pretrain._get_specified_expand_input().value
+        # seed first, variant last: map_index = seed position * len(variants) + variant position
+        assert list(mapped) == ["seed", "variant"]
+        assert mapped["variant"] == variants
+        assert isinstance(dag.get_task(f"{prefix}ood_evaluation"), MappedOperator)
+        assert not isinstance(dag.get_task(f"{prefix}prepare"), MappedOperator)
+        assert f"{prefix}pretrain" in dag.get_task(f"{prefix}ood_evaluation").upstream_task_ids
