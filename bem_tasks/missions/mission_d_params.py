@@ -51,6 +51,9 @@ class InvarianceSpec(Strict):
 
     thaw_start: int = Field(0, ge=0)
     thaw_end: int = Field(0, ge=0)
+    # rows of each step's batch that get scrambled views (None: all); fewer rows make the
+    # consistency terms cheaper (each view costs a forward and backward of its rows)
+    view_batch_size: PositiveInt | None = None
     variants: dict[str, dict[Scrambler, NonNegativeFloat]] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -90,6 +93,12 @@ class MissionDParams(Strict):
                     f"evaluate.{key}={name!r} is not a variant of invariance.variants "
                     f"({list(self.invariance.variants)})"
                 )
+        k = self.invariance.view_batch_size
+        if k is not None and k > self.pretraining.batch_size:
+            raise ValueError(
+                f"invariance.view_batch_size={k} must be <= pretraining.batch_size="
+                f"{self.pretraining.batch_size}"
+            )
         if len(set(e.scramblers)) != len(e.scramblers):
             raise ValueError(f"evaluate.scramblers has duplicates: {e.scramblers}")
         return self

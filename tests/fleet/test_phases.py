@@ -116,3 +116,60 @@ def test_devices_are_leased_by_the_deployment_layout(toy_env: Path, monkeypatch)
     assert lease["device_class"] == "h100_80gb"
     assert lease["indices"] == [0, 1]  # the toy's full profile asks for 2 GPUs of that class
     assert out["metrics"]["mean"] == 4.5  # sizes still come from the run's (smoke) profile
+
+
+def test_a_mapped_phase_runs_per_variant_into_its_own_folder(
+    toy_env: Path, project: Path, edit_yaml
+) -> None:
+    """`fit` mapped over variants: one folder and manifest per (variant, seed), found by
+    input_dir(..., variant=...), collected as <variant>/seed_N, shown as fit[<variant>]."""
+    from bem_tasks.fleet.phases import check_variant
+    from bem_tasks.fleet.results import collect_phase_outputs
+    from bem_tasks.fleet.summary import phase_rows
+
+    edit_yaml(
+        project / "experiments" / "mission_toy.yml",
+        lambda d: d["phases"]["fit"].update(variants=["a", "b"]),
+    )
+    kw = {"profile": "smoke", "dag_id": "bem_mission_toy", "run_id": "r1"}
+    run_phase("mission_toy", "prepare", **kw)
+    for v in ("a", "b"):
+        out = run_phase("mission_toy", "fit", **kw, seed=0, variant=v)
+        assert out["variant"] == v
+    with pytest.raises(ValueError, match=r"variant 'c' is not one of its variants \['a', 'b'\]"):
+        run_phase("mission_toy", "fit", **kw, seed=0, variant="c")
+    with pytest.raises(ValueError, match="not a mapped phase"):
+        check_variant("mission_toy", "prepare", None, "a")
+    layout = RunLayout(toy_env, "bem_mission_toy", "r1")
+    fit_b = layout.phase_dir("mission_toy", "fit", 0, "b")
+    assert fit_b == layout.mission_dir("mission_toy") / "fit" / "b" / "seed_0"
+    manifest = json.loads((fit_b / "manifest.json").read_text())
+    assert manifest["variant"] == "b" and manifest["seed"] == 0
+    cfg = load_fleet(None, "smoke")
+    ctx = PhaseContext("mission_toy", "evaluate", 0, cfg, toy_env / "x", layout=layout)
+    assert ctx.input_dir("fit", 0, variant="a") == layout.phase_dir("mission_toy", "fit", 0, "a")
+    explicit = PhaseContext(
+        "mission_toy", "evaluate", 0, cfg, toy_env / "x", inputs={"fit": fit_b.parent.parent}
+    )
+    assert explicit.input_dir("fit", 0, variant="b") == fit_b
+    with pytest.raises(FileNotFoundError, match="variant 'z'"):
+        explicit.input_dir("fit", 0, variant="z")
+    out = collect_phase_outputs(layout.mission_dir("mission_toy"), ["fit"], {"fit": ["a", "b"]})
+    assert sorted(out["fit"]) == ["a/seed_0", "b/seed_0"]
+    assert {r[1] for r in phase_rows(layout.run_dir)} == {"prepare", "fit[a]", "fit[b]"}
+
+
+def test_phase_spec_variants_are_validated() -> None:
+    from pydantic import ValidationError
+
+    from bem_tasks.config.schema import PhaseSpec
+
+    assert PhaseSpec(device_class="cpu", per_seed=True, variants=["pt1", "pt2"]).variants
+    for bad, msg in (
+        ({"variants": ["pt1"]}, "needs `per_seed: true`"),
+        ({"per_seed": True, "variants": []}, "at least one variant"),
+        ({"per_seed": True, "variants": ["a", "a"]}, "duplicate"),
+        ({"per_seed": True, "variants": ["a/b"]}, "name folders"),
+    ):
+        with pytest.raises(ValidationError, match=msg):
+            PhaseSpec(device_class="cpu", **bad)

@@ -29,6 +29,7 @@ MICRO_D: dict[str, Any] = {
     "invariance": {
         "thaw_start": 10,
         "thaw_end": 20,
+        "view_batch_size": 8,
         "variants": {
             "pt1": {},
             "pt2": {"relabel": 1.0},
