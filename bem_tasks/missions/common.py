@@ -103,8 +103,12 @@ def train_loop(
     *,
     fingerprint: str,
     trainable_only: bool,
+    state: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """AdamW on the model's trainable parameters with checkpoint/resume under ckpt/<name>."""
+    """AdamW on the model's trainable parameters with checkpoint/resume under ckpt/<name>.
+
+    ``state``: the caller's own JSON-able training state that ``loss_fn`` updates as it goes
+    (e.g. a Lagrange multiplier); saved with each checkpoint and restored in place on resume."""
     manager = fingerprinted_checkpoints(
         ctx.out_dir / "ckpt" / name,
         spec.keep_checkpoints,
@@ -116,6 +120,8 @@ def train_loop(
     loaded = manager.resume(model, opt)
     start = loaded.step if loaded else 0
     history: list[list[float]] = list(loaded.extra.get("history", [])) if loaded else []
+    if loaded and state is not None:
+        state.update(loaded.extra.get("state", {}))
     if loaded:
         ctx.log.info("%s: resumed %s from step %d (%s)", ctx.phase, name, start, loaded.path)
     model.train()
@@ -130,7 +136,10 @@ def train_loop(
         opt.step()
         history.append([step + 1, float(loss.detach())])
         if (step + 1) % spec.checkpoint_every == 0 or step + 1 == spec.steps:
-            manager.save(step + 1, model, opt, extra={"history": history})
+            extra: dict[str, Any] = {"history": history}
+            if state is not None:
+                extra["state"] = state
+            manager.save(step + 1, model, opt, extra=extra)
         progress(ctx, name, step + 1, spec.steps, loss=history[-1][1])
     model.eval()
     return {"history": history, "resumed_from": start, "final_loss": history[-1][1]}
