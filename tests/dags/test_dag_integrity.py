@@ -187,8 +187,8 @@ def test_plan_closes_the_selection_over_dependencies(project: Path, toy_mission:
     cfg = load_fleet(project / "configs" / "bem_fleet_architecture.yml")
     plan = resolve_plan(cfg, {"profile": "full", "missions": ["mission_toy"], "seeds": None})
     assert plan == {"profile": "full", "missions": ["mission_toy"], "seeds": [0, 1, 2, 3, 4]}
-    with pytest.raises(ValueError, match="params.missions: \\['mission_c'\\] not enabled"):
-        resolve_plan(cfg, {"profile": "smoke", "missions": ["mission_c"], "seeds": None})
+    with pytest.raises(ValueError, match="params.missions: \\['mission_e'\\] not enabled"):
+        resolve_plan(cfg, {"profile": "smoke", "missions": ["mission_e"], "seeds": None})
     with pytest.raises(ValueError, match="duplicate seeds"):
         resolve_plan(cfg, {"profile": "smoke", "missions": [], "seeds": [1, 1]})
     assert json.dumps(plan)
