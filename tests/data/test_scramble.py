@@ -26,6 +26,7 @@ from bem_tasks.data.suites.scramble import (
     scramble_item,
     shuffle_words,
     substitute_synonyms,
+    synonym_of,
     synonym_pool,
     unrelabel_tokens,
 )
@@ -149,3 +150,20 @@ def test_determinism_and_validation(tmp_path: Path) -> None:
     bad.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataFileError, match=r"train\.jsonl:3: answer: .*asked fact's entity"):
         read_scramble(bad)
+
+
+def test_bijective_scramblers_invert_on_the_whole_corpus(rows: dict[str, list]) -> None:
+    """Relabelling, entity renaming and (on ID rows, which hold base words only) synonym
+    substitution, each undone by its inverse map, give every prompt and target back."""
+    for seed in (0, 3):
+        inv_entity = {v: k for k, v in entity_mapping(seed).items()}
+        for split, items in rows.items():
+            for it in items:
+                for text in (it.prompt.rstrip("\n"), it.target):
+                    assert unrelabel_tokens(relabel_tokens(text, seed), seed) == text
+                    renamed = rename_entities(text, seed).split(" ")
+                    assert " ".join(inv_entity.get(w, w) for w in renamed) == text
+                    if split in ("train", "dev", "test"):
+                        back = {synonym_of(b, seed): b for b in SYNONYMS}
+                        subst = substitute_synonyms(text, seed).split(" ")
+                        assert " ".join(back.get(w, w) for w in subst) == text
