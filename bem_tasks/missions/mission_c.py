@@ -568,7 +568,10 @@ def safety_evaluation(ctx: Any) -> dict[str, Any]:
     decoders = {name: _decoder(model, basis, k, p, codec, ctx) for name, k in knobs.items()}
     records: list[ExampleRecord] = []
     metrics: dict[str, Any] = {"serve_knob": p.safety.serve_knob}
-    for suite in p.evaluate.suites:
+    # `bem-fleet evaluate --test-suite` chooses the suites (ctx.options); default: the config's
+    suites = ctx.options.get("suites") or p.evaluate.suites
+    metrics["suites"] = list(suites)
+    for suite in suites:
         items = _read(ctx, suite)
         examples = _encode(items, codec, lambda it: it.target)
         rows = {

@@ -238,7 +238,11 @@ def test_comparative_gates_fail_on_a_constructed_candidate(
     gate: str,
 ) -> None:
     """The candidate's records made worse than the base on the gate's metric: it fails."""
-    metric = {"violation_reduction": "violation", "em_drop": "em", "latency": "latency_ms"}[gate]
+    metric = {
+        "violation_reduction": "violation",
+        "em_drop": "em",
+        "latency": "latency_per_token_ms",
+    }[gate]
     base = {
         r.example_id: r.metrics
         for r in read_records(micro_c.dirs["knob_sweep"] / "records.jsonl")
@@ -249,7 +253,7 @@ def test_comparative_gates_fail_on_a_constructed_candidate(
         if r.system != "safety" or metric not in r.metrics:
             return r
         b = base[r.example_id]
-        bad = {"violation": 1.0, "em": 0.0, "latency_ms": b.get("latency_ms", 0.0) * 3}[metric]
+        bad = {"violation": 1.0, "em": 0.0}.get(metric, b.get(metric, 0.0) * 3)
         if metric == "violation":
             b_v = b["violation"]
             bad = 1.0 if b_v == 0.0 else b_v  # never fewer violations than the base
@@ -300,3 +304,32 @@ def test_a_crashed_training_resumes_to_the_same_basis_and_lambda(
     b = json.loads((micro_c.dirs["train_safety_basis"] / "dual_trace.json").read_text())["rows"]
     assert len(a) == len(b) == MICRO_C["training"]["safety"]["steps"]
     assert np.allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-6)
+
+
+def test_cli_evaluates_the_red_team_suite(
+    micro_c: MicroC,  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`bem-fleet evaluate --mission mission_c --test-suite red_team`: safety_evaluation on the
+    red-team split only (its own slice, nothing gated); bad suite names exit 2."""
+    from bem_tasks.cli import main
+
+    arch = micro_c.tmp / "project" / "configs" / "bem_fleet_architecture.yml"
+    out = tmp_path / "red"
+    common = ["--config", str(arch), "--inputs-from", str(micro_c.tmp / "run")]
+    model = ["--model", str(micro_c.dirs["train_safety_basis"])]
+    argv = ["evaluate", "--mission", "mission_c", *model, *common, "--output", str(out)]
+    assert main([*argv, "--test-suite", "red_team"]) == 0
+    records = read_records(out / "records.jsonl")
+    assert {t for r in records for t in r.slices} == {"red_team", "slice_b"}
+    assert all("red_team" in r.slices for r in records if r.example_id != "run")
+    assert json.loads((out / "metrics.json").read_text())["suites"] == ["red_team"]
+    capsys.readouterr()
+    assert main([*argv[:-1], str(tmp_path / "bad"), "--test-suite", "red_team,dev"]) == 2
+    assert (
+        "--test-suite 'red_team,dev': expected a comma-separated subset" in capsys.readouterr().err
+    )
+    assert main(["evaluate", "--mission", "mission_a", *model, "--output", str(tmp_path / "a"),
+                 "--test-suite", "test"]) == 2  # fmt: skip
+    assert "only mission_c's safety_evaluation" in capsys.readouterr().err
