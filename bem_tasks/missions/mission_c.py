@@ -160,8 +160,14 @@ class SafetyBasis(nn.Module):
         u, v = self.U[_key(site)], self.V[_key(site)]
 
         def hook(_: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> Tensor:
-            delta = (args[0].to(v.dtype) @ v) @ u.t()
-            return out + (self.knob * self.scale * delta).to(out.dtype)
+            # two kernels per site (x V, then out + c h U^T fused): on a tiny model each extra
+            # op is a visible share of a decoding step
+            h = args[0].to(v.dtype) @ v
+            flat = out.reshape(-1, out.shape[-1])
+            c = self.knob * self.scale
+            if flat.dtype == h.dtype:
+                return torch.addmm(flat, h.reshape(-1, h.shape[-1]), u.t(), alpha=c).view(out.shape)
+            return out + (c * h @ u.t()).to(out.dtype)
 
         return hook
 
