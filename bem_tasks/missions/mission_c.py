@@ -110,10 +110,8 @@ from bem_tasks.missions.planner import (
     timed_decodes,
 )
 
-SPLITS = ("train", "dev", "test", RED_TEAM)
 SLICE = "slice_b"  # the gated test suite
 CANDIDATE, BASELINE = "safety", "base"
-REFUSAL_TEXT = "REFUSE"
 
 
 # ============================================================================ safety basis
