@@ -282,3 +282,27 @@ def test_variants_must_match_the_mapped_phase(tmp_path: Path) -> None:
     params["invariance"]["variants"]["pt4"] = {"rotate": 1.0}
     problems = validate(write_micro_d_project(tmp_path / "b", params))
     assert any("invariance.variants.pt4.rotate" in p for p in problems), problems
+
+
+def test_pretrain_resumes_from_its_checkpoint_to_the_same_weights(
+    micro_d: MicroD, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pt4 killed after step 25 (checkpoint at 20) and rerun: resumes at 20 and ends with the
+    unbroken run's weights bit for bit (batches and views are functions of seed and step)."""
+    out = tmp_path / "pt4"
+    real = SepLoss.__call__
+
+    def crash(self: SepLoss, step: int) -> torch.Tensor:
+        if step == 25:
+            raise RuntimeError("killed")
+        return real(self, step)
+
+    monkeypatch.setattr(SepLoss, "__call__", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        execute(micro_d.ctx("pretrain", out, variant="pt4"), config_hash="micro")
+    monkeypatch.setattr(SepLoss, "__call__", real)
+    execute(micro_d.ctx("pretrain", out, variant="pt4"), config_hash="micro")
+    assert json.loads((out / "metrics.json").read_text())["resumed_from"] == 20
+    want = _weights(micro_d.run / "pretrain" / "pt4" / "seed_0")
+    got = _weights(out)
+    assert all(torch.equal(got[k], want[k]) for k in want)
