@@ -16,7 +16,7 @@ import pendulum
 from airflow.sdk import DAG, Asset, AssetAny, Param, TaskGroup, get_current_context, task
 
 from bem_tasks.config.loader import FleetConfig, load_fleet
-from bem_tasks.fleet.runs import FLEET_DAG_ID, GATES_DAG_ID, STATS_DAG_ID
+from bem_tasks.fleet.runs import FLEET_DAG_ID, GATES_DAG_ID, MAINTENANCE_DAG_ID, STATS_DAG_ID
 
 STATS_ASSET = Asset(uri="bem://statistics/results", name="statistical_results")
 START_DATE = pendulum.datetime(2026, 1, 1, tz="UTC")
@@ -64,7 +64,15 @@ def _default_args(cfg: FleetConfig) -> dict[str, Any]:
         "retry_delay": timedelta(seconds=fleet.retry_delay_s),
         "retry_exponential_backoff": 2.0,
         "max_retry_delay": timedelta(seconds=fleet.max_retry_delay_s),
+        "on_failure_callback": _alert_task_failure,
     }
+
+
+def _alert_task_failure(context: Any) -> None:
+    """Log a failed task and post it to the configured webhook (docs/operations.md)."""
+    from bem_tasks.fleet.alerts import task_failure_alert
+
+    task_failure_alert(context)
 
 
 # ----------------------------------------------------------------------------- task callables
@@ -305,6 +313,9 @@ def _gate(statistical_results: str | None) -> dict:
         print(f"{d['mission']}: {d['decision']}" + (f" ({d['error']})" if d.get("error") else ""))
         for g in d["gates"]:
             print(f"  {g['gate']:<24} {g['status']:<13} {g['reason']}")
+    from bem_tasks.fleet.alerts import promotion_alerts
+
+    promotion_alerts(cfg.arch.operations.alerts, report, run_id=ctx["run_id"])
     return {
         "report": str(out / "promotion_report.md"),
         "decisions": {d["mission"]: d["decision"] for d in report["decisions"]},
@@ -372,9 +383,77 @@ def build_statistics_dags(cfg: FleetConfig) -> dict[str, DAG]:
     return {STATS_DAG_ID: stats_dag, GATES_DAG_ID: gates_dag}
 
 
+# ----------------------------------------------------------------------------- maintenance
+
+
+def build_maintenance_dag(cfg: FleetConfig) -> DAG:
+    """Daily: health check, retention, metadata and log cleanup, the weekly report
+    (docs/operations.md)."""
+    ops = cfg.arch.operations.maintenance
+    with DAG(
+        dag_id=MAINTENANCE_DAG_ID,
+        schedule=ops.schedule,
+        start_date=START_DATE,
+        catchup=False,
+        max_active_runs=1,
+        default_args=_default_args(cfg),
+        params={
+            "weekly_report": Param(
+                "auto",
+                enum=["auto", "always", "never"],
+                description=f"auto: on weekday {ops.weekly_report_weekday} (Monday = 0) only",
+            )
+        },
+        tags=["bem-fleet", "maintenance"],
+        doc_md="# Fleet maintenance\n\nHealth check (disk, pools, workers, metadata DB), "
+        "retention (`bem-fleet cleanup`), `airflow db clean` and task-log rotation, and the "
+        "weekly report of gated metrics across runs. See docs/operations.md.",
+    ) as dag:
+
+        @task(task_id="health_check")
+        def health() -> dict:
+            from bem_tasks.fleet.maintenance import check_health
+
+            return check_health(load_fleet())
+
+        @task(task_id="retention", trigger_rule="all_done")
+        def retention() -> dict:
+            from bem_tasks.fleet.maintenance import apply_retention
+
+            return apply_retention(load_fleet())
+
+        @task(task_id="metadata_and_logs", trigger_rule="all_done")
+        def metadata_and_logs() -> dict:
+            from airflow.configuration import conf
+
+            from bem_tasks.fleet.maintenance import clean_metadata_db, rotate_task_logs
+
+            cfg = load_fleet()
+            days = cfg.arch.operations.maintenance.db_clean_days
+            return {
+                "db_clean_before": clean_metadata_db(cfg),
+                "log_bytes_freed": rotate_task_logs(
+                    Path(conf.get("logging", "base_log_folder")), days
+                ),
+            }
+
+        @task(task_id="weekly_report", trigger_rule="all_done")
+        def weekly_report() -> str | None:
+            from bem_tasks.fleet.maintenance import write_weekly_report
+
+            ctx = get_current_context()
+            return write_weekly_report(
+                load_fleet(), ctx["dag_run"].run_after, force=ctx["params"]["weekly_report"]
+            )
+
+        health() >> retention() >> metadata_and_logs() >> weekly_report()
+    return dag
+
+
 def build_all(config_path: str | None = None) -> dict[str, DAG]:
     cfg = load_fleet(config_path).deployment()
     dags = {FLEET_DAG_ID: build_fleet_dag(cfg), **build_statistics_dags(cfg)}
     for mission in cfg.topological_missions():
         dags[mission_dag_id(mission)] = build_mission_dag(cfg, mission)
+    dags[MAINTENANCE_DAG_ID] = build_maintenance_dag(cfg)
     return dags

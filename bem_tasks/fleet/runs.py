@@ -24,6 +24,7 @@ from bem_tasks.io import atomic_write_json, file_digests, sha256_file, utc_now
 FLEET_DAG_ID = "bem_fleet"
 STATS_DAG_ID = "bem_statistical_validation"
 GATES_DAG_ID = "bem_promotion_gates"
+MAINTENANCE_DAG_ID = "bem_fleet_maintenance"
 MANIFEST = "manifest.json"
 TRACKED_PACKAGES = (
     "bem-fleet",

@@ -89,3 +89,37 @@ def test_status_reads_the_run_from_the_metadata_db(fleet_run, airflow_env: dict[
         rows = [ln for ln in one.stdout.splitlines() if ln.startswith(mission)]
         assert {ln.split()[1] for ln in rows} == set(phases), one.stdout
         assert all(" complete " in f" {ln} " for ln in rows), one.stdout
+
+
+def _task_test(env: dict[str, str], task_id: str, params: str = "{}") -> str:
+    done = subprocess.run(
+        [str(BIN / "airflow"), "tasks", "test", "-t", params, "bem_fleet_maintenance", task_id],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-5000:]
+    return log
+
+
+def test_maintenance_tasks_on_the_fleet_run(fleet_run, airflow_env: dict[str, str]) -> None:
+    """The maintenance DAG's tasks against this Airflow home and the fleet run's artifacts:
+    retention keeps the fresh run, `airflow db clean` runs on the real metadata DB, the weekly
+    report lists the gates run, and `bem-fleet health` reports each check."""
+    assert fleet_run.returncode == 0
+    root = Path(airflow_env["BEM_FLEET_ARTIFACT_ROOT"])
+    before = sorted(str(p) for p in root.rglob("manifest.json"))
+    assert "deleted': 0" in _task_test(airflow_env, "retention")  # one run: nothing to delete
+    assert sorted(str(p) for p in root.rglob("manifest.json")) == before
+    assert "db_clean_before" in _task_test(airflow_env, "metadata_and_logs")
+    _task_test(airflow_env, "weekly_report", '{"weekly_report": "always"}')
+    (report,) = (root / "reports").glob("weekly_*.md")
+    if list(root.glob("bem_promotion_gates/*/promotion_report.json")):
+        assert "| gate | run | estimate | CI | status |" in report.read_text()
+        assert list((root / "reports").glob("trend_*.png"))
+    health = subprocess.run(
+        [str(BIN / "bem-fleet"), "health"], env=airflow_env, capture_output=True, text=True
+    )
+    rows = {ln.split()[0]: ln.split()[1] for ln in health.stdout.splitlines()[2:] if ln.strip()}
+    assert rows["disk"] == rows["metadata_db"] == rows["pools"] == "True", health.stdout
+    # `dags test` runs no scheduler, so under LocalExecutor no live worker: the check says so
+    assert rows["workers"] == "False" and health.returncode == 1, health.stdout
