@@ -113,7 +113,8 @@ def _explicit_inputs(
     root = Path(inputs_from) if inputs_from else Path(output).resolve().parent
     for q in earlier:
         for cand in (root / q / f"seed_{seed}", root / q):
-            if (cand / "manifest.json").exists():
+            # a mapped phase's folder holds <variant>/seed_N folders (ctx.input_dir picks one)
+            if (cand / "manifest.json").exists() or any(cand.glob(f"*/seed_{seed}/manifest.json")):
                 inputs[q] = cand
                 break
     if checkpoint and earlier:
@@ -136,26 +137,75 @@ def _run_phase_standalone(args: argparse.Namespace, phase: str | None) -> int:
         raise ValueError(f"{mission} is not enabled (no implementation or enabled: false)")
     seed = args.seed
     inputs = _explicit_inputs(phases, phase, seed, args.checkpoint, args.inputs_from, args.output)
-    result = _execute_standalone(cfg, phase, seed, Path(args.output), inputs, mission=mission)
-    print(json.dumps(result, indent=2))
+    options = _phase_options(args, cfg, mission, phase)
+    spec = cfg.experiments[mission].phases[phase]
+    # A mapped phase runs the chosen variants in turn, each into <output>/<variant>/seed_N (the
+    # DAG run's layout), so a later phase finds them with --inputs-from as it would in a run.
+    variants = _choose(getattr(args, "variants", None), spec.variants, "--variants")
+    if variants is None and getattr(args, "variants", None):
+        raise ValueError(f"--variants: {mission}.{phase} is not a mapped phase")
+    runs: list[str | None] = list(variants) if variants else [None]
+    for variant in runs:
+        out = Path(args.output)
+        if variant is not None:
+            out = out / variant / f"seed_{seed}"
+        result = _execute_standalone(
+            cfg, phase, seed, out, inputs, mission=mission, variant=variant, options=options
+        )
+        print(json.dumps(result, indent=2))
     return 0
+
+
+def _choose(given: str | None, allowed: list[str] | None, option: str) -> list[str] | None:
+    """A comma-separated choice out of ``allowed`` (None: all of them)."""
+    if allowed is None:
+        return None
+    if not given:
+        return list(allowed)
+    chosen = [v.strip() for v in given.split(",") if v.strip()]
+    bad = [v for v in chosen if v not in allowed]
+    if bad or not chosen:
+        raise ValueError(f"{option} {given!r}: expected a comma-separated subset of {allowed}")
+    return chosen
+
+
+def _phase_options(
+    args: argparse.Namespace, cfg: FleetConfig, mission: str, phase: str
+) -> dict[str, Any]:
+    """CLI choices a phase reads from ``ctx.options`` (recorded in the manifest's hash)."""
+    suites = getattr(args, "test_suite", None)
+    if suites:
+        if mission != "mission_c" or phase != "safety_evaluation":
+            raise ValueError("--test-suite: only mission_c's safety_evaluation has test suites")
+        from bem_tasks.missions.mission_c_params import SUITES
+
+        return {"suites": _choose(suites, list(SUITES), "--test-suite")}
+    given = getattr(args, "ood_suite", None)
+    if not given:
+        return {}
+    if mission != "mission_d" or phase != "ood_evaluation":
+        raise ValueError("--ood-suite: only mission_d's ood_evaluation has OOD splits")
+    from bem_tasks.missions.mission_d_params import OOD_SPLITS
+
+    return {"ood_splits": _choose(given, list(OOD_SPLITS), "--ood-suite")}
 
 
 def _execute_standalone(
     cfg: FleetConfig, phase: str, seed: int, output: Path, inputs: dict[str, Path], *,
-    mission: str,
+    mission: str, variant: str | None = None, options: dict[str, Any] | None = None,
 ) -> dict:  # fmt: skip
     """Run ``mission.phase`` into ``output`` with ``inputs`` recorded in its manifest. A complete
     folder is reused on config and seed alone, so one made from other inputs (a canary gate
     decided on another shadow) is refused instead of handed back."""
-    from bem_tasks.fleet.phases import PhaseContext, execute
+    from bem_tasks.fleet.phases import PhaseContext, check_variant, execute, options_hash
     from bem_tasks.fleet.runs import is_complete, read_manifest
 
     spec = cfg.experiments[mission].phases[phase]
+    check_variant(mission, phase, spec.variants, variant)
     seed_or_none = seed if spec.per_seed else None
     config_hash = cfg.mission_hash(mission)
     used = {name: str(path.resolve()) for name, path in sorted(inputs.items())}
-    if is_complete(output, config_hash, seed_or_none):
+    if is_complete(output, options_hash(config_hash, options or {}), seed_or_none):
         made_from = (read_manifest(output) or {}).get("inputs")
         if made_from != used:
             raise ValueError(
@@ -164,7 +214,10 @@ def _execute_standalone(
                 "reusing it would report a result of other inputs: choose another --output or "
                 "delete that folder"
             )
-    ctx = PhaseContext(mission, phase, seed_or_none, cfg, output, inputs=inputs)
+    ctx = PhaseContext(
+        mission, phase, seed_or_none, cfg, output, inputs=inputs, variant=variant,
+        options=dict(options or {}),
+    )  # fmt: skip
     return execute(ctx, config_hash=config_hash, extra={"inputs": used})
 
 
@@ -173,9 +226,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """The mission's final phase, with --model as the previous phase's output."""
+    """The mission's final phase, with --model as the previous phase's output; with
+    --test-suite, mission_c's safety_evaluation (--model: its train_safety_basis output)."""
     args.checkpoint = args.model
-    return _run_phase_standalone(args, None)
+    suite = getattr(args, "test_suite", None)
+    if suite and args.mission != "mission_c":
+        raise ValueError("--test-suite: only mission_c's safety_evaluation has test suites")
+    return _run_phase_standalone(args, "safety_evaluation" if suite else None)
 
 
 ONLINE_MISSION = "mission_b"  # the one mission with an online learner to stream and soak
@@ -470,6 +527,47 @@ def cmd_power(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    """Apply the retention policy (operations.retention) to the artifact root."""
+    from bem_tasks.fleet.retention import run_cleanup
+
+    use_embedded_airflow_home(_project_root())  # to ask the metadata DB which runs are active
+    run_cleanup(load_fleet(args.config), dry_run=args.dry_run, say=print)
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """The maintenance DAG's health check, printed; exit 1 when a check fails."""
+    use_embedded_airflow_home(_project_root())
+    from bem_tasks.fleet.health import health_check
+    from bem_tasks.fleet.summary import format_table
+
+    checks = health_check(load_fleet(args.config))
+    print(format_table(["check", "ok", "detail"], [[c.name, c.ok, c.detail] for c in checks]))
+    return 0 if all(c.ok for c in checks) else 1
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from bem_tasks.fleet.backup import backup
+
+    backup(load_fleet(args.config), Path(args.to), say=print)
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from bem_tasks.fleet.backup import restore
+
+    cfg = load_fleet(args.config)
+    restore(
+        Path(args.source),
+        artifact_root=cfg.artifact_root,
+        configs_to=Path(args.configs_to) if args.configs_to else cfg.artifact_root / "configs",
+        overwrite=args.overwrite,
+        say=print,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bem-fleet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -503,6 +601,28 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--detailed", action="store_true")
     status.add_argument("--dag-id", default=FLEET_DAG_ID)
 
+    cleanup = add(
+        "cleanup", cmd_cleanup, "retention: delete old run folders, prune older checkpoints"
+    )
+    cleanup.add_argument(
+        "--dry-run", action="store_true", help="print what would go and the bytes freed"
+    )
+
+    add("health", cmd_health, "disk, pools, workers and metadata DB; exit 1 if one fails")
+    backup = add("backup", cmd_backup, "copy the registry, promoted runs and configs to --to")
+    backup.add_argument("--to", required=True, help="a new, empty folder")
+    restore = add("restore", cmd_restore, "verify a backup's hashes, then restore it")
+    restore.add_argument("--from", dest="source", required=True, help="a `backup --to` folder")
+    restore.add_argument(
+        "--configs-to",
+        default=None,
+        help="where the backed-up config files go (default: <artifact_root>/configs; the "
+        "project's own configs are never overwritten)",
+    )
+    restore.add_argument(
+        "--overwrite", action="store_true", help="replace files that differ from the backup"
+    )
+
     def phase_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--output", required=True, help="folder for this phase's artifacts")
         p.add_argument(
@@ -518,11 +638,30 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("mission")
     train.add_argument("--phase", required=True)
     train.add_argument("--checkpoint", default=None, help="output folder of the previous phase")
+    train.add_argument(
+        "--variants",
+        default=None,
+        help="a mapped phase's variants to run in turn, comma-separated (default: all), each "
+        "into <output>/<variant>/seed_N; e.g. mission_d --phase pretrain --variants pt1,pt4",
+    )
     phase_args(train)
 
     evaluate = add("evaluate", cmd_evaluate, "run a mission's evaluation phase without Airflow")
     evaluate.add_argument("--mission", required=True)
     evaluate.add_argument("--model", required=True, help="output folder of the trained model")
+    evaluate.add_argument(
+        "--ood-suite",
+        default=None,
+        help="mission_d: OOD splits to evaluate, comma-separated out of ood_synonym, "
+        "ood_entity, ood_template (default: the config's)",
+    )
+    evaluate.add_argument(
+        "--test-suite",
+        default=None,
+        help="mission_c: run safety_evaluation on these suites, comma-separated out of test "
+        "(gated) and red_team (held out by template, reported); --model: the "
+        "train_safety_basis output",
+    )
     phase_args(evaluate)
 
     stream = add("stream", cmd_stream, "Mission B's stream without Airflow: shadow or online")

@@ -410,6 +410,11 @@ def _load(path: Path, profile: str | None, problems: list[str]) -> FleetConfig |
                 for err in exc.errors():
                     problems.append(f"{at('params', *map(str, err['loc']))}: {error_message(err)}")
                 continue
+            # A params model may check itself against the phases (e.g. a mapped phase's variants,
+            # whose one source is the phase spec, against per-variant settings).
+            check_phases = getattr(params, "check_phases", None)
+            if check_phases is not None:
+                problems.extend(f"{at('params')}: {msg}" for msg in check_phases(exp.phases))
             if prof_name:
                 experiments_by_profile[prof_name][name] = exp
                 params_by_profile[prof_name][name] = params

@@ -48,8 +48,10 @@ def headline(metrics: dict[str, Any], limit: int = HEADLINE_LIMIT) -> str:
 def phase_rows(run_dir: Path) -> list[list[Any]]:
     """One row per completed phase (and seed) under a run folder, read from its artifacts."""
     rows = []
-    for manifest_path in sorted(run_dir.glob("*/*/manifest.json")) + sorted(
-        run_dir.glob("*/*/seed_*/manifest.json")
+    for manifest_path in (
+        sorted(run_dir.glob("*/*/manifest.json"))
+        + sorted(run_dir.glob("*/*/seed_*/manifest.json"))
+        + sorted(run_dir.glob("*/*/*/seed_*/manifest.json"))  # mapped phases: <variant>/seed_N
     ):
         phase_dir = manifest_path.parent
         manifest = read_manifest(phase_dir) or {}
@@ -58,7 +60,8 @@ def phase_rows(run_dir: Path) -> list[list[Any]]:
         rows.append(
             [
                 manifest.get("mission", "?"),
-                manifest.get("phase", phase_dir.name),
+                manifest.get("phase", phase_dir.name)
+                + (f"[{manifest['variant']}]" if manifest.get("variant") else ""),
                 manifest.get("seed", "-") if manifest.get("seed") is not None else "-",
                 manifest.get("status", "?"),
                 f"{manifest.get('duration_s', 0):.1f}s",

@@ -35,4 +35,20 @@ IMPLEMENTED: dict[str, MissionImpl] = {
         phases=("prepare", "shadow", "canary_gate", "online", "evaluate"),
         params_model="bem_tasks.missions.mission_b_params:MissionBParams",
     ),
+    "mission_c": MissionImpl(
+        module="bem_tasks.missions.mission_c",
+        phases=(
+            "prepare",
+            "pretrain_base",
+            "train_safety_basis",
+            "safety_evaluation",
+            "knob_sweep",
+        ),
+        params_model="bem_tasks.missions.mission_c_params:MissionCParams",
+    ),
+    "mission_d": MissionImpl(
+        module="bem_tasks.missions.mission_d",
+        phases=("prepare", "pretrain", "ood_evaluation"),
+        params_model="bem_tasks.missions.mission_d_params:MissionDParams",
+    ),
 }

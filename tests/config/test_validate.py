@@ -79,12 +79,13 @@ def test_dependency_on_unknown_mission(project: Path, edit_yaml) -> None:
 
 def test_dependency_cycle(project: Path, edit_yaml) -> None:
     def bad(d: dict) -> None:
-        d["missions"]["mission_c"]["depends_on"] = ["mission_d"]
-        d["missions"]["mission_d"]["depends_on"] = ["mission_c"]
+        # two missions left disabled, so that the cycle is the only problem
+        d["missions"]["mission_d"].update(enabled=False, depends_on=["mission_e"])
+        d["missions"]["mission_e"]["depends_on"] = ["mission_d"]
 
     problems = problems_after(project, edit_yaml, ARCH, bad)
     assert problems == [
-        f"{project / ARCH}:missions: dependency cycle mission_c -> mission_d -> mission_c"
+        f"{project / ARCH}:missions: dependency cycle mission_d -> mission_e -> mission_d"
     ]
 
 
@@ -139,11 +140,11 @@ def test_more_gpus_than_the_class_has(project: Path, edit_yaml) -> None:
 
 def test_enabling_a_mission_without_implementation(project: Path, edit_yaml) -> None:
     problems = problems_after(
-        project, edit_yaml, ARCH, lambda d: d["missions"]["mission_c"].update(enabled=True)
+        project, edit_yaml, ARCH, lambda d: d["missions"]["mission_e"].update(enabled=True)
     )
     assert len(problems) == 1
     assert problems[0].startswith(
-        f"{project / ARCH}:missions.mission_c.enabled: 'mission_c' has no implementation yet"
+        f"{project / ARCH}:missions.mission_e.enabled: 'mission_e' has no implementation yet"
     )
 
 

@@ -225,6 +225,22 @@ def _phases(cfg: FleetConfig) -> list[tuple[str, str, bool]]:
     ]
 
 
+def _units(cfg: FleetConfig) -> list[tuple[str, str, int | None, str | None, int]]:
+    """(mission, phase, seed, variant, map_index) of every phase task instance: a per-seed
+    phase is mapped over the seeds, a phase with variants over (seed, variant), Airflow's
+    cross product with the variants varying fastest."""
+    units = []
+    for mission, phase, per_seed in _phases(cfg):
+        variants = cfg.experiments[mission].phases[phase].variants or [None]
+        if not per_seed:
+            units.append((mission, phase, None, None, -1))
+            continue
+        for i, seed in enumerate(SEEDS):
+            for j, variant in enumerate(variants):
+                units.append((mission, phase, seed, variant, i * len(variants) + j))
+    return units
+
+
 # ----------------------------------------------------------------------------- tests
 
 
@@ -250,29 +266,29 @@ def test_each_phase_ran_on_a_worker_of_its_class(outcome: Outcome) -> None:
     layout = RunLayout(Path(outcome.cluster.artifact_root or ""), FLEET, outcome.run["dag_run_id"])
     by_key = {(t["task_id"], t["map_index"]): t for t in outcome.tis}
     workers_used: set[tuple[str, ...]] = set()
-    for mission, phase, per_seed in _phases(cfg):
+    for mission, phase, seed, variant, map_index in _units(cfg):
         spec = cfg.experiments[mission].phases[phase]
         device_class = spec.device_class
-        for seed in SEEDS if per_seed else [None]:
-            ti = by_key[(f"{mission}.{phase}", -1 if seed is None else SEEDS.index(seed))]
-            where = f"{mission}.{phase} seed={seed}"
-            assert ti["queue"] == device_class, f"{where}: queued on {ti['queue']}"
-            assert ti["pool"] == device_class, f"{where}: in pool {ti['pool']}"
-            gpus = spec.gpus if cfg.arch.device_classes[device_class].kind == "gpu" else 1
-            assert ti["pool_slots"] == gpus, f"{where}: pool_slots {ti['pool_slots']} != {gpus}"
+        ti = by_key[(f"{mission}.{phase}", map_index)]
+        where = f"{mission}.{phase} seed={seed} variant={variant}"
+        assert ti["queue"] == device_class, f"{where}: queued on {ti['queue']}"
+        assert ti["pool"] == device_class, f"{where}: in pool {ti['pool']}"
+        gpus = spec.gpus if cfg.arch.device_classes[device_class].kind == "gpu" else 1
+        assert ti["pool_slots"] == gpus, f"{where}: pool_slots {ti['pool_slots']} != {gpus}"
 
-            manifest = json.loads(
-                (layout.phase_dir(mission, phase, seed) / "manifest.json").read_text()
-            )
-            queues = tuple(q for q in manifest["worker"]["queues"].split(",") if q)
-            assert device_class in queues, f"{where}: ran on a worker serving {queues}"
-            workers_used.add(queues)
-            lease = manifest["lease"]
-            assert lease["device_class"] == device_class, f"{where}: leased {lease}"
-            n_devices = cfg.arch.device_classes[device_class].devices
-            if cfg.arch.device_classes[device_class].kind == "gpu":
-                assert len(lease["indices"]) == spec.gpus, f"{where}: leased {lease}"
-                assert all(0 <= i < n_devices for i in lease["indices"]), f"{where}: {lease}"
+        manifest = json.loads(
+            (layout.phase_dir(mission, phase, seed, variant) / "manifest.json").read_text()
+        )
+        assert manifest.get("variant") == variant, f"{where}: manifest {manifest.get('variant')}"
+        queues = tuple(q for q in manifest["worker"]["queues"].split(",") if q)
+        assert device_class in queues, f"{where}: ran on a worker serving {queues}"
+        workers_used.add(queues)
+        lease = manifest["lease"]
+        assert lease["device_class"] == device_class, f"{where}: leased {lease}"
+        n_devices = cfg.arch.device_classes[device_class].devices
+        if cfg.arch.device_classes[device_class].kind == "gpu":
+            assert len(lease["indices"]) == spec.gpus, f"{where}: leased {lease}"
+            assert all(0 <= i < n_devices for i in lease["indices"]), f"{where}: {lease}"
     assert workers_used == {w.queues for w in WORKERS}, (
         f"each worker must run at least one phase; phases ran on workers serving {workers_used}"
     )
@@ -283,21 +299,20 @@ def test_no_gpu_was_held_by_two_phases_at_once(outcome: Outcome) -> None:
     cfg = outcome.cfg
     layout = RunLayout(Path(outcome.cluster.artifact_root or ""), FLEET, outcome.run["dag_run_id"])
     held: dict[tuple[str, int], list[tuple[datetime, datetime, str]]] = {}
-    for mission, phase, per_seed in _phases(cfg):
-        for seed in SEEDS if per_seed else [None]:
-            manifest = json.loads(
-                (layout.phase_dir(mission, phase, seed) / "manifest.json").read_text()
-            )
-            lease = manifest["lease"]
-            # The manifest is written inside the lease, so [acquired_at, created_at] lies within
-            # the time the phase held its devices.
-            span = (
-                datetime.fromisoformat(lease["acquired_at"]),
-                datetime.fromisoformat(manifest["created_at"]),
-                f"{mission}.{phase} seed={seed}",
-            )
-            for index in lease["indices"]:
-                held.setdefault((lease["device_class"], index), []).append(span)
+    for mission, phase, seed, variant, _ in _units(cfg):
+        manifest = json.loads(
+            (layout.phase_dir(mission, phase, seed, variant) / "manifest.json").read_text()
+        )
+        lease = manifest["lease"]
+        # The manifest is written inside the lease, so [acquired_at, created_at] lies within
+        # the time the phase held its devices.
+        span = (
+            datetime.fromisoformat(lease["acquired_at"]),
+            datetime.fromisoformat(manifest["created_at"]),
+            f"{mission}.{phase} seed={seed} variant={variant}",
+        )
+        for index in lease["indices"]:
+            held.setdefault((lease["device_class"], index), []).append(span)
     assert held, outcome.fail("no phase leased a GPU: nothing to check")
     for device, spans in held.items():
         spans.sort()
