@@ -61,11 +61,14 @@ def fill_splits(
     fractions: Mapping[str, float] = DEFAULT_FRACTIONS,
     seen: set[str] | None = None,
     max_tries: int | None = None,
+    region_key: Callable[[T], str] | None = None,
 ) -> dict[str, list[T]]:
     """Draw candidates from ``sample`` until each split has ``sizes[split]`` unique items.
 
     A candidate goes to the split its key's region names, or is dropped if that split is full or
     the key was already used (``seen`` is updated, so callers can share it across calls).
+    ``region_key`` (default ``key``) decides the region: items that share what it returns
+    (e.g. the secret a prompt is about) always land in the same split.
     Raises ``ValueError`` when the item space is too small to fill the request.
     """
     unknown = sorted(set(sizes) - set(fractions))
@@ -90,7 +93,7 @@ def fill_splits(
         k = key(item)
         if k in seen:
             continue
-        region = region_of(k, salt=salt, fractions=fractions)
+        region = region_of(region_key(item) if region_key else k, salt=salt, fractions=fractions)
         if region in out and len(out[region]) < sizes[region]:
             seen.add(k)
             out[region].append(item)

@@ -56,6 +56,7 @@ Evaluation definitions (greedy decoding with a K/V cache, batched by prompt leng
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -82,6 +83,7 @@ from bem_tasks.data.suites.safety import (
     judge_violation,
     make_red_team,
     make_safety,
+    payload_key,
     read_safety,
 )
 from bem_tasks.eval import ExampleRecord, answer_em_f1, write_records
@@ -380,6 +382,7 @@ def prepare(ctx: Any) -> dict[str, Any]:
     paths = write_splits(ctx.out_dir, splits)
     rows = {name: read_safety(path) for name, path in paths.items()}
     check_disjoint({str(paths[name]): r for name, r in rows.items()})
+    _check_payloads_held_out(rows, paths)
     metrics: dict[str, Any] = {}
     for name, items in rows.items():
         harmful = [it for it in items if it.kind == "harmful"]
@@ -391,6 +394,22 @@ def prepare(ctx: Any) -> dict[str, Any]:
             c: sum(it.category == c for it in harmful) for c in d.categories
         }
     return metrics
+
+
+def _check_payloads_held_out(rows: dict[str, list[SafetyItem]], paths: dict[str, Path]) -> None:
+    """No (category, subject) pair, hence no payload, of train is in dev/test/red_team, nor one
+    of dev in test/red_team (test and red_team share pairs: both are held out)."""
+    groups = [["train"], ["dev"], ["test", RED_TEAM]]
+    owner: dict[str, str] = {}
+    for group in groups:
+        for name in group:
+            for it in (x for x in rows[name] if x.kind == "harmful"):
+                first = owner.setdefault(payload_key(it), name)
+                if first not in group:
+                    raise ValueError(
+                        f"{paths[name]}: {it.id} asks for the payload of {payload_key(it)!r}, "
+                        f"which {paths[first]} already uses (payloads must be held out)"
+                    )
 
 
 def pretrain_base(ctx: Any) -> dict[str, Any]:

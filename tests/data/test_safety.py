@@ -190,3 +190,19 @@ def test_red_team_split_is_held_out_by_template(tmp_path: Path) -> None:
 def generate_and_read(tmp_path: Path) -> dict[str, list]:
     paths = generate_safety(tmp_path / "g", seed=0, **SIZES)
     return {name: read_safety(p) for name, p in paths.items()}
+
+
+def test_payloads_of_train_never_reach_dev_test_or_red_team() -> None:
+    """A payload is a function of (category, subject): held-out prompts must ask for payloads
+    the model never saw in training (a different template is not enough)."""
+    from bem_tasks.data.suites.safety import make_safety, payload_key
+
+    splits = make_safety(seed=0, sizes={"train": 1600, "dev": 40, "test": 240})
+    pairs = {
+        name: {payload_key(it) for it in rows if it.kind == "harmful"}
+        for name, rows in splits.items()
+    }
+    red = {payload_key(it) for it in make_red_team(seed=0, n=60)}
+    assert not pairs["train"] & (pairs["dev"] | pairs["test"] | red)
+    assert not pairs["dev"] & (pairs["test"] | red)
+    assert len(pairs["test"]) > 50 and len(red) > 30

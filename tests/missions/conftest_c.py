@@ -23,7 +23,7 @@ C_PER_SEED = C_PHASES[2:]
 
 MICRO_C: dict[str, Any] = {
     "runtime": {"threads": 1},
-    "model": {"family": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2, "max_positions": 144},
+    "model": {"family": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2, "max_positions": 160},
     "data": {
         "n_train": 240,
         "n_dev": 12,

@@ -29,7 +29,13 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 from bem_tasks.data.jsonl import read_jsonl, write_splits
-from bem_tasks.data.splits import fill_splits, split_sizes, stable_id
+from bem_tasks.data.splits import (
+    DEFAULT_FRACTIONS,
+    fill_splits,
+    region_of,
+    split_sizes,
+    stable_id,
+)
 from bem_tasks.data.suites.compositional import (
     CompositionalConfig,
     extract_answer,
@@ -333,7 +339,12 @@ def make_safety(
         )
     rng = random.Random(seed)
     n_harm = {k: round(n * harmful_fraction) for k, n in sizes.items()}
-    harmful = fill_splits(lambda: _harmful(rng, categories), lambda it: it.key, n_harm, salt=SALT)
+    # Split by the (category, subject) pair, the payload's source: a payload the base learned to
+    # produce (or the safety basis to refuse) in train never reappears in dev or test.
+    harmful = fill_splits(
+        lambda: _harmful(rng, categories), lambda it: it.key, n_harm, salt=SALT,
+        region_key=payload_key,
+    )  # fmt: skip
     benign_sizes = {k: n - n_harm[k] for k, n in sizes.items()}
     benign = make_compositional(
         seed=rng.randrange(2**32), sizes=benign_sizes, config=benign_config, id_prefix="Cb"
@@ -358,20 +369,28 @@ def make_safety(
     return out
 
 
+def payload_key(item: SafetyItem) -> str:
+    """What a harmful prompt's payload is a function of; the region harmful rows split by."""
+    return f"{item.category}|{item.subject}"
+
+
 def make_red_team(
     *, seed: int, n: int, categories: Sequence[str] = tuple(CATEGORIES)
 ) -> list[SafetyItem]:
     """``n`` distinct harmful rows (split ``red_team``) written with ``RED_TEAM_TEMPLATES``
-    only: disjoint by content from every other split, whose prompts use ``TEMPLATES``."""
+    only, about (category, subject) pairs of the test region: disjoint by content from every
+    other split (their prompts use ``TEMPLATES``), and no payload of train or dev."""
     rng = random.Random(f"{seed}:{RED_TEAM}")
     red = range(len(TEMPLATES), len(ALL_TEMPLATES))
     space = len(categories) * len(SUBJECT_WORDS) * len(SUBJECT_NUMBERS) * len(red)
+    space = int(space * DEFAULT_FRACTIONS["test"])  # pairs of the test region only
     if n > space // 2:
         raise ValueError(f"red-team size {n} is more than half its item space ({space})")
     rows: dict[str, SafetyItem] = {}
     while len(rows) < n:
         it = _harmful(rng, categories, red)
-        rows.setdefault(it.prompt, it.model_copy(update={"split": RED_TEAM}))
+        if region_of(payload_key(it), salt=SALT) == "test":
+            rows.setdefault(it.prompt, it.model_copy(update={"split": RED_TEAM}))
     return list(rows.values())
 
 
