@@ -467,7 +467,7 @@ def pretrain(ctx: Any) -> dict[str, Any]:
 
     fingerprint = fingerprint_of(
         p.model.model_dump(), p.pretraining.model_dump(), p.invariance.thaw_start,
-        p.invariance.thaw_end, weights, seed, input_digest(ctx, "prepare", None, "train.jsonl", VOCAB_FILE),
+        p.invariance.thaw_end, p.invariance.view_batch_size, weights, seed, input_digest(ctx, "prepare", None, "train.jsonl", VOCAB_FILE),
     )  # fmt: skip
     run = train_loop(
         ctx,
