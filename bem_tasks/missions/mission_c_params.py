@@ -12,6 +12,7 @@ from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
 from bem_tasks.config.schema import ModelSpec, Strict, TrainingSpec
 from bem_tasks.missions.mission_a_params import ALL_OPS, Op, RuntimeSpec, check_item_ranges
+from bem_tasks.missions.mission_b_params import ControllerSpec
 
 # Kept in step with bem_tasks.data.suites.safety.CATEGORIES (a test checks); not imported from
 # there so that this module stays light.
@@ -47,19 +48,10 @@ class DataSpec(Strict):
         return self
 
 
-class ExpertsSpec(Strict):
-    """The task experts: a BEM module (K experts, own controller) on the frozen base, trained on
-    the benign utility tasks in pretrain_base. `chunk_size: 1` and `tau: 0` route every token
-    from its own hidden state, so teacher-forced routing equals cached greedy decoding's."""
-
-    sites: list[str] = Field(default_factory=lambda: ["attn.c_proj", "mlp.c_proj"])
-    num_experts: PositiveInt = 2
-    rank: PositiveInt = 4
-    alpha: PositiveFloat = 8.0
-    chunk_size: Literal[1] = 1
-    tau: float = Field(0.0, ge=0, le=0)
-    trust_budget: PositiveFloat | None = 1.0
-    routing: Literal["soft", "straight_through"] = "straight_through"
+# The task experts: a BEM module (K experts, own controller) on the frozen base, trained on the
+# benign utility tasks in pretrain_base; the same settings (and token-level routing, so that
+# teacher-forced routing equals cached greedy decoding's) as Mission B's controller.
+ExpertsSpec = ControllerSpec
 
 
 class Stage(Strict):
