@@ -75,7 +75,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         conf["missions"] = args.missions.split(",")
     if args.seeds:
         conf["seeds"] = [int(s) for s in args.seeds.split(",")]
-    return run_fleet(_project_root(), conf, port=args.port)
+    from bem_tasks.missions.soak import parse_duration
+
+    timeout_s = parse_duration(args.timeout)
+    return run_fleet(_project_root(), conf, port=args.port, timeout_s=timeout_s)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
@@ -589,6 +592,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--missions", default="", help="comma-separated subset")
     run.add_argument("--seeds", default="", help="comma-separated seeds")
     run.add_argument("--port", type=int, default=8080)
+    run.add_argument(
+        "--timeout",
+        default="24h",
+        help="stop following the runs after this long (e.g. 90m, 24h; the runs go on)",
+    )
 
     stop = add("stop", cmd_stop, "stop the background embedded Airflow")
     stop.add_argument("--port", type=int, default=8080)

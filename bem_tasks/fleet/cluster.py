@@ -11,7 +11,7 @@ docker-compose cluster (README.md, "Run on a cluster") without Docker. It needs 
     cluster.prepare()          # airflow db migrate, bem-fleet pools sync
     with cluster:              # start ... stop (process groups, even on error)
         cluster.wait_healthy()
-        api = cluster.client() # REST API v2 with a bearer token
+        api = cluster.client() # bem_tasks.fleet.api.AirflowApi as the admin
 
 Each worker exports ``BEM_FLEET_WORKER_QUEUES`` (its queues), which a phase records in its
 manifest, so where a phase ran can be checked afterwards.
@@ -34,6 +34,8 @@ from types import TracebackType
 from typing import IO, Any
 
 import httpx
+
+from bem_tasks.fleet.api import AirflowApi, AirflowApiError, health
 
 AUTH_MANAGER = "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
 HEALTHY = "healthy"
@@ -274,7 +276,7 @@ class CeleryCluster:
 
     def health(self) -> dict[str, str]:
         """Status of each core component from the api-server's health endpoint."""
-        body = httpx.get(f"{self.url}/api/v2/monitor/health", timeout=5).json()
+        body = health(self.url)
         return {k: (v or {}).get("status") or "unknown" for k, v in body.items()}
 
     def wait_healthy(self, timeout_s: float = 240) -> None:
@@ -289,7 +291,7 @@ class CeleryCluster:
                 status = self.health()
                 if all(status.get(k) == HEALTHY for k in wanted):
                     return
-            except (httpx.HTTPError, ValueError):
+            except (httpx.HTTPError, AirflowApiError, ValueError):
                 pass
             if time.monotonic() > deadline:
                 raise ClusterError(
@@ -300,22 +302,9 @@ class CeleryCluster:
 
     # ------------------------------------------------------------------ REST API
 
-    def token(self) -> str:
-        resp = httpx.post(
-            f"{self.url}/auth/token",
-            json={"username": self.admin_user, "password": self.secrets.admin_password},
-            timeout=30,
-        )
-        resp.raise_for_status()
-        token: str = resp.json()["access_token"]
-        return token
-
-    def client(self) -> httpx.Client:
-        return httpx.Client(
-            base_url=f"{self.url}/api/v2",
-            headers={"Authorization": f"Bearer {self.token()}"},
-            timeout=30,
-        )
+    def client(self) -> AirflowApi:
+        """The REST API v2 as the admin (bem_tasks.fleet.api: token refreshed, statuses checked)."""
+        return AirflowApi(self.url, self.admin_user, self.secrets.admin_password)
 
     # ------------------------------------------------------------------ logs
 

@@ -22,12 +22,15 @@ from typing import Any
 
 import httpx
 
+from bem_tasks.fleet.api import AirflowApi, AirflowApiError, health
 from bem_tasks.fleet.runs import FLEET_DAG_ID, GATES_DAG_ID, STATS_DAG_ID
 
 # Each asset-triggered DAG after the fleet run, with the task whose success emits its asset.
 DOWNSTREAM = ((STATS_DAG_ID, "publish_results"), (GATES_DAG_ID, "validate"))
 FINISHED = {"success", "failed"}
 TI_DONE = {"success", "failed", "skipped", "upstream_failed", "removed"}
+# How long `make run` follows the runs it started (`bem-fleet run --timeout`).
+DEFAULT_TIMEOUT_S = 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -146,14 +149,19 @@ class Embedded:
 
     # ------------------------------------------------------------------ REST API
 
-    def client(self, timeout_s: float = 300) -> httpx.Client:
+    def api(self, **kwargs: Any) -> AirflowApi:
+        """A client of this Airflow's API as its admin (the password file standalone wrote)."""
+        return AirflowApi.from_password_file(self.url, self.password_file, **kwargs)
+
+    def client(self, timeout_s: float = 300) -> AirflowApi:
+        """Once the API answers and the password file exists (both come a while after start)."""
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                httpx.get(f"{self.url}/api/v2/monitor/health", timeout=5).raise_for_status()
+                health(self.url)
                 if self.password_file.exists():
                     break
-            except httpx.HTTPError:
+            except (httpx.HTTPError, AirflowApiError):
                 pass
             if time.monotonic() > deadline:
                 raise TimeoutError(
@@ -163,58 +171,59 @@ class Embedded:
             if self.running_pid() is None:
                 raise RuntimeError(f"airflow standalone exited; see {self.log_file}")
             time.sleep(2)
-        user, password = next(iter(json.loads(self.password_file.read_text()).items()))
-        token = httpx.post(
-            f"{self.url}/auth/token", json={"username": user, "password": password}, timeout=30
-        )
-        token.raise_for_status()
-        return httpx.Client(
-            base_url=f"{self.url}/api/v2",
-            headers={"Authorization": f"Bearer {token.json()['access_token']}"},
-            timeout=30,
-        )
+        return self.api()
 
 
-def _wait_for_dag(api: httpx.Client, dag_id: str, timeout_s: float = 180) -> None:
+def _wait_for_dag(api: AirflowApi, dag_id: str, timeout_s: float = 180) -> None:
     deadline = time.monotonic() + timeout_s
-    while api.get(f"/dags/{dag_id}").status_code != 200:
+    while not api.exists(f"/dags/{dag_id}"):
         if time.monotonic() > deadline:
-            errors = api.get("/importErrors").json().get("import_errors", [])
+            errors = api.get("/importErrors").get("import_errors", [])
             detail = "\n".join(e.get("stack_trace", "") for e in errors)
             raise RuntimeError(f"DAG {dag_id} not parsed after {timeout_s:.0f}s.\n{detail}")
         time.sleep(2)
 
 
-def trigger_fleet(api: httpx.Client, dag_id: str, conf: dict[str, Any]) -> dict[str, Any]:
+def trigger_fleet(api: AirflowApi, dag_id: str, conf: dict[str, Any]) -> dict[str, Any]:
     """Trigger ``dag_id`` (still paused), taking the place of its pending scheduled run.
 
     With catchup=False, unpausing a cron DAG starts its most recent past tick at once (default
     params, every seed), which would run before ours under max_active_runs=1. Taking that tick's
     logical date makes the scheduler see the run as existing and move on to the next tick.
     """
-    dag = api.get(f"/dags/{dag_id}").json()
+    dag = api.get(f"/dags/{dag_id}")
     logical_date = None
     due = dag.get("next_dagrun_run_after")
     if dag.get("is_paused") and due and datetime.fromisoformat(due) <= datetime.now(UTC):
         logical_date = dag["next_dagrun_logical_date"]
-    trigger = api.post(f"/dags/{dag_id}/dagRuns", json={"logical_date": logical_date, "conf": conf})
-    trigger.raise_for_status()
-    run: dict[str, Any] = trigger.json()
-    return run
+    return api.post(f"/dags/{dag_id}/dagRuns", {"logical_date": logical_date, "conf": conf})
+
+
+def _ti_key(ti: dict[str, Any]) -> str:
+    return f"{ti['task_id']}[{ti['map_index']}]" if ti["map_index"] >= 0 else ti["task_id"]
 
 
 def follow_run(
-    api: httpx.Client, dag_id: str, run_id: str, say: Callable[[str], None], poll_s: float = 3
+    api: AirflowApi,
+    dag_id: str,
+    run_id: str,
+    say: Callable[[str], None],
+    poll_s: float = 3,
+    deadline: float | None = None,
 ) -> tuple[str, list[dict[str, Any]]]:
-    """Print a line each time a task changes state; return the run's state and its tasks."""
+    """Print a line each time a task changes state; return the run's state and its tasks.
+
+    ``deadline`` (a ``time.monotonic()`` value): past it, TimeoutError names the run, its state
+    and every unfinished task.
+    """
     seen: dict[str, str] = {}
     while True:
-        run = api.get(f"/dags/{dag_id}/dagRuns/{run_id}").json()
-        tis = api.get(
-            f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances", params={"limit": 500}
-        ).json()["task_instances"]
+        run = api.get(f"/dags/{dag_id}/dagRuns/{run_id}")
+        tis = api.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances", {"limit": 500})[
+            "task_instances"
+        ]
         for ti in sorted(tis, key=lambda t: (t.get("start_date") or "", t["task_id"])):
-            key = f"{ti['task_id']}[{ti['map_index']}]" if ti["map_index"] >= 0 else ti["task_id"]
+            key = _ti_key(ti)
             state = ti.get("state") or "none"
             if seen.get(key) != state:
                 seen[key] = state
@@ -222,17 +231,25 @@ def follow_run(
                 say(f"  [{dag_id}] {key:<45} {state}{dur}")
         if run["state"] in FINISHED:
             return run["state"], tis
+        if deadline is not None and time.monotonic() > deadline:
+            waiting = {k: s for k, s in seen.items() if s not in TI_DONE}
+            raise TimeoutError(
+                f"{dag_id} run {run_id} still {run['state']} at the deadline; unfinished "
+                f"tasks: {waiting or 'none'} (the run goes on in Airflow: its UI, or "
+                "`bem-fleet status`, shows how it ends)"
+            )
         time.sleep(poll_s)
 
 
 def follow_downstream(
-    api: httpx.Client,
+    api: AirflowApi,
     dag_id: str,
     after: str,
     say: Callable[[str], None],
     expect: bool,
     timeout_s: float = 180,
     poll_s: float = 3,
+    deadline: float | None = None,
 ) -> list[tuple[str, str, str, list[dict[str, Any]]]]:
     """Follow every run of ``dag_id`` with run_after >= ``after`` until none is left to come.
 
@@ -241,48 +258,69 @@ def follow_downstream(
     active run ends, so a run can appear while another is being followed. More are to come
     while the DAG has queued asset events (read before the run list, so a run created in
     between is listed). ``expect`` (the upstream emitted an event) waits up to ``timeout_s``
-    for a first run; a run that never comes is reported as state "missing".
+    for a first run; a run that never comes is reported as state "missing". ``deadline`` is
+    the overall one of ``follow_run``.
     """
     followed: dict[str, tuple[str, list[dict[str, Any]]]] = {}
-    deadline = time.monotonic() + timeout_s
+    wait_until = time.monotonic() + timeout_s
     while True:
-        queued = api.get(f"/dags/{dag_id}/assets/queuedEvents").json()["queued_events"]
+        queued = api.get(f"/dags/{dag_id}/assets/queuedEvents")["queued_events"]
         listed = api.get(
             f"/dags/{dag_id}/dagRuns",
-            params={"run_after_gte": after, "order_by": "run_after", "limit": 100},
-        ).json()["dag_runs"]
+            {"run_after_gte": after, "order_by": "run_after", "limit": 100},
+        )["dag_runs"]
         new = [r["dag_run_id"] for r in listed if r["dag_run_id"] not in followed]
         for run_id in new:
-            followed[run_id] = follow_run(api, dag_id, run_id, say, poll_s)
+            followed[run_id] = follow_run(api, dag_id, run_id, say, poll_s, deadline)
         if new:
-            deadline = time.monotonic() + timeout_s
+            wait_until = time.monotonic() + timeout_s
             continue
         if not queued and (followed or not expect):
             break
-        if time.monotonic() > deadline:
+        if time.monotonic() > wait_until:
             say(f"  [{dag_id}] no asset-triggered run appeared within {timeout_s:.0f} s")
             followed["-"] = ("missing", [])
             break
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"{dag_id}: still waiting for asset-triggered runs at the deadline")
         time.sleep(poll_s)
     return [(dag_id, run_id, state, tis) for run_id, (state, tis) in followed.items()]
 
 
 def run_fleet(
-    project: Path, conf: dict[str, Any], say: Callable[[str], None] = print, port: int = 8080
+    project: Path,
+    conf: dict[str, Any],
+    say: Callable[[str], None] = print,
+    port: int = 8080,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> int:
-    """Start (if needed), trigger `bem_fleet`, follow everything it sets off; 0 when all succeeded."""
-    from bem_tasks.fleet.summary import print_summary
+    """Start (if needed), trigger `bem_fleet`, follow everything it sets off; 0 when all succeeded.
 
+    Following stops with TimeoutError ``timeout_s`` after the trigger (the runs go on).
+    """
     emb = Embedded(project, port)
     emb.start(say)
-    api = emb.client()
+    with emb.client() as api:
+        return _run_and_follow(emb, api, conf, say, timeout_s)
+
+
+def _run_and_follow(
+    emb: Embedded,
+    api: AirflowApi,
+    conf: dict[str, Any],
+    say: Callable[[str], None],
+    timeout_s: float,
+) -> int:
+    from bem_tasks.fleet.summary import print_summary
+
     _wait_for_dag(api, FLEET_DAG_ID)
     run = trigger_fleet(api, FLEET_DAG_ID, conf)
-    deployed = [d for d, _ in DOWNSTREAM if api.get(f"/dags/{d}").status_code == 200]
+    deadline = time.monotonic() + timeout_s
+    deployed = [d for d, _ in DOWNSTREAM if api.exists(f"/dags/{d}")]
     for dag_id in (FLEET_DAG_ID, *deployed):
-        api.patch(f"/dags/{dag_id}", json={"is_paused": False}).raise_for_status()
+        api.patch(f"/dags/{dag_id}", {"is_paused": False})
     say(f"Triggered {FLEET_DAG_ID} run {run['dag_run_id']} with conf {json.dumps(conf)}")
-    state, tis = follow_run(api, FLEET_DAG_ID, run["dag_run_id"], say)
+    state, tis = follow_run(api, FLEET_DAG_ID, run["dag_run_id"], say, deadline=deadline)
     runs = [(FLEET_DAG_ID, run["dag_run_id"], state, tis)]
 
     # Asset events from the missions schedule the statistics DAG, and its asset the gates DAG.
@@ -295,7 +333,7 @@ def run_fleet(
             for r in runs
             for t in r[3]
         )
-        runs += follow_downstream(api, dag_id, run["run_after"], say, expect)
+        runs += follow_downstream(api, dag_id, run["run_after"], say, expect, deadline=deadline)
 
     env = emb.env()
     artifact_root = Path(env["BEM_FLEET_ARTIFACT_ROOT"])

@@ -1,8 +1,8 @@
 """`make run`'s REST side (bem_tasks.fleet.embedded.run_fleet) against a fake Airflow API.
 
-No Airflow is started: ``Embedded.start`` does nothing and ``Embedded.client`` talks to
-``FakeAirflow`` through httpx.MockTransport. A fake clock replaces ``time`` in the module, so
-polls and the downstream timeout take no real time.
+No Airflow is started: ``Embedded.start`` does nothing and ``Embedded.client`` is an
+``AirflowApi`` that talks to ``FakeAirflow`` through httpx.MockTransport. A fake clock replaces
+``time`` in the module, so polls and the timeouts take no real time.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pytest
 
 from bem_tasks.fleet import embedded
 from bem_tasks.fleet.embedded import Embedded, run_fleet
+from tests.fleet.fake_airflow import fake_api
 
 FLEET, STATS, GATES = "bem_fleet", "bem_statistical_validation", "bem_promotion_gates"
 TRIGGERED_AT = "2026-03-01T10:00:00+00:00"  # the fleet run's run_after
@@ -145,18 +146,13 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     return fake
 
 
-def make_run(fake: FakeAirflow, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+def make_run(fake: FakeAirflow, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **kw):
     """run_fleet against ``fake``; returns (exit code, every line it said, whitespace-normalised)."""
     monkeypatch.setenv("BEM_FLEET_ARTIFACT_ROOT", str(tmp_path / "artifacts"))
     monkeypatch.setattr(Embedded, "start", lambda self, say: None)
-    transport = httpx.MockTransport(fake.handle)
-    monkeypatch.setattr(
-        Embedded,
-        "client",
-        lambda self: httpx.Client(base_url="http://airflow.test/api/v2", transport=transport),
-    )
+    monkeypatch.setattr(Embedded, "client", lambda self: fake_api(fake.handle))
     said: list[str] = []
-    code = run_fleet(tmp_path, {"profile": "smoke"}, said.append)
+    code = run_fleet(tmp_path, {"profile": "smoke"}, said.append, **kw)
     return code, [" ".join(line.split()) for text in said for line in text.splitlines()]
 
 
@@ -343,3 +339,17 @@ def test_uses_the_project_airflow_home_even_when_the_shell_sets_one(
     assert emb.home == tmp_path / ".airflow"
     assert emb.env()["AIRFLOW_HOME"] == str(tmp_path / ".airflow")
     assert emb.pid_file == tmp_path / ".airflow" / "standalone.pid"
+
+
+def test_following_stops_at_the_overall_deadline_naming_the_unfinished_tasks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock: FakeClock
+) -> None:
+    stuck: Frame = ("running", {"plan": "success", "mission_a.fit[0]": "running"})
+    fake = FakeAirflow(fleet_run(stuck))  # the last frame sticks: the run never finishes
+
+    with pytest.raises(TimeoutError) as err:
+        make_run(fake, monkeypatch, tmp_path, timeout_s=600)
+
+    assert "bem_fleet run manual__1 still running at the deadline" in str(err.value)
+    assert "{'mission_a.fit[0]': 'running'}" in str(err.value)
+    assert 600 <= clock.now <= 600 + 3  # one poll interval past the deadline at most

@@ -15,10 +15,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from bem_tasks.config.loader import FleetConfig, load_fleet
+from bem_tasks.fleet.api import AirflowApi
 from bem_tasks.fleet.cluster import CeleryCluster
 from bem_tasks.fleet.embedded import trigger_fleet
 from bem_tasks.fleet.runs import RunLayout
@@ -86,34 +86,34 @@ def _task_log_tail(cluster: CeleryCluster, ti: dict[str, Any], lines: int = 40) 
     return f"----- task {_ti_key(ti)} ({path.name}) -----\n" + "\n".join(shown)
 
 
-def _wait_for_dags(cluster: CeleryCluster, api: httpx.Client, timeout_s: float = 240) -> None:
+def _wait_for_dags(cluster: CeleryCluster, api: AirflowApi, timeout_s: float = 240) -> None:
     """Until the fleet and the downstream DAGs are parsed; a missing downstream DAG is left to
     its test, but the fleet DAG must be there."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         cluster.check_alive()
-        present = [d for d in (FLEET, *DOWNSTREAM) if api.get(f"/dags/{d}").status_code == 200]
+        present = [d for d in (FLEET, *DOWNSTREAM) if api.exists(f"/dags/{d}")]
         if len(present) == 1 + len(DOWNSTREAM):
             return
         # Parsed files appear together; once the fleet is in, give the rest a short while.
         if FLEET in present and deadline - time.monotonic() > 30:
             deadline = time.monotonic() + 30
         time.sleep(3)
-    if api.get(f"/dags/{FLEET}").status_code != 200:
-        errors = api.get("/importErrors").json().get("import_errors", [])
+    if not api.exists(f"/dags/{FLEET}"):
+        errors = api.get("/importErrors").get("import_errors", [])
         detail = "\n".join(e.get("stack_trace", "") for e in errors)
         pytest.fail(f"{FLEET} not parsed after {timeout_s:.0f}s\n{detail}\n{cluster.log_tails()}")
 
 
-def _tis(api: httpx.Client, dag_id: str, run_id: str) -> list[dict[str, Any]]:
-    body = api.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances", params={"limit": 1000}).json()
+def _tis(api: AirflowApi, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+    body = api.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances", {"limit": 1000})
     tis: list[dict[str, Any]] = body["task_instances"]
     return tis
 
 
 def _follow(
     cluster: CeleryCluster,
-    api: httpx.Client,
+    api: AirflowApi,
     dag_id: str,
     run_id: str,
     timeout_s: float,
@@ -124,12 +124,12 @@ def _follow(
     while True:
         cluster.check_alive()
         # A DAG file that stops parsing makes its DAG stale: its run would hang, not fail.
-        errors = api.get("/importErrors").json()
+        errors = api.get("/importErrors")
         if errors["total_entries"]:
             detail = "\n".join(e.get("stack_trace", "") for e in errors["import_errors"])
             pytest.fail(f"DAG import errors while {dag_id} run {run_id} was running:\n{detail}")
-        samples.extend(api.get("/pools").json()["pools"])
-        run: dict[str, Any] = api.get(f"/dags/{dag_id}/dagRuns/{run_id}").json()
+        samples.extend(api.get("/pools")["pools"])
+        run: dict[str, Any] = api.get(f"/dags/{dag_id}/dagRuns/{run_id}")
         if run["state"] in FINISHED:
             return run
         if time.monotonic() > deadline:
@@ -142,7 +142,7 @@ def _follow(
 
 
 def _downstream_run(
-    cluster: CeleryCluster, api: httpx.Client, dag_id: str, after: str, timeout_s: float
+    cluster: CeleryCluster, api: AirflowApi, dag_id: str, after: str, timeout_s: float
 ) -> dict[str, Any] | None:
     """The first asset-triggered run of ``dag_id`` queued after ``after``, once it appears."""
     deadline = time.monotonic() + timeout_s
@@ -150,8 +150,8 @@ def _downstream_run(
         cluster.check_alive()
         runs = api.get(
             f"/dags/{dag_id}/dagRuns",
-            params={"order_by": "run_after", "run_after_gte": after, "limit": 10},
-        ).json()["dag_runs"]
+            {"order_by": "run_after", "run_after_gte": after, "limit": 10},
+        )["dag_runs"]
         for run in runs:
             if run["run_type"] == "asset_triggered":
                 return dict(run)
@@ -159,12 +159,12 @@ def _downstream_run(
     return None
 
 
-def _trigger_paused(api: httpx.Client) -> str:
+def _trigger_paused(api: AirflowApi) -> str:
     run_id: str = trigger_fleet(api, FLEET, CONF)["dag_run_id"]
     return run_id
 
 
-def _intervals(api: httpx.Client, tis: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _intervals(api: AirflowApi, tis: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Start/end of every try; the task-instance list shows only the latest one."""
     out = []
     for ti in tis:
@@ -172,7 +172,7 @@ def _intervals(api: httpx.Client, tis: list[dict[str, Any]]) -> list[dict[str, A
         if ti["try_number"] > 1:
             path = f"/dags/{ti['dag_id']}/dagRuns/{ti['dag_run_id']}/taskInstances/{ti['task_id']}"
             path += f"/{ti['map_index']}/tries" if ti["map_index"] >= 0 else "/tries"
-            tries = api.get(path).json()["task_instances"]
+            tries = api.get(path)["task_instances"]
         for t in tries:
             if t.get("start_date"):
                 out.append(
@@ -196,8 +196,8 @@ def outcome(celery_cluster: CeleryCluster) -> Outcome:
         _wait_for_dags(cluster, api)
         run_id = _trigger_paused(api)
         for dag_id in (FLEET, *DOWNSTREAM):
-            if api.get(f"/dags/{dag_id}").status_code == 200:
-                api.patch(f"/dags/{dag_id}", json={"is_paused": False}).raise_for_status()
+            if api.exists(f"/dags/{dag_id}"):
+                api.patch(f"/dags/{dag_id}", {"is_paused": False})
         run = _follow(cluster, api, FLEET, run_id, RUN_TIMEOUT_S, samples)
         tis = _tis(api, FLEET, run_id)
         intervals = _intervals(api, tis)
@@ -207,7 +207,7 @@ def outcome(celery_cluster: CeleryCluster) -> Outcome:
         after = run["start_date"]
         for dag_id in DOWNSTREAM:
             found = None
-            if run["state"] == "success" and api.get(f"/dags/{dag_id}").status_code == 200:
+            if run["state"] == "success" and api.exists(f"/dags/{dag_id}"):
                 found = _downstream_run(cluster, api, dag_id, after, DOWNSTREAM_TIMEOUT_S)
             if found is None:
                 downstream[dag_id] = None
@@ -217,7 +217,7 @@ def outcome(celery_cluster: CeleryCluster) -> Outcome:
             downstream[dag_id] = (done, d_tis)
             intervals += _intervals(api, d_tis)
             after = done["start_date"]
-        pools = {p["name"]: p["slots"] for p in api.get("/pools").json()["pools"]}
+        pools = {p["name"]: p["slots"] for p in api.get("/pools")["pools"]}
     return Outcome(cluster, cfg, run, tis, intervals, pools, samples, downstream)
 
 
