@@ -88,6 +88,60 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ops_api(args: argparse.Namespace) -> Any:
+    """The API of --url (credentials from BEM_FLEET_ADMIN_USERNAME/_PASSWORD), else `make run`'s
+    (the password file its Airflow wrote)."""
+    from bem_tasks.fleet.api import AirflowApi
+    from bem_tasks.fleet.embedded import Embedded
+
+    if args.url:
+        return AirflowApi.from_env(args.url)
+    return Embedded(_project_root(), args.port).api()
+
+
+def _run_ops(args: argparse.Namespace, action: Any) -> int:
+    """``action(api)``; exit 2 when nothing matched, 1 when the API failed or is unreachable."""
+    import httpx
+
+    from bem_tasks.fleet.api import AirflowApiError
+    from bem_tasks.fleet.ops import NothingToDo
+
+    with _ops_api(args) as api:
+        try:
+            action(api)
+        except NothingToDo as exc:
+            print(f"{args.command}: {exc}", file=sys.stderr)
+            return 2
+        except AirflowApiError as exc:
+            print(f"{args.command}: the Airflow API refused: {exc}", file=sys.stderr)
+            return 1
+        except httpx.TransportError as exc:
+            print(f"{args.command}: cannot reach the Airflow API at {api.url} ({exc}); is it "
+                  "running (`make run`), or is --url right?", file=sys.stderr)  # fmt: skip
+            return 1
+    return 0
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from bem_tasks.fleet.ops import recover
+
+    return _run_ops(
+        args,
+        lambda api: recover(
+            api, args.mission, run_id=args.run_id, dag_id=args.dag_id, dry_run=args.dry_run
+        ),
+    )
+
+
+def cmd_emergency_shutdown(args: argparse.Namespace) -> int:
+    from bem_tasks.fleet.ops import emergency_shutdown
+
+    def confirm(prompt: str) -> bool:
+        return sys.stdin.isatty() and input(prompt).strip().lower() in ("y", "yes")
+
+    return _run_ops(args, lambda api: emergency_shutdown(api, yes=args.yes, confirm=confirm))
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     use_embedded_airflow_home(_project_root())
     from bem_tasks.fleet.status import status
@@ -600,6 +654,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     stop = add("stop", cmd_stop, "stop the background embedded Airflow")
     stop.add_argument("--port", type=int, default=8080)
+
+    def server_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--url",
+            default=None,
+            help="an Airflow API server, e.g. http://airflow:8080 (user and password from "
+            "BEM_FLEET_ADMIN_USERNAME, default admin, and BEM_FLEET_ADMIN_PASSWORD); default: "
+            "the embedded one of `make run`",
+        )
+        p.add_argument("--port", type=int, default=8080, help="the embedded Airflow's port")
+
+    recover = add(
+        "recover", cmd_recover, "clear a mission's failed tasks in its newest run: they resume"
+    )
+    recover.add_argument("--mission", required=True)
+    recover.add_argument(
+        "--run-id", default=None, help="default: the newest run that ran the mission"
+    )
+    recover.add_argument(
+        "--dag-id",
+        default=None,
+        help="bem_fleet or bem_mission_<x> (default: whichever ran the mission last)",
+    )
+    recover.add_argument(
+        "--dry-run", action="store_true", help="show what would be cleared, clear nothing"
+    )
+    server_args(recover)
+
+    shutdown = add(
+        "emergency-shutdown",
+        cmd_emergency_shutdown,
+        "pause every fleet DAG, fail its running and queued tasks (nothing deleted)",
+    )
+    shutdown.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    server_args(shutdown)
 
     status = add("status", cmd_status, "fleet status from the metadata DB and the artifacts")
     status.add_argument(

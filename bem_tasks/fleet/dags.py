@@ -16,14 +16,16 @@ import pendulum
 from airflow.sdk import DAG, Asset, AssetAny, Param, TaskGroup, get_current_context, task
 
 from bem_tasks.config.loader import FleetConfig, load_fleet
-from bem_tasks.fleet.runs import FLEET_DAG_ID, GATES_DAG_ID, MAINTENANCE_DAG_ID, STATS_DAG_ID
+from bem_tasks.fleet.runs import (
+    FLEET_DAG_ID,
+    GATES_DAG_ID,
+    MAINTENANCE_DAG_ID,
+    STATS_DAG_ID,
+    mission_dag_id,
+)
 
 STATS_ASSET = Asset(uri="bem://statistics/results", name="statistical_results")
 START_DATE = pendulum.datetime(2026, 1, 1, tz="UTC")
-
-
-def mission_dag_id(mission: str) -> str:
-    return f"bem_{mission}"
 
 
 def mission_asset(mission: str) -> Asset:

@@ -25,6 +25,13 @@ FLEET_DAG_ID = "bem_fleet"
 STATS_DAG_ID = "bem_statistical_validation"
 GATES_DAG_ID = "bem_promotion_gates"
 MAINTENANCE_DAG_ID = "bem_fleet_maintenance"
+
+
+def mission_dag_id(mission: str) -> str:
+    """The DAG that runs one mission alone."""
+    return f"bem_{mission}"
+
+
 MANIFEST = "manifest.json"
 TRACKED_PACKAGES = (
     "bem-fleet",

@@ -397,3 +397,59 @@ def test_downstream_dags_ran_from_the_assets(outcome: Outcome) -> None:
             f"{dag_id} run {run['dag_run_id']} is {run['state']}; tasks not successful: {not_ok}",
             [t for t in bad if t["state"] == "failed"],
         )
+
+
+def test_recover_reruns_a_failed_task_and_shutdown_pauses_the_fleet(
+    outcome: Outcome, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`bem-fleet recover` and `emergency-shutdown --yes` against the live cluster's API (--url,
+    credentials from the environment, as on a deployment). Last in the module: it changes the
+    cluster. A task of the finished run is marked failed; recover clears it and the scheduler
+    reruns it (a complete phase: reused, so quick); the shutdown pauses every fleet DAG, and a
+    second one finds nothing left to do."""
+    from bem_tasks import cli
+
+    cluster, run_id = outcome.cluster, outcome.run["dag_run_id"]
+    # mission_c's last phase (mapped over the one seed): only its publish task comes after it
+    task = "mission_c.knob_sweep"
+    ti_path = f"/dags/{FLEET}/dagRuns/{run_id}/taskInstances/{task}/0"
+    monkeypatch.setenv("BEM_FLEET_ADMIN_USERNAME", cluster.admin_user)
+    monkeypatch.setenv("BEM_FLEET_ADMIN_PASSWORD", cluster.secrets.admin_password)
+    with cluster.client() as api:
+        before = api.get(ti_path)
+        assert before["state"] == "success", before
+        api.patch(ti_path, {"new_state": "failed"})
+        capsys.readouterr()
+
+        assert cli.main(["recover", "--mission", "mission_c", "--url", cluster.url]) == 0
+        out = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()]
+        assert out[0].startswith(f"{FLEET} run {run_id} (") and out[0].endswith(
+            ": 1 task instance(s) to clear:"
+        ), out
+        assert out[1] == f"{task}[0] failed", out
+        assert out[2].startswith(f"Cleared 1 task instance(s) of {FLEET} run {run_id}"), out
+
+        deadline = time.monotonic() + 180
+        while (ti := api.get(ti_path))["state"] != "success":
+            cluster.check_alive()
+            assert ti["state"] != "failed" and time.monotonic() < deadline, outcome.fail(
+                f"{task} after recover: {ti['state']} (try {ti['try_number']})", [ti]
+            )
+            time.sleep(2)
+        assert ti["try_number"] > before["try_number"]
+        run = api.get(f"/dags/{FLEET}/dagRuns/{run_id}")
+        while run["state"] not in FINISHED and time.monotonic() < deadline:
+            time.sleep(2)
+            run = api.get(f"/dags/{FLEET}/dagRuns/{run_id}")
+        assert run["state"] == "success", run
+
+        assert cli.main(["emergency-shutdown", "--yes", "--url", cluster.url]) == 0
+        dags = list(api.pages("/dags", "dags", {"tags": "bem-fleet"}))
+        assert {FLEET, *DOWNSTREAM} <= {d["dag_id"] for d in dags}
+        assert all(d["is_paused"] for d in dags), [d["dag_id"] for d in dags if not d["is_paused"]]
+        capsys.readouterr()
+        assert cli.main(["emergency-shutdown", "--yes", "--url", cluster.url]) == 0
+        last = capsys.readouterr().out.splitlines()[-1]
+        assert last == (
+            "Nothing to do: every fleet DAG is paused and no fleet task is running or queued."
+        )
