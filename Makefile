@@ -60,6 +60,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bem_vs_lora.py
 	$(BIN)/python bench/stats_bench.py
 	$(BIN)/python bench/router_overhead.py
+	$(BIN)/python bench/long_context.py
 
 ## Regenerate constraints.txt from a clean install of requirements-dev.txt (runtime + dev tools).
 constraints:

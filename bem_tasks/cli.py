@@ -237,6 +237,24 @@ def _phase_options(
         from bem_tasks.missions.mission_c_params import SUITES
 
         return {"suites": _choose(suites, list(SUITES), "--test-suite")}
+    lengths = getattr(args, "context_lengths", None)
+    if lengths:
+        if mission != "mission_e" or phase != "prepare":
+            raise ValueError(
+                "--context-lengths: only mission_e's prepare draws items at chosen lengths "
+                "(train_memory_coupling trains on data.train_lengths and streams any length)"
+            )
+        return {"context_lengths": _token_counts(lengths)}
+    suite = getattr(args, "long_context_suite", None)
+    if suite:
+        if mission != "mission_e" or phase != "long_context_evaluation":
+            raise ValueError("--long-context-suite: only mission_e's long_context_evaluation")
+        from bem_tasks.data.suites.long_context import read_long_context
+        from bem_tasks.io import sha256_file
+
+        path = Path(suite).resolve()
+        read_long_context(path)  # every row validated, file:line in the error
+        return {"suite": str(path), "suite_sha256": sha256_file(path)}
     given = getattr(args, "ood_suite", None)
     if not given:
         return {}
@@ -245,6 +263,20 @@ def _phase_options(
     from bem_tasks.missions.mission_d_params import OOD_SPLITS
 
     return {"ood_splits": _choose(given, list(OOD_SPLITS), "--ood-suite")}
+
+
+def _token_counts(given: str) -> list[int]:
+    """``1024,128k`` -> [1024, 131072] (k = 1024 tokens)."""
+    out = []
+    for part in (p.strip().lower() for p in given.split(",")):
+        digits, k = (part[:-1], 1024) if part.endswith("k") else (part, 1)
+        if not digits.isdigit() or int(digits) == 0:
+            raise ValueError(
+                f"--context-lengths {given!r}: expected comma-separated positive token counts "
+                "such as 1024,2048 or 128k,256k"
+            )
+        out.append(int(digits) * k)
+    return out
 
 
 def _execute_standalone(
@@ -741,6 +773,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a mapped phase's variants to run in turn, comma-separated (default: all), each "
         "into <output>/<variant>/seed_N; e.g. mission_d --phase pretrain --variants pt1,pt4",
     )
+    train.add_argument(
+        "--context-lengths",
+        default=None,
+        help="mission_e --phase prepare: the lengths (tokens) the evaluation items are drawn "
+        "at, comma-separated, k = 1024 (e.g. 1024,2048,4096 or 128k,256k); default "
+        "data.eval_lengths",
+    )
     phase_args(train)
 
     evaluate = add("evaluate", cmd_evaluate, "run a mission's evaluation phase without Airflow")
@@ -751,6 +790,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="mission_d: OOD splits to evaluate, comma-separated out of ood_synonym, "
         "ood_entity, ood_template (default: the config's)",
+    )
+    evaluate.add_argument(
+        "--long-context-suite",
+        default=None,
+        help="mission_e: a Suite E JSONL file (e.g. a prepare folder's test.jsonl or one made by "
+        "`--context-lengths`) to evaluate instead of prepare's test split",
     )
     evaluate.add_argument(
         "--test-suite",

@@ -51,4 +51,9 @@ IMPLEMENTED: dict[str, MissionImpl] = {
         phases=("prepare", "pretrain", "ood_evaluation"),
         params_model="bem_tasks.missions.mission_d_params:MissionDParams",
     ),
+    "mission_e": MissionImpl(
+        module="bem_tasks.missions.mission_e",
+        phases=("prepare", "train_memory_coupling", "long_context_evaluation"),
+        params_model="bem_tasks.missions.mission_e_params:MissionEParams",
+    ),
 }

@@ -81,7 +81,7 @@ def test_dependency_cycle(project: Path, edit_yaml) -> None:
     def bad(d: dict) -> None:
         # two missions left disabled, so that the cycle is the only problem
         d["missions"]["mission_d"].update(enabled=False, depends_on=["mission_e"])
-        d["missions"]["mission_e"]["depends_on"] = ["mission_d"]
+        d["missions"]["mission_e"].update(enabled=False, depends_on=["mission_d"])
 
     problems = problems_after(project, edit_yaml, ARCH, bad)
     assert problems == [
@@ -138,7 +138,13 @@ def test_more_gpus_than_the_class_has(project: Path, edit_yaml) -> None:
     ]
 
 
-def test_enabling_a_mission_without_implementation(project: Path, edit_yaml) -> None:
+def test_enabling_a_mission_without_implementation(
+    project: Path, edit_yaml, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bem_tasks.missions import registry
+
+    # every mission of the design is implemented now: take one out of the registry
+    monkeypatch.delitem(registry.IMPLEMENTED, "mission_e")
     problems = problems_after(
         project, edit_yaml, ARCH, lambda d: d["missions"]["mission_e"].update(enabled=True)
     )

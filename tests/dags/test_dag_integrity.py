@@ -180,10 +180,14 @@ def test_no_enabled_mission_gives_a_fleet_of_just_the_plan(
     assert bag.dags["bem_statistical_validation"].timetable.__class__.__name__ == "NullTimetable"
 
 
-def test_plan_closes_the_selection_over_dependencies(project: Path, toy_mission: str) -> None:
+def test_plan_closes_the_selection_over_dependencies(
+    project: Path, toy_mission: str, edit_yaml
+) -> None:
     from bem_tasks.config.loader import load_fleet
     from bem_tasks.fleet.dags import resolve_plan
 
+    arch = project / "configs" / "bem_fleet_architecture.yml"
+    edit_yaml(arch, lambda d: d["missions"]["mission_e"].update(enabled=False))
     cfg = load_fleet(project / "configs" / "bem_fleet_architecture.yml")
     plan = resolve_plan(cfg, {"profile": "full", "missions": ["mission_toy"], "seeds": None})
     assert plan == {"profile": "full", "missions": ["mission_toy"], "seeds": [0, 1, 2, 3, 4]}
