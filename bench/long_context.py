@@ -77,7 +77,7 @@ def child(length: int, profile: str, device: str, keep_logits: bool) -> dict:
     torch.manual_seed(0)
     model = WindowLM(cfg)
     layer = attach_recall(
-        model, use_memory=True, d_mem=r["d_mem"], kernel=r["kernel"], seed=0, num_experts=4,
+        model, use_memory=True, d_mem=r["d_mem"], kernel=r["kernel"], slots=r["slots"], seed=0, num_experts=4,
         rank=4, alpha=16.0, chunk_size=1, trust_budget=None,
     )  # fmt: skip
     with torch.no_grad():

@@ -6,17 +6,15 @@ before it, from token ids, with no hidden state carried over from earlier chunks
 position sees is fixed by its absolute position (teacher forcing equals greedy decoding), and
 a token more than ``window`` tokens before its chunk can reach the model only through memory.
 
-The memory (``CompressiveMemory``) is a linear-attention associative matrix per head, as in
-Infini-attention (Munkhdalai et al., 2024): when a chunk's tokens fall out of the window, their
-keys and values (from the residual stream entering the last block, the same frozen features the
-last block's attention uses) are written as ``M += sum_t beta_t phi(k_t) v_t^T`` with a learned
-write gate ``beta``; a query reads ``phi(q) M / (phi(q) z)``. The read is the input of a BEM
-layer whose base map is zero: its router (the controller) routes on the memory read and its
-experts write it into the residual stream. The KV-only baseline has the same window and puts
-its BEM layer on the last block's attention output instead.
+The memory is ``RecallMemory``: associative recall over (context -> next token) pairs, keys
+from a short causal convolution over its own embeddings (H3 / Based). Its window part sees only
+the window; the memory system also keeps a fixed number of slots with the most salient pairs
+that fell out of the window (write gate ``beta``). The read is the input of a BEM layer whose
+base map is zero: its router (the controller) routes on the read and its experts write it into
+the residual stream. The KV-only baseline is the same module reading the window only.
 
-Peak memory is bounded by the window: a stream holds ``window`` token ids, the per-chunk writes
-not yet evicted (``window / chunk`` of them) and the ``[heads, d_key, d_value]`` matrix.
+Peak memory is bounded by the window: a stream holds ``window`` token ids, the pairs of the
+last ``window / chunk`` chunks (not yet evicted) and the slots.
 """
 
 from __future__ import annotations
@@ -98,19 +96,31 @@ class Block(nn.Module):
 
 class RecallMemory(nn.Module):
     """Associative recall over (context -> next token) pairs: the window part and, when
-    ``use_memory``, a compressed matrix of every pair that fell out of the window.
+    ``use_memory``, a fixed number of slots holding the most salient pairs that fell out of the
+    window.
 
     Pair ``u`` has key ``k(u - 1)`` (a causal short convolution over the memory's own token
     embeddings, as in H3 / Based) and value ``v(x_u)`` (the token that followed). A query at
     position ``p`` reads ``sum_u beta_u (q_p . k_u) v_u`` over the pairs it may see: window pairs
     ``u`` in ``(s - window, p]``, recomputed from the window's token ids with the convolution
     zero-padded at the window's start (so nothing before the window leaks in), and, with memory,
-    ``q_p M`` where ``M = sum beta_u k_u v_u^T`` over ``u <= s - window``.
+    the same sum over the memory's ``slots`` pairs: when a chunk's pairs fall out of the window
+    they compete with the kept ones and the ``slots`` with the largest write gate ``beta`` stay.
+    A chunk's pairs are evicted when the chunk falls wholly out of the window, so the one pair
+    whose key is the last token before the window and whose value is its first token is in
+    neither part for that chunk (1 pair in ``chunk``).
+    The write gate is trained by the window part too (it weighs every read), so what is worth
+    keeping is learned on pairs the window sees. A sum over every evicted pair (a linear-attention
+    matrix, as in Infini-attention) was tried first: its filler noise grows with length
+    (docs/mission_e.md).
     """
 
-    def __init__(self, cfg: WindowLMConfig, *, d_mem: int, kernel: int, use_memory: bool) -> None:
+    def __init__(
+        self, cfg: WindowLMConfig, *, d_mem: int, kernel: int, slots: int, use_memory: bool
+    ) -> None:
         super().__init__()
         self.use_memory = use_memory
+        self.slots = slots
         self.kernel = kernel
         self.window, self.chunk = cfg.window, cfg.chunk
         self.embed = nn.Embedding(cfg.vocab_size, d_mem)
@@ -141,30 +151,44 @@ class RecallMemory(nn.Module):
 
     def step(self, state: StreamState, window_ids: Tensor, queries: int) -> Tensor:
         """The read [B, queries, d_model] for the chunk ending ``window_ids``; with memory, the
-        chunk's pairs wait in ``state.pending`` until they fall out of the window."""
-        read, write = self.read(window_ids, queries, state.m)
+        chunk's pairs wait in ``state.pending`` until they fall out of the window, then compete
+        for the memory's slots."""
+        read, pairs = self.read(window_ids, queries, state.slots)
         if self.use_memory:
-            state.pending.append(write)
+            state.pending.append(pairs)
             while len(state.pending) > self.window // self.chunk:
-                old = state.pending.pop(0)
-                state.m = old if state.m is None else state.m + old
+                state.slots = self._keep(state.slots, state.pending.pop(0))
         return read
 
-    def read(self, ids: Tensor, queries: int, m: Tensor | None) -> tuple[Tensor, Tensor]:
-        """(read [B, queries, d_model], this chunk's write [B, D, D]) for a window of ids."""
+    def _keep(self, slots: Pairs | None, evicted: Pairs) -> Pairs:
+        """The ``slots`` pairs with the largest write gates among the kept and the evicted."""
+        k, v, beta = (
+            evicted
+            if slots is None
+            else (torch.cat(x, 1) for x in zip(slots, evicted, strict=True))
+        )
+        if k.shape[1] <= self.slots:
+            return k, v, beta
+        top = beta[..., 0].topk(self.slots, dim=1).indices.sort(dim=1).values  # keep time order
+        return tuple(x.gather(1, top[..., None].expand(-1, -1, x.shape[-1])) for x in (k, v, beta))  # type: ignore[return-value]
+
+    def read(self, ids: Tensor, queries: int, slots: Pairs | None) -> tuple[Tensor, Pairs]:
+        """(read [B, queries, d_model], the chunk's own pairs (k, v, beta)) for a window of ids."""
         q, k, beta, v = self.features(ids)
         s = ids.shape[1]
         qc = q[:, -queries:]
         # pair j (= u - 1) is visible to query position i when u = j + 1 <= i
         pos = torch.arange(s - queries, s, device=ids.device)[:, None]
         visible = torch.arange(1, s, device=ids.device)[None] <= pos
-        scores = (qc @ k.transpose(1, 2)) * beta.transpose(1, 2) * visible
-        r = scores @ v
-        if self.use_memory and m is not None:
-            r = r + qc @ m
+        r = ((qc @ k.transpose(1, 2)) * beta.transpose(1, 2) * visible) @ v
+        if self.use_memory and slots is not None:
+            mk, mv, mb = slots
+            r = r + ((qc @ mk.transpose(1, 2)) * mb.transpose(1, 2)) @ mv
         # the chunk's own pairs: u in the last `queries` positions of the window
-        kc, bc, vc = k[:, -queries:], beta[:, -queries:], v[:, -queries:]
-        return self.out(r), (bc * kc).transpose(1, 2) @ vc  # type: ignore[return-value]
+        return self.out(r), (k[:, -queries:], v[:, -queries:], beta[:, -queries:])
+
+
+Pairs = tuple[Tensor, Tensor, Tensor]  # keys [B, N, D], values [B, N, D], write gates [B, N, 1]
 
 
 @dataclass
@@ -172,12 +196,13 @@ class StreamState:
     """What a stream keeps between chunks: bounded by the window, whatever the length."""
 
     tail: Tensor  # [B, <= window] the last token ids
-    pending: list[Tensor] = field(default_factory=list)  # chunk writes still inside the window
-    m: Tensor | None = None  # [B, D, D] the pairs that fell out of the window
+    pending: list[Pairs] = field(default_factory=list)  # chunks' pairs still inside the window
+    slots: Pairs | None = None  # the kept pairs of those that fell out of the window
 
     def memory_bytes(self) -> int:
-        """Bytes of the memory state: the matrix and the writes waiting to be evicted into it."""
-        return sum(t.numel() * t.element_size() for t in [*self.pending, self.m] if t is not None)
+        """Bytes the memory keeps: its slots and the pairs waiting to be evicted into them."""
+        held = [*self.pending, *([self.slots] if self.slots is not None else [])]
+        return sum(t.numel() * t.element_size() for pairs in held for t in pairs)
 
 
 class WindowLM(nn.Module):
@@ -248,14 +273,23 @@ class WindowLM(nn.Module):
 
 
 def attach_recall(
-    model: WindowLM, *, use_memory: bool, d_mem: int, kernel: int, seed: int, **bem_kwargs: Any
+    model: WindowLM,
+    *,
+    use_memory: bool,
+    d_mem: int,
+    kernel: int,
+    slots: int,
+    seed: int,
+    **bem_kwargs: Any,
 ) -> BEMLayer:
     """Freeze the backbone and attach the recall module and its BEM layer; returns the layer."""
     for p in model.parameters():
         p.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        recall = RecallMemory(model.cfg, d_mem=d_mem, kernel=kernel, use_memory=use_memory)
+        recall = RecallMemory(
+            model.cfg, d_mem=d_mem, kernel=kernel, slots=slots, use_memory=use_memory
+        )
         layer = BEMLayer(recall.out, **bem_kwargs)
     layer.site_name = "recall.out"
     recall.out = layer

@@ -147,7 +147,7 @@ def coupled(p: MissionEParams, backbone: WindowLM, system: str, seed: int) -> Wi
     model.load_state_dict(backbone.state_dict())
     attach_recall(
         model, use_memory=system == CANDIDATE, d_mem=p.recall.d_mem, kernel=p.recall.kernel,
-        seed=seed, num_experts=p.bem.num_experts, rank=p.bem.rank, alpha=p.bem.alpha,
+        slots=p.recall.slots, seed=seed, num_experts=p.bem.num_experts, rank=p.bem.rank, alpha=p.bem.alpha,
         chunk_size=1, trust_budget=p.bem.trust_budget,
     )  # fmt: skip
     return model

@@ -43,6 +43,7 @@ class RecallSpec(Strict):
 
     d_mem: PositiveInt = 32  # width of its embeddings, keys and values
     kernel: PositiveInt = 12  # short causal convolution that builds keys and queries
+    slots: PositiveInt = 64  # evicted pairs the memory keeps (largest write gate)
     # loss = CE(answer) + lm_weight * CE(lm_positions random positions per row)
     #        + write_sparsity * mean write gate (keep the memory for what is worth keeping)
     lm_weight: NonNegativeFloat = 0.1

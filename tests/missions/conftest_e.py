@@ -21,7 +21,7 @@ E_PHASES = IMPLEMENTED["mission_e"].phases
 MICRO_E: dict[str, Any] = {
     "runtime": {"threads": 1},
     "backbone": {"d_model": 32, "n_layer": 2, "n_head": 2, "window": 64, "chunk": 32},
-    "recall": {"d_mem": 16, "kernel": 8, "lm_positions": 8},
+    "recall": {"d_mem": 16, "kernel": 8, "slots": 8, "lm_positions": 8},
     "bem": {"num_experts": 2, "rank": 2},
     "data": {
         "train_lengths": [192, 224],

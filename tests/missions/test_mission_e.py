@@ -31,16 +31,17 @@ ROOT = Path(__file__).resolve().parents[2]
 TOK = ByteTokenizer()
 
 
-def _model(use_memory: bool, *, window: int = 64, chunk: int = 32) -> WindowLM:
+def _model(use_memory: bool, *, window: int = 64, chunk: int = 32, slots: int = 4096) -> WindowLM:
     """A random backbone with a recall module whose BEM experts are not zero (U starts at zero,
-    which would hide the read), so the read reaches the logits."""
+    which would hide the read), so the read reaches the logits; by default the memory has room
+    for every evicted pair."""
     cfg = WindowLMConfig(
         TOK.vocab_size, d_model=32, n_layer=2, n_head=2, window=window, chunk=chunk
     )
     torch.manual_seed(0)
     model = WindowLM(cfg)
     layer = attach_recall(
-        model, use_memory=use_memory, d_mem=16, kernel=8, seed=1, num_experts=2, rank=2,
+        model, use_memory=use_memory, d_mem=16, kernel=8, slots=slots, seed=1, num_experts=2, rank=2,
         alpha=16.0, chunk_size=1, trust_budget=None,
     )  # fmt: skip
     with torch.no_grad():
@@ -65,6 +66,26 @@ def test_streaming_and_cached_backbone_states_give_the_same_logits(use_memory: b
         cached = m.head(m.norm(m.recalled(ids, m.backbone_states(ids))))
     assert torch.equal(full, steps)
     torch.testing.assert_close(cached, full, rtol=0, atol=1e-5)
+
+
+def test_the_memory_keeps_the_pairs_with_the_largest_write_gates() -> None:
+    m = _model(True, slots=8)
+    assert m.recall is not None
+    with torch.no_grad():
+        m(_ids(300))  # warm: nothing to check yet
+        state = m.new_stream(2)
+        ids = _ids(300, seed=1)
+        for w, c in m.chunks(ids):
+            m.recall.step(state, w, c.shape[1])
+        beta = m.recall.write_gates(ids)[..., 0]  # [B, T-1], pair u at index u - 1
+    assert state.slots is not None
+    kept = state.slots[2][..., 0]
+    # after the last chunk (288) the chunks 256 and 288 wait; chunks 0..224 (pairs u = 1..255,
+    # write gates 0..254) were evicted into the slots
+    want = beta[:, :255].topk(8, dim=1).values.sort(dim=1).values
+    torch.testing.assert_close(kept.sort(dim=1).values, want)
+    # batch 2 x (pending: a whole chunk and the last 12 tokens' pairs, + 8 slots) x 33 floats
+    assert state.memory_bytes() == 2 * (32 + 12 + 8) * (16 + 16 + 1) * 4
 
 
 def test_window_rule() -> None:
@@ -219,8 +240,9 @@ def test_evaluation_records_heatmap_and_metrics(micro_e: MicroE) -> None:
         assert s["perplexity_spike"] == pytest.approx(
             s["perplexity"]["512"] / s["perplexity"]["256"]
         )
-    # state kept by the memory: the matrix plus window/chunk = 2 pending writes of [16, 16] fp32
-    assert m["memory_state_bytes"] == 3 * 16 * 16 * 4
+    # kept by the memory: window/chunk = 2 chunks of 32 pending pairs and 8 slots, each pair a
+    # key and a value of 16 floats and a write gate (fp32)
+    assert 0 < m["memory_state_bytes"] <= (2 * 32 + 8) * (16 + 16 + 1) * 4
     assert m["systems"]["kv_only"]["memory_state_bytes"] == 0
 
 
