@@ -182,14 +182,17 @@ def render_mission_html(page: dict[str, Any]) -> str:
     if page["trend"]:
         rows = [
             [
-                t["gate"], t["when"], t["decision"], fmt_num(t["observed"], relative=t["relative"]),
+                t["gate"], t["gates_run"], t["when"], t["decision"],
+                fmt_num(t["observed"], relative=t["relative"]),
                 f"[{fmt_num(t['ci_low'], relative=t['relative'])}, "
                 f"{fmt_num(t['ci_high'], relative=t['relative'])}]",
                 t["status"],
             ]
             for t in page["trend"]
         ]  # fmt: skip
-        parts.append(_table(["gate", "gates run", "decision", "estimate", "CI", "status"], rows))
+        parts.append(
+            _table(["gate", "gates run", "judged", "decision", "estimate", "CI", "status"], rows)
+        )
     for problem in page["problems"]:
         parts.append(f"<p class='ERROR'>{esc(problem)}</p>")
     parts.append("<h2>Forest plot (newest gates run)</h2>")

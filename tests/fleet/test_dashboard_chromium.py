@@ -263,12 +263,12 @@ def test_mission_page_shows_trend_forest_and_curves(
         for tr in browser.find_elements(By.CSS_SELECTOR, "table tr")
     ][1:]
     # oldest first, dated by each report's mtime
-    assert [(r[0], r[2], r[3], r[4], r[5]) for r in rows] == [
-        ("em_gain", "REJECTED", "0.8", "[0.4, 1.3]", "failed"),
-        ("em_gain", "PROMOTED", "2.1", "[1.7, 2.6]", "passed"),
+    assert [(r[0], r[1], r[3], r[4], r[5], r[6]) for r in rows] == [
+        ("em_gain", "g1", "REJECTED", "0.8", "[0.4, 1.3]", "failed"),
+        ("em_gain", "g2", "PROMOTED", "2.1", "[1.7, 2.6]", "passed"),
     ]
     dated = [root / f"bem_promotion_gates/{g}/promotion_report.json" for g in ("g1", "g2")]
-    assert [r[1] for r in rows] == [
+    assert [r[2] for r in rows] == [
         datetime.fromtimestamp(p.stat().st_mtime, UTC).isoformat(timespec="minutes") for p in dated
     ]
     shown = {i["src"].removeprefix(url): i for i in images(browser)}
