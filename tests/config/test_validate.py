@@ -143,15 +143,12 @@ def test_enabling_a_mission_without_implementation(
 ) -> None:
     from bem_tasks.missions import registry
 
-    # every mission of the design is implemented now: take one out of the registry
+    # every mission of the design is implemented now: take one out of the registry (its params
+    # are then checked against the generic schema too, which reports its own keys as unknown)
     monkeypatch.delitem(registry.IMPLEMENTED, "mission_e")
-    problems = problems_after(
-        project, edit_yaml, ARCH, lambda d: d["missions"]["mission_e"].update(enabled=True)
-    )
-    assert len(problems) == 1
-    assert problems[0].startswith(
-        f"{project / ARCH}:missions.mission_e.enabled: 'mission_e' has no implementation yet"
-    )
+    problems = problems_after(project, edit_yaml, ARCH, lambda d: None)
+    want = f"{project / ARCH}:missions.mission_e.enabled: 'mission_e' has no implementation yet"
+    assert any(p.startswith(want) for p in problems), problems
 
 
 def test_missing_experiment_file(project: Path) -> None:
