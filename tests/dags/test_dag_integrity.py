@@ -32,6 +32,16 @@ def test_shipped_config_imports_without_errors(monkeypatch: pytest.MonkeyPatch) 
     bag = dagbag(ROOT / "configs" / "bem_fleet_architecture.yml", monkeypatch)
     assert bag.import_errors == {}
     assert "bem_fleet" in bag.dags
+    for mission in ("mission_a", "mission_b", "mission_c", "mission_d", "mission_e"):
+        assert f"bem_mission_{mission.removeprefix('mission_')}" in bag.dags
+    # B and E run after A: A's tasks are among the upstream tasks of their first phase
+    fleet = bag.dags["bem_fleet"]
+    for mission in ("mission_b", "mission_e"):
+        upstream = fleet.get_task(f"{mission}.prepare").get_flat_relative_ids(upstream=True)
+        assert "mission_a.evaluate" in upstream, (mission, sorted(upstream))
+    assert "mission_a.evaluate" not in fleet.get_task("mission_d.prepare").get_flat_relative_ids(
+        upstream=True
+    )
 
 
 def test_parses_under_a_second_without_importing_torch() -> None:
