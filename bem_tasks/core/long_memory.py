@@ -180,10 +180,10 @@ class RecallMemory(nn.Module):
         # pair j (= u - 1) is visible to query position i when u = j + 1 <= i
         pos = torch.arange(s - queries, s, device=ids.device)[:, None]
         visible = torch.arange(1, s, device=ids.device)[None] <= pos
-        r = ((qc @ k.transpose(1, 2)) * beta.transpose(1, 2) * visible) @ v
+        r = ((qc @ (beta * k).transpose(1, 2)) * visible) @ v
         if self.use_memory and slots is not None:
             mk, mv, mb = slots
-            r = r + ((qc @ mk.transpose(1, 2)) * mb.transpose(1, 2)) @ mv
+            r = r + (qc @ (mb * mk).transpose(1, 2)) @ mv
         # the chunk's own pairs: u in the last `queries` positions of the window
         return self.out(r), (k[:, -queries:], v[:, -queries:], beta[:, -queries:])
 
