@@ -15,6 +15,15 @@ from tests.e2e.conftest import BIN, ROOT, dags_test
 
 pytestmark = pytest.mark.e2e
 E2E_SEEDS = [0]
+# Mission E's smoke alone costs about 6.5 minutes under `dags test` (one task at a time), which
+# would take the suite past its budget; its DAG wiring (after A) is checked by the DAG-integrity
+# test and its phases by its micro run (tests/missions/test_mission_e.py); `make run` runs it.
+E2E_LEFT_OUT = {"mission_e"}
+
+
+def e2e_missions() -> list[str]:
+    cfg = load_fleet(ROOT / "configs" / "bem_fleet_architecture.yml", "smoke")
+    return [m for m in cfg.enabled_missions if m not in E2E_LEFT_OUT]
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +31,8 @@ def fleet_run(airflow_env: dict[str, str]) -> subprocess.CompletedProcess:
     # `dags test` runs one task at a time, every mission and seed in turn. One seed keeps the
     # suite in its budget: the seed-mapped tasks, the statistics (a one-cluster bootstrap) and the
     # gates run all the same, and `make run` runs the profile's two seeds side by side.
-    return dags_test(
-        airflow_env, "bem_fleet", json.dumps({"profile": "smoke", "seeds": E2E_SEEDS}), 30 * 60
-    )
+    conf = {"profile": "smoke", "seeds": E2E_SEEDS, "missions": e2e_missions()}
+    return dags_test(airflow_env, "bem_fleet", json.dumps(conf), 30 * 60)
 
 
 def test_bem_fleet_smoke_run(fleet_run, airflow_env: dict[str, str]) -> None:
@@ -37,7 +45,8 @@ def test_bem_fleet_smoke_run(fleet_run, airflow_env: dict[str, str]) -> None:
         assert not artifacts.exists()
         return
     (run_dir,) = artifacts.iterdir()
-    for mission in cfg.enabled_missions:
+    assert not any((run_dir / m).exists() for m in E2E_LEFT_OUT)
+    for mission in e2e_missions():
         results = json.loads((run_dir / mission / "results.json").read_text())
         final = results["final_phase"]
         assert sorted(results["phases"][final]) == [f"seed_{s}" for s in E2E_SEEDS]
@@ -81,7 +90,7 @@ def test_status_reads_the_run_from_the_metadata_db(fleet_run, airflow_env: dict[
     assert "run_id" in status.stdout and "success" in status.stdout
     assert "manual__" in status.stdout
     cfg = load_fleet(ROOT / "configs" / "bem_fleet_architecture.yml", "smoke")
-    for mission in cfg.enabled_missions:  # one mission's phases, each with its state
+    for mission in e2e_missions():  # one mission's phases, each with its state
         one = subprocess.run(
             [str(BIN / "bem-fleet"), "status", "--mission", mission],
             env=airflow_env, capture_output=True, text=True, check=True,
