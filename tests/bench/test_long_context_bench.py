@@ -16,7 +16,7 @@ bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
 
 SHORT, LONG = 2048, 32768
-SLACK_MB = 8.0  # the CPU allocator wanders within about 5 MB after warm-up, at any length
+SLACK_MB = 20.0  # the CPU allocator wanders by up to about 10 MB after warm-up, at any length
 
 
 def _bounded(rows: list[dict]) -> bool:
