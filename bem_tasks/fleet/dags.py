@@ -262,7 +262,7 @@ def _statistics_run() -> tuple[Any, FleetConfig, Path]:
 
     ctx = get_current_context()
     cfg = load_fleet(None, ctx["params"]["profile"])
-    return ctx, cfg, RunLayout(cfg.artifact_root, ctx["dag"].dag_id, ctx["run_id"]).run_dir
+    return ctx, cfg, RunLayout(cfg.artifact_root, ctx["dag"].dag_id, ctx["run_id"]).claim()
 
 
 def _validate(results: list[str]) -> dict:

@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from bem_tasks.config.loader import FleetConfig, load_fleet
-from bem_tasks.fleet.runs import RunLayout, is_complete, write_manifest
+from bem_tasks.fleet.runs import RunLayout, is_complete, require_intact, write_manifest
 from bem_tasks.fleet.tracking import Tracker, open_tracker
 from bem_tasks.io import atomic_write_json
 from bem_tasks.missions.registry import IMPLEMENTED
@@ -48,6 +48,9 @@ class PhaseContext:
     # CLI-only choices that change what a phase computes (e.g. evaluate's --ood-suite); they are
     # part of the config hash the manifest records, so a run with other options is not reused.
     options: dict[str, Any] = field(default_factory=dict)
+    # Input folders whose hashes this phase has checked: input_dir is called once per file read,
+    # and the inputs of a running phase do not change under it (only their own phase writes them).
+    _verified: set[Path] = field(default_factory=set, repr=False)
 
     @property
     def profile(self) -> str:
@@ -68,10 +71,14 @@ class PhaseContext:
         if phase in self.inputs:
             given = self.inputs[phase]
             if variant is None:
+                # A folder given by hand may hold no manifest (nothing to check); one that has
+                # one must match it.
+                if (given / "manifest.json").exists():
+                    self._check_input(phase, given)
                 return given
             for cand in (given / variant / f"seed_{seed}", given / variant):
                 if (cand / "manifest.json").exists():
-                    return cand
+                    return self._check_input(phase, cand)
             raise FileNotFoundError(
                 f"{self.mission}.{self.phase}: no complete output of phase '{phase}' variant "
                 f"'{variant}' (seed {seed}) under {given} (expected {given / variant}/seed_{seed})"
@@ -91,6 +98,13 @@ class PhaseContext:
                 f"{self.mission}.{self.phase}: output of phase '{phase}' ({which}) is missing "
                 f"or incomplete at {path}; run that phase first"
             )
+        return self._check_input(phase, path)
+
+    def _check_input(self, phase: str, path: Path) -> Path:
+        """``path`` once its files match the sha256 its manifest lists (checked once a phase)."""
+        if path not in self._verified:
+            require_intact(path, f"{self.mission}.{self.phase}: input '{phase}'")
+            self._verified.add(path)
         return path
 
 
@@ -197,6 +211,7 @@ def run_phase(
     spec = deployed.experiments[mission].phases[phase]
     check_variant(mission, phase, spec.variants, variant)
     layout = RunLayout(cfg.artifact_root, dag_id, run_id)
+    layout.claim()  # a folder of another run id is an error, not outputs to reuse
     out_dir = layout.phase_dir(mission, phase, seed if spec.per_seed else None, variant)
     device_class = deployed.arch.device_classes[spec.device_class]
     holder = f"{mission}.{phase}[seed={seed}" + (f",variant={variant}]" if variant else "]")

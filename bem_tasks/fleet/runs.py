@@ -10,8 +10,9 @@ matches is not recomputed (tasks are idempotent: a rerun gives the same artifact
 from __future__ import annotations
 
 import json
-import re
+import os
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from functools import cache
 from importlib import metadata
@@ -45,12 +46,59 @@ TRACKED_PACKAGES = (
 )
 
 
+_PLAIN = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._=-")
+_ESCAPE = "~"  # never kept as itself, so an escape cannot be confused with plain characters
+_MAX_NAME_BYTES = 255  # the usual file-name limit (ext4, xfs, APFS)
+RUN_ID_MARKER = ".run_id"
+
+
 def safe_component(name: str) -> str:
-    """Airflow run ids hold ':' and '+'; keep them readable but portable as folder names."""
-    cleaned = re.sub(r"[^A-Za-z0-9._=-]+", "_", name).strip("._")
-    if not cleaned:
-        raise ValueError(f"cannot make a folder name out of {name!r}")
-    return cleaned
+    """A folder name for ``name``: plain characters kept, every other byte (and a leading '.')
+    written as ``~xx`` (its hex). Injective, so two run ids never share a folder (Airflow's
+    ``manual__2026-01-01T00:00:00+00:00`` -> ``manual__2026-01-01T00~3a00~3a00~2b00~3a00``);
+    a name of plain characters only is its own folder name. ``component_name`` inverts it."""
+    if not name:
+        raise ValueError("cannot make a folder name out of an empty name")
+    parts = []
+    for i, ch in enumerate(name):
+        if ch in _PLAIN and not (i == 0 and ch == "."):
+            parts.append(ch)
+        else:
+            parts.extend(f"{_ESCAPE}{b:02x}" for b in ch.encode("utf-8", "surrogatepass"))
+    folder = "".join(parts)
+    if len(folder) > _MAX_NAME_BYTES:
+        raise ValueError(
+            f"cannot make a folder name out of {name!r}: escaped it is {len(folder)} characters, "
+            f"more than the file-name limit of {_MAX_NAME_BYTES}"
+        )
+    return folder
+
+
+def component_name(folder: str) -> str:
+    """The name ``safe_component`` made ``folder`` from; a folder name it could not have made
+    (a hand-made or older folder) is returned as it is."""
+    if _ESCAPE not in folder:
+        return folder
+    out = bytearray()
+    i = 0
+    while i < len(folder):
+        if folder[i] == _ESCAPE:
+            try:
+                out.append(int(folder[i + 1 : i + 3], 16))
+            except ValueError:
+                return folder
+            i += 3
+        else:
+            out.extend(folder[i].encode("utf-8"))
+            i += 1
+    try:
+        return out.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        return folder
+
+
+class RunFolderClaimed(RuntimeError):
+    """A run folder already belongs to another run id."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +121,32 @@ class RunLayout:
         if variant is not None:
             d /= safe_component(variant)
         return d if seed is None else d / f"seed_{seed}"
+
+    def claim(self) -> Path:
+        """Create the run folder with a marker holding the raw run id, or check the marker of
+        the existing one: a folder marked with another run id is refused, never reused. The
+        marker is linked into place whole (``os.link`` fails if it exists), so of two processes
+        claiming at once exactly one writes it and the other reads the finished marker."""
+        run_dir = self.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        marker = run_dir / RUN_ID_MARKER
+        if not marker.exists():
+            fd, tmp = tempfile.mkstemp(prefix=f"{RUN_ID_MARKER}.", suffix=".tmp", dir=run_dir)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                    fh.write(self.run_id)
+                os.link(tmp, marker)
+            except FileExistsError:
+                pass  # another process claimed it first: check its marker below
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+        owner = marker.read_text(encoding="utf-8")
+        if owner != self.run_id:
+            raise RunFolderClaimed(
+                f"{marker}: the run folder {run_dir} belongs to run id {owner!r}, not "
+                f"{self.run_id!r}; refusing to reuse another run's artifacts"
+            )
+        return run_dir
 
 
 @cache
@@ -140,16 +214,38 @@ def read_manifest(phase_dir: Path) -> dict[str, Any] | None:
 def verify_manifest(phase_dir: Path) -> list[str]:
     """Problems with a phase's files compared to its manifest; [] means intact."""
     manifest = read_manifest(phase_dir)
+    path = phase_dir / MANIFEST
     if manifest is None:
-        return [f"{phase_dir / MANIFEST}: missing"]
+        return [f"{path}: missing"]
+    files = manifest.get("files", {})
+    if not isinstance(files, dict):
+        return [f"{path}:files: expected a mapping of file -> {{sha256, bytes}}"]
     problems = []
-    for rel, info in manifest.get("files", {}).items():
-        path = phase_dir / rel
-        if not path.exists():
-            problems.append(f"{path}: listed in the manifest but missing")
-        elif sha256_file(path) != info["sha256"]:
-            problems.append(f"{path}: sha256 differs from the manifest")
+    for rel, info in files.items():
+        file = phase_dir / rel
+        if not isinstance(info, dict) or not isinstance(info.get("sha256"), str):
+            problems.append(f"{path}:files.{rel}: expected {{sha256: <hex>, bytes: <int>}}")
+        elif not file.is_file():
+            problems.append(f"{file}: listed in the manifest but missing")
+        elif sha256_file(file) != info["sha256"]:
+            problems.append(f"{file}: sha256 differs from the manifest")
     return problems
+
+
+class InputMismatch(ValueError):
+    """An earlier phase's folder does not match its manifest (changed, truncated, missing)."""
+
+
+def require_intact(phase_dir: Path, who: str) -> None:
+    """Raise unless ``phase_dir`` holds a manifest whose every listed file has its sha256.
+    ``who`` names the reader in the message (e.g. ``mission_a.train_experts: input 'prepare'``).
+    """
+    problems = verify_manifest(phase_dir)
+    if problems:
+        raise InputMismatch(
+            f"{who} at {phase_dir} does not match its manifest: {'; '.join(problems)}; rerun "
+            "that phase (its task) to rebuild it"
+        )
 
 
 def is_complete(phase_dir: Path, config_hash: str, seed: int | None) -> bool:

@@ -74,6 +74,7 @@ from bem_tasks.data.suites.feedback_stream import (
 )
 from bem_tasks.eval import ExampleRecord, answer_em_f1, write_records
 from bem_tasks.eval.latency import summarize_latencies
+from bem_tasks.fleet.runs import require_intact
 from bem_tasks.io import atomic_write_json, sha256_file
 from bem_tasks.missions.common import (
     fingerprint_of,
@@ -621,6 +622,7 @@ def _mission_a_base(ctx: Any) -> Path | None:
     phase = ctx.layout.phase_dir("mission_a", "pretrain_base")
     if not (phase / "manifest.json").is_file() or not (phase / "model").is_dir():
         return None
+    require_intact(phase, "mission_b.prepare: Mission A's base model")
     return Path(phase / "model")
 
 

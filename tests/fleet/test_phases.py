@@ -41,7 +41,7 @@ def test_phases_chain_through_the_run_layout(toy_env: Path) -> None:
         fit_dir
         == toy_env
         / "bem_mission_toy"
-        / "manual__2026-01-01T00_00_00_00_00"
+        / "manual__2026-01-01T00~3a00~3a00~2b00~3a00"
         / "mission_toy"
         / "fit"
         / "seed_1"
@@ -73,6 +73,45 @@ def test_rerun_reuses_complete_output_and_redoes_tampered_output(toy_env: Path) 
     redone = run_phase("mission_toy", "fit", **kw, seed=0)
     assert redone["reused"] is False
     assert json.loads(model.read_text())["mean"] == 4.5
+
+
+def test_a_changed_input_fails_the_downstream_phase_naming_the_file(toy_env: Path) -> None:
+    """A manifest is not enough: the files it lists must still have its sha256."""
+    from bem_tasks.fleet.runs import InputMismatch
+
+    kw = {"profile": "smoke", "dag_id": "d", "run_id": "r5"}
+    prep = Path(run_phase("mission_toy", "prepare", **kw)["dir"])
+    (changed,) = [p for p in prep.iterdir() if p.name not in ("manifest.json", "metrics.json")]
+    changed.write_text(changed.read_text() + " ")
+    with pytest.raises(InputMismatch) as err:
+        run_phase("mission_toy", "fit", **kw, seed=0)
+    assert f"mission_toy.fit: input 'prepare' at {prep} does not match its manifest" in str(
+        err.value
+    )
+    assert f"{changed}: sha256 differs from the manifest" in str(err.value)
+    assert not (
+        RunLayout(toy_env, "d", "r5").phase_dir("mission_toy", "fit", 0) / "manifest.json"
+    ).exists()
+    # explicit inputs with a manifest are checked the same way
+    cfg = load_fleet(None, "smoke")
+    ctx = PhaseContext("mission_toy", "fit", 0, cfg, toy_env / "x", inputs={"prepare": prep})
+    with pytest.raises(InputMismatch, match="sha256 differs"):
+        ctx.input_dir("prepare")
+    changed.unlink()
+    fresh = PhaseContext("mission_toy", "fit", 0, cfg, toy_env / "x", inputs={"prepare": prep})
+    with pytest.raises(InputMismatch, match="listed in the manifest but missing"):
+        fresh.input_dir("prepare")
+
+
+def test_a_run_folder_of_another_run_id_is_refused(toy_env: Path) -> None:
+    from bem_tasks.fleet.runs import RUN_ID_MARKER, RunFolderClaimed
+
+    layout = RunLayout(toy_env, "d", "r6")
+    layout.run_dir.mkdir(parents=True)
+    (layout.run_dir / RUN_ID_MARKER).write_text("r6-other")  # e.g. left by an older naming rule
+    with pytest.raises(RunFolderClaimed, match="belongs to run id 'r6-other', not 'r6'"):
+        run_phase("mission_toy", "prepare", profile="smoke", dag_id="d", run_id="r6")
+    assert not (layout.phase_dir("mission_toy", "prepare") / "manifest.json").exists()
 
 
 def test_missing_upstream_names_the_phase(toy_env: Path) -> None:

@@ -98,7 +98,7 @@ def test_promoted_running_and_in_progress_runs_are_never_deleted(tmp_path: Path)
     )
     kept = {a.path.parent.name: a.reason for a in plan.keep}
     assert kept["promoted"] == "promoted (in the registry)"
-    assert kept["manual__2026-11-01T02_00_00_00_00"] == "running (metadata DB)"
+    assert kept["manual__2026-11-01T02~3a00~3a00~2b00~3a00"] == "running (metadata DB)"
     assert kept["busy"].startswith("unfinished, touched within 24 h")
     assert [a.path.parent.name for a in plan.delete] == ["crashed"]
 
