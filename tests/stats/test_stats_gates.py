@@ -341,12 +341,15 @@ def _promote_many(args: tuple[str, int]) -> None:
 
 
 def test_concurrent_promotions_lose_nothing(tmp_path: Path) -> None:
+    """8 processes x 5 promotions into one registry (flock around read-modify-write): all 40
+    entries are there, and no temp file is left beside the registry."""
     reg = str(tmp_path / "models.json")
-    with mp.get_context("fork").Pool(4) as pool:
-        pool.map(_promote_many, [(reg, w) for w in range(4)])
+    with mp.get_context("fork").Pool(8) as pool:
+        pool.map(_promote_many, [(reg, w) for w in range(8)])
     data = json.loads(Path(reg).read_text())
     runs = sorted(e["run_id"] for slot in data["missions"].values() for e in slot["history"])
-    assert runs == sorted(f"w{w}-r{k}" for w in range(4) for k in range(5))
+    assert runs == sorted(f"w{w}-r{k}" for w in range(8) for k in range(5))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models.json", "models.json.lock"]
 
 
 # ---------------------------------------------------------------- evidence, sidedness, errors
