@@ -1,38 +1,136 @@
-"""The fleet dashboard's content, built from the artifacts (served by the Airflow plugin)."""
+"""The fleet dashboard's content, built from the artifacts (served by the Airflow plugin).
+
+The page reloads itself every 30 s, so it must not re-read every artifact on every refresh, and
+one bad file must not take it down: JSON artifacts are parsed once per version of the file
+(``ArtifactCache``), and a file that cannot be shown becomes an error on its run's row.
+"""
 
 from __future__ import annotations
 
 import html
-import json
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bem_tasks.fleet.summary import PHASE_HEADERS, fmt_num, phase_rows
+from bem_tasks.fleet.runs import component_name
+from bem_tasks.fleet.summary import (
+    PHASE_HEADERS,
+    ArtifactError,
+    fmt_num,
+    phase_rows,
+    read_json_file,
+)
 
 
-def fleet_overview(artifact_root: Path, *, limit: int = 10) -> dict[str, Any]:
-    """Most recent runs of every DAG under the artifact root, newest first."""
+class ArtifactCache:
+    """Parsed JSON files keyed by path, reused while the file's (mtime_ns, size, inode) is
+    unchanged; an atomic replace makes a new inode, so a rewrite within one mtime tick is seen
+    too. A file that failed to parse is cached as its error, so a corrupt file is not re-read
+    on every refresh either. Least recently used entries beyond ``max_entries`` are dropped.
+    Callers must not modify what they get (it is shared between requests)."""
+
+    def __init__(
+        self, reader: Callable[[Path], Any] = read_json_file, max_entries: int = 4096
+    ) -> None:
+        self.reader = reader
+        self.max_entries = max_entries
+        self._entries: OrderedDict[Path, tuple[tuple[int, int, int], Any, str | None]] = (
+            OrderedDict()
+        )
+        self._lock = threading.Lock()  # FastAPI runs sync routes in a thread pool
+
+    def read_json(self, path: Path) -> Any:
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise ArtifactError(f"{path}: unreadable ({exc})") from None
+        key = (st.st_mtime_ns, st.st_size, st.st_ino)
+        with self._lock:
+            hit = self._entries.get(path)
+            if hit is not None and hit[0] == key:
+                self._entries.move_to_end(path)
+                value, error = hit[1], hit[2]
+                if error is not None:
+                    raise ArtifactError(error)
+                return value
+        value, error = None, None
+        try:
+            value = self.reader(path)
+        except ArtifactError as exc:
+            error = str(exc)
+        with self._lock:
+            self._entries[path] = (key, value, error)
+            self._entries.move_to_end(path)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+        if error is not None:
+            raise ArtifactError(error)
+        return value
+
+
+ARTIFACTS = ArtifactCache()  # one per api-server process
+
+
+def _report(path: Path, cache: ArtifactCache) -> dict[str, Any]:
+    """A promotion report in the shape the page reads, or ``{"error": ...}`` naming the file."""
+    try:
+        doc = cache.read_json(path)
+    except ArtifactError as exc:
+        return {"error": str(exc)}
+    if not isinstance(doc, dict) or not isinstance(doc.get("decisions", []), list):
+        return {"error": f"{path}:decisions: expected an object with a list of decisions"}
+    for i, d in enumerate(doc.get("decisions", [])):
+        if not isinstance(d, dict) or not isinstance(d.get("gates", []), list):
+            return {"error": f"{path}:decisions[{i}]: expected an object with a list of gates"}
+        if not all(isinstance(g, dict) for g in d.get("gates", [])):
+            return {"error": f"{path}:decisions[{i}].gates: expected a list of objects"}
+    return doc
+
+
+def _run_entry(run_dir: Path, cache: ArtifactCache) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "dag_id": component_name(run_dir.parent.name),
+        "run_id": component_name(run_dir.name),
+        "phases": [],
+        "promotion_reports": [],
+        "errors": [],
+    }
+    try:
+        entry["phases"] = [
+            dict(zip(PHASE_HEADERS, r, strict=True)) for r in phase_rows(run_dir, cache.read_json)
+        ]
+        entry["promotion_reports"] = [
+            _report(path, cache) for path in sorted(run_dir.glob("**/promotion_report.json"))
+        ]
+    except (OSError, ValueError, TypeError, KeyError) as exc:  # e.g. deleted while listed
+        entry["errors"].append(f"{run_dir}: could not be read ({type(exc).__name__}: {exc})")
+    entry["errors"] += [p["headline"] for p in entry["phases"] if p["status"] == "ERROR"]
+    entry["errors"] += [r["error"] for r in entry["promotion_reports"] if "error" in r]
+    return entry
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0  # deleted since it was listed (retention): sorts last, shown as an error
+
+
+def fleet_overview(
+    artifact_root: Path, *, limit: int = 10, cache: ArtifactCache | None = None
+) -> dict[str, Any]:
+    """Most recent runs of every DAG under the artifact root, newest first. A run whose
+    artifacts cannot be read is listed with ``errors`` (each naming its file)."""
+    cache = cache or ARTIFACTS
     runs = []
     if artifact_root.exists():
-        run_dirs = [d for dag in artifact_root.iterdir() if dag.is_dir() for d in dag.iterdir()]
-        run_dirs = [d for d in run_dirs if d.is_dir()]
-        for run_dir in sorted(run_dirs, key=lambda d: d.stat().st_mtime, reverse=True)[:limit]:
-            reports = []
-            for path in sorted(run_dir.glob("**/promotion_report.json")):
-                try:
-                    reports.append(json.loads(path.read_text()))
-                except json.JSONDecodeError:
-                    reports.append({"error": f"{path}: not valid JSON"})
-            runs.append(
-                {
-                    "dag_id": run_dir.parent.name,
-                    "run_id": run_dir.name,
-                    "phases": [
-                        dict(zip(PHASE_HEADERS, r, strict=True)) for r in phase_rows(run_dir)
-                    ],
-                    "promotion_reports": reports,
-                }
-            )
+        dags = [d for d in artifact_root.iterdir() if d.is_dir() and not d.name.startswith(".")]
+        run_dirs = [d for dag in dags for d in dag.iterdir() if d.is_dir()]
+        for run_dir in sorted(run_dirs, key=_mtime, reverse=True)[:limit]:
+            runs.append(_run_entry(run_dir, cache))
     return {"artifact_root": str(artifact_root), "runs": runs}
 
 
@@ -46,7 +144,7 @@ def gate_rows(decision: dict[str, Any]) -> list[list[str]]:
     for g in decision.get("gates", []):
         rel = bool(g.get("relative"))
         ci = (
-            f"[{fmt_num(g['ci_low'], relative=rel)}, {fmt_num(g['ci_high'], relative=rel)}]"
+            f"[{fmt_num(g['ci_low'], relative=rel)}, {fmt_num(g.get('ci_high'), relative=rel)}]"
             if g.get("ci_low") is not None
             else ""
         )
@@ -89,13 +187,15 @@ def render_html(overview: dict[str, Any], *, refresh_s: int = 30) -> str:
         parts.append("<p>No runs yet. Trigger <code>bem_fleet</code> from the DAG list.</p>")
     for run in overview["runs"]:
         parts.append(f"<h2>{esc(run['dag_id'])} / {esc(run['run_id'])}</h2>")
+        in_rows = {p["headline"] for p in run["phases"] if p["status"] == "ERROR"}
+        for error in run.get("errors", []):
+            if error not in in_rows:  # a phase's error is shown on its row below
+                parts.append(f"<p class='ERROR'>{esc(error)}</p>")
         if run["phases"]:
             parts.append(
                 _table(PHASE_HEADERS, [[r[h] for h in PHASE_HEADERS] for r in run["phases"]])
             )
         for report in run["promotion_reports"]:
-            if "error" in report:
-                parts.append(f"<p class='REJECTED'>{esc(report['error'])}</p>")
             for d in report.get("decisions", []):
                 decision = str(d.get("decision", "?"))
                 name = esc(str(d.get("mission", "?")))
@@ -120,7 +220,9 @@ def _newest_mission_dir(artifact_root: Path, mission: str) -> Path | None:
     return max(found, key=lambda d: d.stat().st_mtime) if found else None
 
 
-def mission_page(artifact_root: Path, mission: str) -> dict[str, Any]:
+def mission_page(
+    artifact_root: Path, mission: str, *, cache: ArtifactCache | None = None
+) -> dict[str, Any]:
     """What a mission's page shows: its newest run's curves (the PNGs its phases wrote), the
     newest forest plot, and each gated metric across the gates runs (estimate and CI per run)."""
     from bem_tasks.fleet.runs import GATES_DAG_ID
@@ -140,7 +242,7 @@ def mission_page(artifact_root: Path, mission: str) -> dict[str, Any]:
         artifact_root.glob(f"{GATES_DAG_ID}/*/forest_{mission}.png"),
         key=lambda p: p.stat().st_mtime,
     )
-    points, problems = collect_trends(artifact_root)
+    points, problems = collect_trends(artifact_root, read_json=(cache or ARTIFACTS).read_json)
     trend = [
         {
             "gate": p.gate,

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from bem_tasks.fleet.runs import RunLayout, read_manifest, safe_component
+from bem_tasks.fleet.runs import MANIFEST, RunLayout, safe_component
 
 HEADLINE_LIMIT = 6
 
@@ -45,8 +45,103 @@ def headline(metrics: dict[str, Any], limit: int = HEADLINE_LIMIT) -> str:
     return " ".join(parts[:limit])
 
 
-def phase_rows(run_dir: Path) -> list[list[Any]]:
-    """One row per completed phase (and seed) under a run folder, read from its artifacts."""
+class ArtifactError(ValueError):
+    """An artifact that cannot be shown: unreadable, not JSON, or a field of the wrong type."""
+
+
+def read_json_file(path: Path) -> Any:
+    """One JSON artifact, parsed; ArtifactError names the file (and line) when it cannot be."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path}: unreadable ({exc})") from None
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _looks_numeric(v: str) -> bool:
+    try:
+        float(v)
+    except ValueError:
+        return False
+    return True
+
+
+def check_metrics(metrics: Any, path: Path) -> dict[str, Any]:
+    """``metrics.json`` as a mapping, or ArtifactError naming the key of the wrong type: the
+    keys its ``headline`` list names must hold numbers, and no value may be a number written as
+    a string (``"42"``: the headline and the statistics would silently skip it)."""
+    if not isinstance(metrics, dict):
+        raise ArtifactError(f"{path}: expected a JSON object of metrics, got {_kind(metrics)}")
+    keys = metrics.get("headline", [])
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise ArtifactError(f"{path}:headline: expected a list of metric names, got {keys!r}")
+    for key, value in metrics.items():
+        if isinstance(value, str) and _looks_numeric(value):
+            raise ArtifactError(f"{path}:{key}: expected a number, got the string {value!r}")
+        if key in keys and not _is_number(value):
+            raise ArtifactError(
+                f"{path}:{key}: a headline metric must be a number, got {value!r} ({_kind(value)})"
+            )
+    return metrics
+
+
+def _kind(v: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a bool"}.get(
+        type(v), type(v).__name__
+    )
+
+
+def _phase_row(phase_dir: Path, read_json: Callable[[Path], Any]) -> list[Any]:
+    manifest_path = phase_dir / MANIFEST
+    manifest = read_json(manifest_path)
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{manifest_path}: expected a JSON object, got {_kind(manifest)}")
+    for key, ok, want in (
+        ("mission", lambda v: isinstance(v, str), "a string"),
+        ("phase", lambda v: isinstance(v, str), "a string"),
+        ("variant", lambda v: v is None or isinstance(v, str), "a string"),
+        ("status", lambda v: isinstance(v, str), "a string"),
+        ("seed", lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)),
+         "an integer or null"),
+        ("duration_s", _is_number, "a number of seconds"),
+    ):  # fmt: skip
+        if key in manifest and not ok(manifest[key]):
+            raise ArtifactError(
+                f"{manifest_path}:{key}: expected {want}, got {manifest[key]!r} "
+                f"({_kind(manifest[key])})"
+            )
+    metrics_path = phase_dir / "metrics.json"
+    metrics = check_metrics(read_json(metrics_path), metrics_path) if metrics_path.exists() else {}
+    return [
+        manifest.get("mission", "?"),
+        manifest.get("phase", phase_dir.name)
+        + (f"[{manifest['variant']}]" if manifest.get("variant") else ""),
+        manifest["seed"] if manifest.get("seed") is not None else "-",
+        manifest.get("status", "?"),
+        f"{manifest.get('duration_s', 0):.1f}s",
+        headline(metrics),
+    ]
+
+
+def _error_row(run_dir: Path, phase_dir: Path, message: str) -> list[Any]:
+    """Where the folder says the phase is (mission/phase[/variant]/[seed_N]), and the error."""
+    parts = phase_dir.relative_to(run_dir).parts
+    number = parts[-1].removeprefix("seed_") if parts[-1].startswith("seed_") else ""
+    seed: int | str = int(number) if number.isdigit() else "-"
+    names = [p for p in parts[1:] if not p.startswith("seed_")]
+    phase = names[0] + (f"[{names[1]}]" if len(names) > 1 else "")
+    return [parts[0], phase, seed, "ERROR", "", message]
+
+
+def phase_rows(run_dir: Path, read_json: Callable[[Path], Any] = read_json_file) -> list[list[Any]]:
+    """One row per completed phase (and seed) under a run folder, read from its artifacts. A
+    phase whose manifest or metrics cannot be shown gets a row with status ERROR and the reason
+    (naming the file) in place of the headline; the other rows are unaffected."""
     rows = []
     for manifest_path in (
         sorted(run_dir.glob("*/*/manifest.json"))
@@ -54,20 +149,10 @@ def phase_rows(run_dir: Path) -> list[list[Any]]:
         + sorted(run_dir.glob("*/*/*/seed_*/manifest.json"))  # mapped phases: <variant>/seed_N
     ):
         phase_dir = manifest_path.parent
-        manifest = read_manifest(phase_dir) or {}
-        metrics_path = phase_dir / "metrics.json"
-        metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-        rows.append(
-            [
-                manifest.get("mission", "?"),
-                manifest.get("phase", phase_dir.name)
-                + (f"[{manifest['variant']}]" if manifest.get("variant") else ""),
-                manifest.get("seed", "-") if manifest.get("seed") is not None else "-",
-                manifest.get("status", "?"),
-                f"{manifest.get('duration_s', 0):.1f}s",
-                headline(metrics),
-            ]
-        )
+        try:
+            rows.append(_phase_row(phase_dir, read_json))
+        except ArtifactError as exc:
+            rows.append(_error_row(run_dir, phase_dir, str(exc)))
     return rows
 
 

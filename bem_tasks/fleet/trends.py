@@ -4,13 +4,14 @@ and in the weekly report, so that a regression shows the morning it lands."""
 from __future__ import annotations
 
 import io
-import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from bem_tasks.fleet.runs import GATES_DAG_ID
+from bem_tasks.fleet.summary import read_json_file
 from bem_tasks.io import atomic_write_bytes, atomic_write_text
 
 
@@ -29,9 +30,12 @@ class TrendPoint:
     relative: bool
 
 
-def collect_trends(root: Path, since: datetime | None = None) -> tuple[list[TrendPoint], list[str]]:
+def collect_trends(
+    root: Path, since: datetime | None = None, read_json: Callable[[Path], Any] = read_json_file
+) -> tuple[list[TrendPoint], list[str]]:
     """Every gate outcome of every gates run under the artifact root (oldest first), and the
-    reports that could not be read (named, with the reason: they are skipped, not fatal)."""
+    reports that could not be read (named, with the reason: they are skipped, not fatal).
+    ``read_json`` parses a report (the dashboard passes its cache's)."""
     points: list[TrendPoint] = []
     problems: list[str] = []
     for path in (root / GATES_DAG_ID).glob("*/promotion_report.json"):
@@ -39,7 +43,7 @@ def collect_trends(root: Path, since: datetime | None = None) -> tuple[list[Tren
         if since is not None and when < since:
             continue
         try:
-            doc = json.loads(path.read_text())
+            doc = read_json(path)
             for d in doc["decisions"]:
                 for g in d["gates"]:
                     points.append(

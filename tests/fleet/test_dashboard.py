@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import html
 import importlib.util
+import json
 from pathlib import Path
 
 from fastapi.testclient import TestClient
@@ -142,3 +144,126 @@ def test_mission_page_shows_curves_forest_plot_and_trends(tmp_path: Path, monkey
     assert client.get("/mission/mission_zz").status_code == 404
     assert client.get("/mission/mission_b").status_code == 200  # nothing yet: still a page
     assert client.get("/mission/mission_b/trend.png").status_code == 404
+
+
+def _phase(root: Path, run: str, mission: str, phase: str, seed: int, metrics: dict) -> Path:
+    d = root / "bem_fleet" / run / mission / phase / f"seed_{seed}"
+    atomic_write_json(d / "metrics.json", metrics)
+    write_manifest(
+        d, config_hash="h", seed=seed, extra={"mission": mission, "phase": phase, "duration_s": 2}
+    )
+    return d
+
+
+def _client(tmp_path: Path, monkeypatch) -> TestClient:
+    monkeypatch.setenv("BEM_FLEET_ARTIFACT_ROOT", str(tmp_path))
+    plugin = load_plugin()
+    plugin.app.dependency_overrides[plugin.get_user] = lambda: "admin"
+    return TestClient(plugin.app)
+
+
+def test_bad_artifacts_are_errors_on_their_rows_and_the_page_still_answers(
+    tmp_path: Path, monkeypatch
+) -> None:
+    _phase(tmp_path, "good", "mission_a", "evaluate", 0, {"router_em": 42.0})
+    corrupt = _phase(tmp_path, "bad", "mission_a", "evaluate", 0, {"router_em": 1.0})
+    (corrupt / "manifest.json").write_text('{"status": "complete",\n "files": ')
+    as_string = _phase(tmp_path, "bad", "mission_a", "evaluate", 1, {"router_em": "42.0"})
+    headline = _phase(
+        tmp_path, "bad", "mission_b", "online", 0, {"acc": "high", "headline": ["acc"]}
+    )
+    wrong_duration = _phase(tmp_path, "bad", "mission_c", "prepare", 0, {"n": 1})
+    manifest = json.loads((wrong_duration / "manifest.json").read_text())
+    atomic_write_json(wrong_duration / "manifest.json", {**manifest, "duration_s": "2s"})
+    listed = _phase(tmp_path, "bad", "mission_d", "prepare", 0, {"n": 1})
+    atomic_write_json(listed / "metrics.json", [1, 2])
+    report = tmp_path / "bem_fleet" / "bad" / "promotion_report.json"
+    atomic_write_json(report, {"decisions": [{"mission": "mission_a", "gates": "em_gain"}]})
+
+    client = _client(tmp_path, monkeypatch)
+    page = client.get("/")
+    assert page.status_code == 200
+    api = client.get("/api/overview")
+    assert api.status_code == 200
+    runs = {r["run_id"]: r for r in api.json()["runs"]}
+    assert runs["good"]["errors"] == []
+    assert runs["good"]["phases"][0]["headline"] == "router_em=42"
+    bad = runs["bad"]
+    rows = {(p["mission"], p["seed"]): p for p in bad["phases"]}
+    assert {p["status"] for p in bad["phases"]} == {"ERROR"}
+    expected = {
+        ("mission_a", 0): f"{corrupt / 'manifest.json'}:2: not valid JSON (Expecting value)",
+        ("mission_a", 1): f"{as_string / 'metrics.json'}:router_em: expected a number, got "
+        "the string '42.0'",
+        ("mission_b", 0): f"{headline / 'metrics.json'}:acc: a headline metric must be a "
+        "number, got 'high' (a string)",
+        ("mission_c", 0): f"{wrong_duration / 'manifest.json'}:duration_s: expected a number "
+        "of seconds, got '2s' (a string)",
+        ("mission_d", 0): f"{listed / 'metrics.json'}: expected a JSON object of metrics, got "
+        "a list",
+    }
+    assert {k: r["headline"] for k, r in rows.items()} == expected
+    assert rows[("mission_a", 0)]["phase"] == "evaluate"  # where it is, from the folder
+    report_error = f"{report}:decisions[0]: expected an object with a list of gates"
+    assert bad["errors"] == [*expected.values(), report_error]
+
+    for message in [*expected.values(), report_error]:
+        assert html.escape(message) in page.text
+    # a row's error is on its row, not repeated above the table; the report's is a paragraph
+    assert page.text.count(html.escape(expected[("mission_a", 1)])) == 1
+    assert f"<p class='ERROR'>{html.escape(report_error)}</p>" in page.text
+    assert "router_em=42" in page.text  # the good run is shown as usual
+
+    # a gates report that is not JSON: the mission page still answers and names it
+    gates = tmp_path / "bem_promotion_gates" / "g1" / "promotion_report.json"
+    gates.parent.mkdir(parents=True)
+    gates.write_text("{")
+    mission = client.get("/mission/mission_a")
+    assert mission.status_code == 200 and str(gates) in mission.text
+    assert client.get("/").status_code == 200
+
+
+def test_a_refresh_reads_only_the_files_that_changed(tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    from bem_tasks.fleet import dashboard
+    from bem_tasks.fleet.summary import read_json_file
+
+    reads: list[Path] = []
+
+    def counting(path: Path):
+        reads.append(path)
+        return read_json_file(path)
+
+    monkeypatch.setattr(dashboard, "ARTIFACTS", dashboard.ArtifactCache(reader=counting))
+    a = _phase(tmp_path, "r1", "mission_a", "evaluate", 0, {"em": 1.0})
+    b = _phase(tmp_path, "r2", "mission_a", "evaluate", 0, {"em": 2.0})
+    (b / "metrics.json").write_text("{oops")
+    gates = tmp_path / "bem_promotion_gates" / "g1" / "promotion_report.json"
+    atomic_write_json(gates, {"decisions": []})
+    client = _client(tmp_path, monkeypatch)
+
+    assert client.get("/").status_code == 200
+    first = sorted(reads)
+    all_files = sorted(
+        [a / "manifest.json", a / "metrics.json", b / "manifest.json", b / "metrics.json", gates]
+    )
+    assert first == all_files  # each file once, the corrupt one included
+    reads.clear()
+    assert client.get("/").status_code == 200 and client.get("/api/overview").status_code == 200
+    assert reads == []  # nothing changed: nothing read, not even the corrupt file
+
+    stat = (a / "metrics.json").stat()
+    os.utime(a / "metrics.json", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert "em=1" in client.get("/").text
+    assert reads == [a / "metrics.json"]  # touched: only it is read again
+    reads.clear()
+    # rewritten atomically to the same size within the same mtime: a new inode, so re-read
+    atomic_write_json(a / "metrics.json", {"em": 7.0})
+    os.utime(a / "metrics.json", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert "em=7" in client.get("/").text
+    assert reads == [a / "metrics.json"]
+    reads.clear()
+    atomic_write_json(b / "metrics.json", {"em": 2.0})  # the corrupt file fixed
+    page = client.get("/").text
+    assert reads == [b / "metrics.json"] and "em=2" in page and "not valid JSON" not in page
