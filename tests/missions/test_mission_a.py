@@ -21,6 +21,7 @@ from bem_tasks.core import count_bem_parameters, save_model
 from bem_tasks.core.tokenizer import ByteTokenizer
 from bem_tasks.data import DataFileError
 from bem_tasks.eval import read_records
+from bem_tasks.fleet.runs import write_manifest
 from bem_tasks.missions import mission_a
 from bem_tasks.missions.planner import (
     MacroRouter,
@@ -337,6 +338,8 @@ def test_a_broken_data_row_is_reported_with_file_and_line(micro: MicroRun) -> No
     row["answer"] = str(int(row["answer"]) + 1)
     lines[2] = json.dumps(row)
     (bad / "train.jsonl").write_text("\n".join(lines) + "\n")
+    # as if prepare itself had written the bad row: inputs are checked against their manifest
+    write_manifest(bad, config_hash="micro", seed=None)
     ctx = micro.ctx("pretrain_base", micro.tmp / "bad_base")
     ctx.inputs["prepare"] = bad
     with pytest.raises(DataFileError, match=r"train\.jsonl:3: answer"):

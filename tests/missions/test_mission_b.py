@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from bem_tasks.core import load_weights
 from bem_tasks.eval import read_records
 from bem_tasks.fleet.phases import execute
+from bem_tasks.fleet.runs import write_manifest
 from bem_tasks.missions import mission_b
 from bem_tasks.missions.living import ProbeEval, ewc_penalty, time_to_fix, trainable
 from bem_tasks.missions.mission_b_params import MissionBParams
@@ -364,6 +365,8 @@ def test_canary_gate_keeps_the_anchor_and_online_does_not_learn(micro_b: MicroB,
         if name.endswith("bem_U"):
             weights[name] = 50 * torch.randn(w.shape, generator=gen)
     save_file(weights, str(shadow / "learner.safetensors"))
+    # as if shadow itself had learned the broken controller: inputs must match their manifest
+    write_manifest(shadow, config_hash="micro", seed=0)
     params = copy.deepcopy(MICRO_B)
     params["canary"]["activation_threshold"] = 0.75
     params["controller"]["trust_budget"] = 1e4  # let the broken delta through
