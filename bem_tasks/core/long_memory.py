@@ -104,15 +104,17 @@ class RecallMemory(nn.Module):
     position ``p`` reads ``sum_u beta_u (q_p . k_u) v_u`` over the pairs it may see: window pairs
     ``u`` in ``(s - window, p]``, recomputed from the window's token ids with the convolution
     zero-padded at the window's start (so nothing before the window leaks in), and, with memory,
-    the same sum over the memory's ``slots`` pairs: when a chunk's pairs fall out of the window
-    they compete with the kept ones and the ``slots`` with the largest write gate ``beta`` stay.
+    a softmax read of the memory's ``slots`` pairs (logits ``mem_scale (q_p . k_j) + log
+    beta_j`` next to a null slot of logit 0 and value 0): when a chunk's pairs fall out of the
+    window they compete with the kept ones and the ``slots`` with the largest write gate ``beta``
+    stay.
     A chunk's pairs are evicted when the chunk falls wholly out of the window, so the one pair
     whose key is the last token before the window and whose value is its first token is in
     neither part for that chunk (1 pair in ``chunk``).
     The write gate is trained by the window part too (it weighs every read), so what is worth
     keeping is learned on pairs the window sees. A sum over every evicted pair (a linear-attention
-    matrix, as in Infini-attention) was tried first: its filler noise grows with length
-    (docs/mission_e.md).
+    matrix, as in Infini-attention) was tried first, then the window's linear read over the
+    slots: the noise of both grows with length (docs/mission_e.md).
     """
 
     def __init__(
@@ -129,6 +131,9 @@ class RecallMemory(nn.Module):
         self.k_proj = nn.Linear(d_mem, d_mem, bias=False)
         self.value = nn.Embedding(cfg.vocab_size, d_mem)
         self.write_gate = nn.Linear(d_mem, 1)
+        # Sharpness of the slot read (q, k are unit vectors); learned. The KV-only system has
+        # it too, unused, so both systems count the same parameters.
+        self.mem_scale = nn.Parameter(torch.tensor(8.0))
         # A BEM layer around a zero map (see attach_recall): the read reaches the model only
         # through its experts, routed on the read itself.
         zero = nn.Linear(d_mem, cfg.d_model, bias=False)
@@ -182,8 +187,14 @@ class RecallMemory(nn.Module):
         visible = torch.arange(1, s, device=ids.device)[None] <= pos
         r = ((qc @ (beta * k).transpose(1, 2)) * visible) @ v
         if self.use_memory and slots is not None:
+            # Softmax over the slots and a null slot (logit 0, value 0): the read is a convex
+            # mix of kept values, so its size does not grow with how salient the kept pairs
+            # are (which rises with length: the slots keep the top of ever more pairs), and a
+            # query that matches no slot reads (nearly) nothing.
             mk, mv, mb = slots
-            r = r + (qc @ (mb * mk).transpose(1, 2)) @ mv
+            logits = self.mem_scale * (qc @ mk.transpose(1, 2)) + torch.log(mb).transpose(1, 2)
+            att = torch.softmax(torch.cat([logits, torch.zeros_like(logits[..., :1])], -1), -1)
+            r = r + att[..., :-1] @ mv
         # the chunk's own pairs: u in the last `queries` positions of the window
         return self.out(r), (k[:, -queries:], v[:, -queries:], beta[:, -queries:])
 
