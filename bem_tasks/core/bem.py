@@ -168,6 +168,20 @@ class RoutingStats:
         """decisions [B, C]: hard expert per routing unit; lengths: tokens per unit (None: 1);
         prev [B]: the unit before this call's first one (streaming); gates [.., K]: the gate
         distribution of every new decision, as logits when ``temperature`` is given."""
+        if prev is None and gates is None and lengths is not None and len(lengths) == 1:
+            # Decoding: every mid-chunk step records the chunk's (same) decisions tensor for
+            # one more token; fold it into the previous record instead of a new one.
+            last = self._pending[-1] if self._pending else None
+            if (
+                last is not None
+                and last[0] is decisions
+                and last[2] is None
+                and last[3] is None
+                and last[1] is not None
+                and len(last[1]) == 1
+            ):
+                last[1][0] += lengths[0]
+                return
         self._pending.append((decisions, lengths, prev, gates, temperature))
         if len(self._pending) >= self.fold_every:
             self._fold()
@@ -217,6 +231,7 @@ class BEMLayer(nn.Module):
 
     col_expert: Tensor  # [R] expert that owns each rank column
     col_scale: Tensor  # [R] alpha / r_k of that expert
+    col_own_scale: Tensor  # [K, R] alpha / r_k on each expert's own columns, else 0
 
     def __init__(
         self,
@@ -287,11 +302,31 @@ class BEMLayer(nn.Module):
         col_scale = torch.tensor([self.alpha / ranks[int(k)] for k in col_expert])
         self.register_buffer("col_expert", col_expert.to(dev), persistent=False)
         self.register_buffer("col_scale", col_scale.to(dev), persistent=False)
+        # alpha / r_k on expert k's own columns, zero elsewhere [K, R]: the codes times this
+        # are the experts' raw column weights (one op per solve instead of four).
+        own = torch.eye(num_experts).index_select(-1, col_expert) * col_scale
+        self.register_buffer("col_own_scale", own.to(dev), persistent=False)
 
         self._external: Tensor | None = None
         self._stream_pos = 0
         self._stream_cur: Tensor | None = None
         self._stream_w: Tensor | None = None
+        self._stream_dec_col: Tensor | None = None  # [B, 1] views of the two above
+        self._stream_w_col: Tensor | None = None
+        # Merged inference (hard routing, no gradient): W0 + D_k per expert, materialised once
+        # per parameter version; K extra copies of the base weight, hence off by default.
+        # A forward whose units mostly pick one expert k runs the base matmul with W0 + D_k and
+        # corrects the other rows with a low-rank D_j - D_k; that pays off while those rows are
+        # at most ``merge_max_minority`` of the units and the call has at least
+        # ``merge_min_tokens`` tokens (below, the correction's fixed op cost beats its saving);
+        # a call whose rows all pick one expert (decoding inside a chunk) always merges.
+        self.merge_experts = False
+        self.merge_min_tokens = 256
+        self.merge_max_minority = 0.3
+        self._merged_cache: tuple[tuple[Tensor, Tensor], tuple[int, int], Tensor] | None = None
+        self._plan_cache: (
+            tuple[Tensor, int, tuple[int, Tensor | None, Tensor | None] | None] | None
+        ) = None
         self._eval_cache: tuple[tuple[Any, ...], tuple[Tensor, Tensor]] | None = None
         self._external_convex = False
         # (expert solution, weights, decisions, gates) of the current external gates at
@@ -350,6 +385,9 @@ class BEMLayer(nn.Module):
         self._stream_pos = 0
         self._stream_cur = None
         self._stream_w = None
+        self._stream_dec_col = None
+        self._stream_w_col = None
+        self._plan_cache = None
 
     def reset_stats(self) -> None:
         self.routing_stats = RoutingStats(self.num_experts)
@@ -388,8 +426,7 @@ class BEMLayer(nn.Module):
         return self._eval_cache[1]
 
     def _solve_expert_weights(self) -> tuple[Tensor, Tensor]:
-        own = torch.eye(self.num_experts, device=self.bem_V.device, dtype=self.bem_V.dtype)
-        w = own.index_select(-1, self.col_expert) * self.col_scale * self.bem_code  # [K, R]
+        w = self.col_own_scale * self.bem_code  # [K, R]
         w = w * self.trust_scale(w)[:, None]
         return w, w.sum(0)  # experts own disjoint columns: the sum is each column's weight
 
@@ -414,9 +451,8 @@ class BEMLayer(nn.Module):
     def trust_scale(self, w: Tensor) -> Tensor:
         """Scale in (0, 1] per row of column weights ``w`` [n, R] that puts D = U diag(w) V^T
         inside the trust region (spectral norm first, then Frobenius)."""
-        ones = torch.ones(w.shape[0], device=w.device, dtype=w.dtype)
         if self.trust_budget is None and self.trust_budget_fro is None:
-            return ones
+            return torch.ones(w.shape[0], device=w.device, dtype=w.dtype)
         with torch.autocast(w.device.type, enabled=False):
             return self._trust_scale_fp32(w.float()).to(w.dtype)
 
@@ -432,7 +468,7 @@ class BEMLayer(nn.Module):
         lw = w[:, :, None] * chol  # diag(w) L
         # core = L^T diag(w) U^T U diag(w) L has the non-zero eigenvalues of D^T D.
         core = lw.transpose(1, 2) @ gram_u @ lw
-        scale = torch.ones(w.shape[0], device=w.device)
+        scale = None
         if self.trust_budget is not None:
             b = float(self.trust_budget)
             if core.device.type == "cpu":
@@ -443,38 +479,57 @@ class BEMLayer(nn.Module):
             scale = b / torch.sqrt(torch.clamp(lam, min=b * b))
         if self.trust_budget_fro is not None:
             bf = float(self.trust_budget_fro)
-            fro2 = core.diagonal(dim1=1, dim2=2).sum(-1) * scale * scale
-            scale = scale * (bf / torch.sqrt(torch.clamp(fro2, min=bf * bf)))
+            fro2 = core.diagonal(dim1=1, dim2=2).sum(-1)
+            if scale is not None:
+                fro2 = fro2 * scale * scale
+            fro_scale = bf / torch.sqrt(torch.clamp(fro2, min=bf * bf))
+            scale = fro_scale if scale is None else scale * fro_scale
+        assert scale is not None  # trust_scale returns early when there is no budget
         return scale
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
-        out = self.base(x)
         if not self.enabled:
-            return out
+            return self.base(x)
         xb = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() != 2 else x[None]
-        h = self._weighted_code(xb)
-        flat_h = h.reshape(-1, self.total_rank)
-        if out.dtype == flat_h.dtype:
-            # One fused add+matmul: the cheapest way to put the delta on the base output.
-            return torch.addmm(out.reshape(-1, self.out_features), flat_h, self.bem_U.t()).view(
-                out.shape
-            )
-        return out + (flat_h @ self.bem_U.t()).view(out.shape).to(out.dtype)
+        w, dec = self._token_weights(xb)
+        if self.merge_experts and dec is not None and not torch.is_grad_enabled():
+            merged = self._merged_forward(x, xb, w, dec)
+            if merged is not None:
+                return merged
+        out = self.base(x)
+        h = self._weighted_code(xb, w).reshape(-1, self.total_rank)
+        flat_out = out.reshape(-1, self.out_features)
+        if out.dtype != h.dtype:
+            return out + (h @ self.bem_U.t()).view(out.shape).to(out.dtype)
+        if not torch.is_grad_enabled() and self._base_output_is_private():
+            # Inference: accumulate into the base output in place (one copy of it fewer).
+            return flat_out.addmm_(h, self.bem_U.t()).view(out.shape)
+        # One fused add+matmul: the cheapest way to put the delta on the base output.
+        return torch.addmm(flat_out, h, self.bem_U.t()).view(out.shape)
 
-    def _weighted_code(self, x: Tensor) -> Tensor:
+    def _base_output_is_private(self) -> bool:
+        # A forward hook may keep the base output; never change a tensor somebody else holds.
+        hooks = getattr(nn.modules.module, "_global_forward_hooks", None)
+        return not self.base._forward_hooks and not hooks
+
+    def _weighted_code(self, x: Tensor, w: Tensor) -> Tensor:
         """(x @ V) scaled per rank column by gates, alpha/r_k, codes and the trust factor."""
-        h = x.to(self.bem_V.dtype) @ self.bem_V
-        w = self._token_weights(x)
+        v = self.bem_V
+        h = (x if x.dtype == v.dtype else x.to(v.dtype)) @ v
         batch, length, rr = h.shape
         n = self.chunk_size
-        w = w.to(h.dtype)
+        if w.dtype != h.dtype:
+            w = w.to(h.dtype)
         if w.shape[1] * n == length and w.shape[1] > 1:
             # One weight row per whole chunk: broadcast instead of gathering per token.
             return (h.view(batch, -1, n, rr) * w[:, :, None]).view(batch, length, rr)
         return h * w
 
-    def _token_weights(self, x: Tensor) -> Tensor:
+    def _token_weights(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Column weights per routing unit [B, U, R] (U = 1: every token; U * chunk == T:
+        one row per whole chunk; else one row per token) and, under hard controller routing,
+        the expert of each unit [B, U] (None for external gates)."""
         batch, length, _ = x.shape
         pos0 = self._stream_pos if self.streaming else 0
         if self.streaming and self._stream_cur is not None and self._stream_cur.shape[0] != batch:
@@ -482,17 +537,18 @@ class BEMLayer(nn.Module):
                 f"BEM {self.site_name}: streaming batch size changed from "
                 f"{self._stream_cur.shape[0]} to {batch}; call reset_stream() between sequences"
             )
+        dec: Tensor | None
         if self._external is not None:
-            w = self._external_weights(x, pos0)
+            w, dec = self._external_weights(x, pos0), None
         elif self.num_experts == 1:
-            w = self._fused_weights(batch, length)
+            w, dec = self._fused_weights(batch, length)
         else:
-            w = self._controller_weights(x, pos0)
+            w, dec = self._controller_weights(x, pos0)
         if self.streaming:
             self._stream_pos = pos0 + length
-        return w
+        return w, dec
 
-    def _fused_weights(self, batch: int, length: int) -> Tensor:
+    def _fused_weights(self, batch: int, length: int) -> tuple[Tensor, Tensor]:
         w = self.expert_weights()[0].view(1, 1, -1)
         decisions = torch.zeros(batch, 1, dtype=torch.long, device=w.device)
         self.routing_stats.add(decisions, [length])
@@ -500,7 +556,7 @@ class BEMLayer(nn.Module):
             self._stream_cur = decisions[:, 0]
         self.last_decisions = decisions
         self.last_weights = w.detach()
-        return w
+        return w, decisions
 
     def _router_logits(self, h: Tensor) -> Tensor:
         assert self.router is not None
@@ -508,7 +564,7 @@ class BEMLayer(nn.Module):
         h = F.rms_norm(h.to(self.router.weight.dtype), (h.shape[-1],), eps=1e-6)
         return self.router(h)
 
-    def _controller_weights(self, x: Tensor, pos0: int) -> Tensor:
+    def _controller_weights(self, x: Tensor, pos0: int) -> tuple[Tensor, Tensor]:
         batch, length, _ = x.shape
         n = self.chunk_size
         carry = pos0 % n != 0
@@ -520,11 +576,14 @@ class BEMLayer(nn.Module):
             )
         first = (-pos0) % n
         if carry and first >= length:
-            # Mid-chunk decoding step: the chunk's expert is already decided.
-            assert prev_w is not None and prev_dec is not None
-            self.routing_stats.add(prev_dec[:, None], [length])
-            self.last_decisions, self.last_weights = prev_dec[:, None], prev_w[:, None]
-            return prev_w[:, None]
+            # Mid-chunk decoding step: the chunk's expert is already decided. The [B, 1]
+            # views were made once at the chunk boundary, so a step adds no tensor ops and
+            # the statistics fold the steps of one chunk into one record.
+            w_col, dec_col = self._stream_w_col, self._stream_dec_col
+            assert w_col is not None and dec_col is not None
+            self.routing_stats.add(dec_col, [length])
+            self.last_decisions, self.last_weights = dec_col, w_col
+            return w_col, dec_col
 
         # Causal: each chunk is routed on the hidden state of its own first token.
         logits = self._router_logits(x[:, first::n])  # [B, C_new, K]
@@ -556,13 +615,102 @@ class BEMLayer(nn.Module):
         self.last_decisions = all_dec
         self.last_weights = w_chunks.detach()
         if self.streaming:
-            self._stream_cur = all_dec[:, -1]
-            self._stream_w = w_chunks[:, -1].detach()
+            self._set_stream_state(all_dec, w_chunks.detach())
         if not carry and length % n == 0:
-            return w_chunks  # whole chunks: _weighted_code broadcasts them
+            return w_chunks, all_dec  # whole chunks: _weighted_code broadcasts them
         # Chunk index of every token, relative to the chunk that holds position pos0.
         rel = (torch.arange(length, device=x.device) + pos0) // n - pos0 // n
-        return w_chunks[:, rel]
+        return w_chunks[:, rel], all_dec[:, rel]
+
+    def _set_stream_state(self, dec: Tensor, w: Tensor) -> None:
+        """Carry the last routing unit's expert [B, U] and weights [B, U, R] to the next call."""
+        self._stream_cur, self._stream_w = dec[:, -1], w[:, -1]
+        self._stream_dec_col, self._stream_w_col = dec[:, -1:], w[:, -1:]
+
+    # ------------------------------------------------------------------ merged inference
+    def _merged_forward(self, x: Tensor, xb: Tensor, w: Tensor, dec: Tensor) -> Tensor | None:
+        """Hard routing at inference on merged weights W0 + D_k (see ``merge_experts``): the
+        base matmul with the majority expert's merged weight, plus a low-rank correction
+        D_j - D_k on the rows routed elsewhere. None: use the unmerged path."""
+        weight = cast(Tensor, self.base.weight)
+        if not (x.dtype == weight.dtype == self.bem_V.dtype):
+            return None
+        plan = self._merge_plan(w, dec, xb.shape[1])
+        if plan is None:
+            return None
+        major, rows, w_diff = plan
+        merged = self._merged_weights()[major]
+        bias = cast(Tensor | None, self.base.bias)
+        if isinstance(self.base, nn.Linear):  # weight [out, in]
+            out = F.linear(x, merged, bias)
+        else:  # Conv1D, weight [in, out]: what Conv1D.forward computes
+            flat = x.reshape(-1, self.in_features)
+            mm = flat @ merged if bias is None else torch.addmm(bias, flat, merged)
+            out = mm.view(*x.shape[:-1], self.out_features)
+        if rows is None or w_diff is None:
+            return out
+        flat_out = out.view(-1, self.out_features)
+        h = (xb.reshape(-1, self.in_features).index_select(0, rows) @ self.bem_V) * w_diff
+        return flat_out.index_add_(0, rows, h @ self.bem_U.t()).view(out.shape)
+
+    def _merge_plan(
+        self, w: Tensor, dec: Tensor, length: int
+    ) -> tuple[int, Tensor | None, Tensor | None] | None:
+        """(majority expert, rows [n] routed elsewhere, their weights minus the majority's
+        [n, R]), or None when the unmerged path is cheaper. Decoding steps inside a chunk pass
+        the same ``dec`` object, so the plan is made once per chunk."""
+        cached = self._plan_cache
+        if cached is not None and cached[0] is dec and cached[1] == length:
+            return cached[2]
+        plan = self._make_merge_plan(w, dec, length)
+        self._plan_cache = (dec, length, plan)
+        return plan
+
+    def _make_merge_plan(
+        self, w: Tensor, dec: Tensor, length: int
+    ) -> tuple[int, Tensor | None, Tensor | None] | None:
+        if self.num_experts == 1:
+            return 0, None, None
+        counts = torch.bincount(dec.reshape(-1), minlength=self.num_experts).tolist()
+        major = max(range(self.num_experts), key=counts.__getitem__)
+        minority = dec.numel() - counts[major]
+        if minority == 0:
+            return major, None, None
+        batch, units = dec.shape
+        if (
+            batch * length < self.merge_min_tokens
+            or minority > self.merge_max_minority * dec.numel()
+        ):
+            return None
+        n, rr = self.chunk_size, self.total_rank
+        if units == 1:
+            tok_dec, tok_w = dec.expand(batch, length), w.expand(batch, length, rr)
+        elif units * n == length and units > 1:
+            tok_dec, tok_w = dec.repeat_interleave(n, 1), w.repeat_interleave(n, 1)
+        else:
+            tok_dec, tok_w = dec, w
+        rows = (tok_dec.reshape(-1) != major).nonzero().squeeze(1)
+        w_diff = tok_w.reshape(-1, rr).index_select(0, rows) - self.expert_weights()[major]
+        return major, rows, w_diff
+
+    def _merged_weights(self) -> Tensor:
+        """W0 + D_k for every expert k [K, *base.weight.shape], cached with the expert
+        solution (so, like it, rebuilt when a BEM parameter changes) and the base weight's
+        version and storage."""
+        sol = self._expert_solution()
+        weight = cast(Tensor, self.base.weight)
+        key = (weight._version, weight.data_ptr())
+        cached = self._merged_cache
+        if cached is None or cached[0] is not sol or cached[1] != key:
+            u, v = self.bem_U, self.bem_V
+            if isinstance(self.base, nn.Linear):
+                deltas = [(u * wk) @ v.t() for wk in sol[0]]  # [out, in]
+            else:
+                deltas = [(v * wk) @ u.t() for wk in sol[0]]  # Conv1D: [in, out]
+            merged = torch.stack([weight + d.to(weight.dtype) for d in deltas])
+            cached = (sol, key, merged)
+            self._merged_cache = cached
+        return cached[2]
 
     def _external_weights(self, x: Tensor, pos0: int) -> Tensor:
         batch, length, _ = x.shape
@@ -608,8 +756,7 @@ class BEMLayer(nn.Module):
         self.last_decisions = decisions
         self.last_weights = w.detach()
         if self.streaming:
-            self._stream_cur = decisions[:, -1]
-            self._stream_w = w[:, -1].detach()
+            self._set_stream_state(decisions, w.detach())
         return w
 
     def _external_solution(self, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
