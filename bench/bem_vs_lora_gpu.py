@@ -65,7 +65,6 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -75,11 +74,16 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bem_vs_lora import _cpu_threads, _infer, _train_step, bem_variant  # noqa: E402
+from bem_vs_lora import (  # noqa: E402
+    _cpu_threads,
+    _infer,
+    _train_step,
+    bem_variant,
+)
+from bem_vs_lora import decode_timed as _decode  # noqa: E402
 
 from bem_tasks.core import (  # noqa: E402
     DEFAULT_SITES,
-    bem_streaming,
     build_model,
     count_bem_parameters,
 )
@@ -244,41 +248,6 @@ def _param_bytes(model: nn.Module) -> int:
 
 def _matmul_params(model: nn.Module) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
-
-
-def _decode(
-    model: nn.Module, prompt: torch.Tensor, steps: int, device: torch.device, bem: bool
-) -> tuple[float, float]:
-    """Greedy decoding with the K/V cache: (prompt forward seconds, seconds per decode step)."""
-    streaming = bem_streaming(model) if bem else nullcontext()
-    with torch.inference_mode(), streaming:
-        _sync(device)
-        t0 = time.perf_counter()
-        out = model(input_ids=prompt, use_cache=True)
-        cache = _cache_of(out)
-        nxt = out.logits[:, -1:].argmax(-1)
-        _sync(device)
-        t1 = time.perf_counter()
-        for _ in range(steps):
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-            cache = _cache_of(out)
-            nxt = out.logits[:, -1:].argmax(-1)
-        _sync(device)
-        t2 = time.perf_counter()
-    # The cache must hold prompt + steps positions, or the steps did not use it.
-    seen = cache.get_seq_length() if hasattr(cache, "get_seq_length") else None
-    if seen is not None and int(seen) != prompt.shape[1] + steps:
-        raise RuntimeError(f"K/V cache holds {seen} positions, expected {prompt.shape[1] + steps}")
-    return t1 - t0, (t2 - t1) / steps
-
-
-def _cache_of(out: Any) -> Any:
-    cache = getattr(out, "past_key_values", None)
-    if cache is None:  # newer transformers name it `cache`
-        cache = getattr(out, "cache", None)
-    if cache is None:
-        raise RuntimeError("the model returned no K/V cache with use_cache=True")
-    return cache
 
 
 def _measure(
