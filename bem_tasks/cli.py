@@ -68,17 +68,27 @@ def cmd_pools(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from bem_tasks.fleet.dags import resolve_plan
     from bem_tasks.fleet.embedded import run_fleet
 
     conf: dict[str, Any] = {"profile": args.profile}
     if args.missions:
         conf["missions"] = args.missions.split(",")
     if args.seeds:
-        conf["seeds"] = [int(s) for s in args.seeds.split(",")]
+        conf["seeds"] = [_int_arg("--seeds", s) for s in args.seeds.split(",")]
     from bem_tasks.missions.soak import parse_duration
 
     timeout_s = parse_duration(args.timeout)
+    # The plan task would refuse these params too, but only after Airflow has started.
+    resolve_plan(load_fleet(args.config), conf)
     return run_fleet(_project_root(), conf, port=args.port, timeout_s=timeout_s)
+
+
+def _int_arg(flag: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{flag}: {text!r} is not an integer") from None
 
 
 def cmd_stop(args: argparse.Namespace) -> int:

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
@@ -52,6 +53,11 @@ class CheckpointError(RuntimeError):
 
 class CheckpointCorruptError(CheckpointError):
     pass
+
+
+class WeightsMismatch(CheckpointError, ValueError):
+    """Weights that do not fit the model (another config's checkpoint): bad input, so also a
+    ValueError (the CLI answers it with exit code 2)."""
 
 
 @dataclass
@@ -142,6 +148,21 @@ def _write_weights(path: Path, model: nn.Module, trainable_only: bool) -> None:
 def _read_weights(path: Path, model: nn.Module, trainable_only: bool) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} not found")
+    # Shapes first, from the file's header: torch's own size-mismatch error names neither the
+    # file nor what to do about it.
+    wanted = model.state_dict()
+    with safe_open(str(path), framework="pt") as fh:
+        wrong = [
+            f"{k}: checkpoint {list(fh.get_slice(k).get_shape())}, model {list(wanted[k].shape)}"
+            for k in fh.keys()  # noqa: SIM118 - safe_open is not a mapping
+            if k in wanted and list(fh.get_slice(k).get_shape()) != list(wanted[k].shape)
+        ]
+    if wrong:
+        raise WeightsMismatch(
+            f"{path}: weights do not fit {type(model).__name__} (a checkpoint of another config?): "
+            + "; ".join(wrong[:4])
+            + (f"; and {len(wrong) - 4} more" if len(wrong) > 4 else "")
+        )
     if not trainable_only:
         missing, unexpected = st_load_model(model, str(path), strict=False)
     else:
@@ -152,7 +173,7 @@ def _read_weights(path: Path, model: nn.Module, trainable_only: bool) -> None:
         if not missing and not unexpected:
             model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
-        raise CheckpointError(
+        raise WeightsMismatch(
             f"{path}: weights do not fit {type(model).__name__}: "
             f"missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}"
         )

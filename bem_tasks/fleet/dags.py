@@ -81,14 +81,23 @@ def _alert_task_failure(context: Any) -> None:
 
 
 def resolve_plan(cfg: FleetConfig, params: dict[str, Any]) -> dict[str, Any]:
-    """Check the trigger params and close the mission selection over dependencies."""
+    """Check the trigger params and close the mission selection over dependencies. Each error
+    names the param (``params.seeds[1]: ...``); the schema of the Params says the same, but a
+    trigger through the REST API or `dags test` may bypass the form."""
     profile = params.get("profile") or cfg.arch.fleet.default_profile
-    if profile not in cfg.arch.profiles:
+    if not isinstance(profile, str) or profile not in cfg.arch.profiles:
         raise ValueError(
-            f"params.profile: unknown profile '{profile}' (known: {list(cfg.arch.profiles)})"
+            f"params.profile: unknown profile {profile!r} (known: {list(cfg.arch.profiles)})"
         )
     run_cfg = cfg.for_profile(profile)  # every profile is validated already; no reload
     wanted = params.get("missions") or run_cfg.enabled_missions
+    if not isinstance(wanted, list) or not all(isinstance(m, str) for m in wanted):
+        raise ValueError(f"params.missions: expected a list of mission names, got {wanted!r}")
+    unknown = [m for m in wanted if m not in cfg.arch.missions]
+    if unknown:
+        raise ValueError(
+            f"params.missions: unknown mission(s) {unknown} (known: {list(cfg.arch.missions)})"
+        )
     not_enabled = [m for m in wanted if m not in run_cfg.enabled_missions]
     if not_enabled:
         raise ValueError(
@@ -96,12 +105,17 @@ def resolve_plan(cfg: FleetConfig, params: dict[str, Any]) -> dict[str, Any]:
             f"(enabled: {run_cfg.enabled_missions or 'none'})"
         )
     seeds = params.get("seeds") or run_cfg.arch.fleet.seeds
+    if not isinstance(seeds, list):
+        raise ValueError(f"params.seeds: expected a list of integer seeds, got {seeds!r}")
+    for i, s in enumerate(seeds):
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise ValueError(f"params.seeds[{i}]: expected an integer seed >= 0, got {s!r}")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"params.seeds: duplicate seeds in {seeds}")
     return {
         "profile": profile,
         "missions": run_cfg.topological_missions(wanted),
-        "seeds": [int(s) for s in seeds],
+        "seeds": list(seeds),
     }
 
 
@@ -266,10 +280,10 @@ def _statistics_run() -> tuple[Any, FleetConfig, Path]:
 
 
 def _validate(results: list[str]) -> dict:
-    from bem_tasks.fleet.promotion import validate_results
+    from bem_tasks.fleet.promotion import validate_results, within_artifact_root
 
     ctx, cfg, out = _statistics_run()
-    paths = list(results)
+    paths = within_artifact_root(cfg.artifact_root, "params.results", results)
     for asset, events in ctx["triggering_asset_events"].items():
         paths += [e.extra["results"] for e in events if "results" in (e.extra or {})]
         print(f"triggered by {asset.uri}: {len(events)} event(s)")
@@ -292,10 +306,12 @@ def _validate(results: list[str]) -> dict:
 
 
 def _gate(statistical_results: str | None) -> dict:
-    from bem_tasks.fleet.promotion import gate_results
+    from bem_tasks.fleet.promotion import gate_results, path_within_artifact_root
 
     ctx, cfg, out = _statistics_run()
     path = statistical_results
+    if path:
+        path = path_within_artifact_root(cfg.artifact_root, "params.statistical_results", path)
     for events in ctx["triggering_asset_events"].values():
         for e in events:
             path = (e.extra or {}).get("statistical_results", path)

@@ -13,7 +13,6 @@ never stops the others.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from bem_tasks.eval.records import ExampleRecord, PairedArray, paired_differences, read_records
+from bem_tasks.fleet.summary import read_json_file
 from bem_tasks.gates import (
     Decision,
     GatesConfig,
@@ -39,12 +39,50 @@ RECORDS = "records.jsonl"
 REPORTED_FAMILY = "reported"
 
 
+def within_artifact_root(root: Path, param: str, paths: Any) -> list[str]:
+    """``paths`` (a list-valued trigger param), each inside the artifact root; see
+    ``path_within_artifact_root``."""
+    if not isinstance(paths, list):
+        raise ValueError(f"{param}: expected a list of paths, got {paths!r}")
+    return [path_within_artifact_root(root, f"{param}[{i}]", p) for i, p in enumerate(paths)]
+
+
+def path_within_artifact_root(root: Path, where: str, path: Any) -> str:
+    """``path`` if it lies inside the artifact root (symlinks resolved), else ValueError naming
+    the param: a manual run must not read, or write reports beside, files the fleet does not
+    own."""
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"{where}: expected a path, got {path!r}")
+    base = root.resolve()
+    if not Path(path).resolve().is_relative_to(base):
+        raise ValueError(
+            f"{where}: {path} is outside the artifact root {base}; give a file the fleet wrote "
+            "there (<artifact_root>/<dag>/<run>/...)"
+        )
+    return path
+
+
 def mission_records(results_path: Path) -> tuple[dict[str, Any], list[ExampleRecord]]:
     """The results file and the per-example records of its final phase, all seeds."""
-    results = json.loads(results_path.read_text())
+    results = read_json_file(results_path)
+    if not isinstance(results, dict):
+        raise ValueError(f"{results_path}: expected a JSON object (a mission's results.json)")
+    for key in ("mission", "dag_id", "run_id", "profile", "config_hash", "final_phase"):
+        if not isinstance(results.get(key), str):
+            raise ValueError(f"{results_path}:{key}: expected a string, got {results.get(key)!r}")
     final = results["final_phase"]
+    seeds = (
+        results.get("phases", {}).get(final) if isinstance(results.get("phases"), dict) else None
+    )
+    if not isinstance(seeds, dict) or not all(
+        isinstance(i, dict) and isinstance(i.get("dir"), str) for i in seeds.values()
+    ):
+        raise ValueError(
+            f"{results_path}:phases.{final}: expected {{seed: {{dir: <path>, ...}}}} for the "
+            "final phase"
+        )
     records: list[ExampleRecord] = []
-    for seed_key, info in sorted(results["phases"][final].items()):
+    for seed_key, info in sorted(seeds.items()):
         path = Path(info["dir"]) / RECORDS
         if not path.exists():
             raise FileNotFoundError(
@@ -247,7 +285,15 @@ def gate_results(
     statistics failed, or whose gates cannot be judged, gets the decision ERROR with the message;
     the other missions are judged as usual.
     """
-    doc = json.loads(stats_path.read_text())
+    doc = read_json_file(stats_path)
+    if (
+        not isinstance(doc, dict)
+        or not isinstance(doc.get("missions"), dict)
+        or not isinstance(doc.get("results"), list)
+    ):
+        raise ValueError(
+            f"{stats_path}: expected statistical results ({{missions: {{...}}, results: [...]}})"
+        )
     wanted = set(missions) if missions is not None else set(doc["missions"])
     unknown = wanted - set(doc["missions"])
     if unknown:
