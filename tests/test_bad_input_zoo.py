@@ -32,6 +32,7 @@ class Env:
     root: Path  # the artifact root
     edit_yaml: Callable[..., None]
     good_stats: Path
+    monkeypatch: pytest.MonkeyPatch
 
     @property
     def arch(self) -> Path:
@@ -299,6 +300,45 @@ def phase_input_changed_after_its_manifest(env: Env):
     return (lambda: ctx.input_dir("prepare")), want
 
 
+def _task(env: Env, fn: Callable[[], Any], dag_id: str, params: dict[str, Any]):
+    """``fn`` as its Airflow task runs it: with the task's context (params, dag, run id)."""
+    from types import SimpleNamespace
+
+    from bem_tasks.fleet import dags
+
+    context = {
+        "params": {"profile": "smoke", **params},
+        "dag": SimpleNamespace(dag_id=dag_id),
+        "run_id": "manual__2026-12-01T00:00:00+00:00",
+        "triggering_asset_events": {},
+    }
+    env.monkeypatch.setattr(dags, "get_current_context", lambda: context)
+    return fn
+
+
+def plan_task_with_a_bad_seed(env: Env):
+    from bem_tasks.fleet import dags
+
+    run = _task(env, dags.plan.function, "bem_fleet", {"missions": [], "seeds": [0, "one"]})
+    return run, "params.seeds[1]: expected an integer seed >= 0, got 'one'"
+
+
+def validate_task_with_results_outside_the_root(env: Env):
+    from bem_tasks.fleet import dags
+
+    results = ["/etc/passwd"]
+    run = _task(env, lambda: dags._validate(results), "bem_statistical_validation", {})
+    return run, "params.results[0]: /etc/passwd is outside the artifact root"
+
+
+def gate_task_with_statistics_outside_the_root(env: Env):
+    from bem_tasks.fleet import dags
+
+    outside = str(env.project / "statistical_results.json")
+    run = _task(env, lambda: dags._gate(outside), "bem_promotion_gates", {})
+    return run, f"params.statistical_results: {outside} is outside the artifact root"
+
+
 CASES = [
     Case("malformed YAML", malformed_yaml, True),
     Case("malformed YAML in an experiment", malformed_yaml_in_an_experiment, True),
@@ -331,6 +371,15 @@ CASES = [
     ),
     Case("gates on corrupt statistics", gates_command_on_corrupt_statistics, True),
     Case("gates on misshapen statistics", gates_command_on_statistics_of_the_wrong_shape, True),
+    Case("task plan: seed 'one'", plan_task_with_a_bad_seed, False),
+    Case(
+        "task validate: results outside the root",
+        validate_task_with_results_outside_the_root,
+        False,
+    ),
+    Case(
+        "task gate: statistics outside the root", gate_task_with_statistics_outside_the_root, False
+    ),
     Case("results.json without its final phase", results_file_missing_its_final_phase, False),
     Case("a phase input changed after its manifest", phase_input_changed_after_its_manifest, False),
 ]
@@ -380,7 +429,7 @@ def test_bad_input_gets_a_clear_error_and_writes_over_nothing(
         raise AssertionError("the bad params should have been refused before starting Airflow")
 
     monkeypatch.setattr("bem_tasks.fleet.embedded.run_fleet", no_airflow)
-    env = Env(project, root, edit_yaml, _good_artifacts(root))
+    env = Env(project, root, edit_yaml, _good_artifacts(root), monkeypatch)
     before = _snapshot(root)
     action, expected = case.run(env)
     if case.command:

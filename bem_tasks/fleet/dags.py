@@ -21,6 +21,7 @@ from bem_tasks.fleet.runs import (
     GATES_DAG_ID,
     MAINTENANCE_DAG_ID,
     STATS_DAG_ID,
+    RunLayout,
     mission_dag_id,
 )
 
@@ -270,19 +271,18 @@ def build_fleet_dag(cfg: FleetConfig) -> DAG:
     return dag
 
 
-def _statistics_run() -> tuple[Any, FleetConfig, Path]:
-    """Context, config of the run's profile, and this run's own artifact folder."""
-    from bem_tasks.fleet.runs import RunLayout
-
+def _statistics_run() -> tuple[Any, FleetConfig, RunLayout]:
+    """Context, config of the run's profile, and this run's layout (claim it once the params
+    are checked, so that refused params leave no folder behind)."""
     ctx = get_current_context()
     cfg = load_fleet(None, ctx["params"]["profile"])
-    return ctx, cfg, RunLayout(cfg.artifact_root, ctx["dag"].dag_id, ctx["run_id"]).claim()
+    return ctx, cfg, RunLayout(cfg.artifact_root, ctx["dag"].dag_id, ctx["run_id"])
 
 
 def _validate(results: list[str]) -> dict:
     from bem_tasks.fleet.promotion import validate_results, within_artifact_root
 
-    ctx, cfg, out = _statistics_run()
+    ctx, cfg, layout = _statistics_run()
     paths = within_artifact_root(cfg.artifact_root, "params.results", results)
     for asset, events in ctx["triggering_asset_events"].items():
         paths += [e.extra["results"] for e in events if "results" in (e.extra or {})]
@@ -292,6 +292,7 @@ def _validate(results: list[str]) -> dict:
             "nothing to validate: no triggering mission asset event and no `results` param "
             "(paths to missions' results.json)"
         )
+    out = layout.claim()
     stats = cfg.arch.statistics
     doc = validate_results(
         [Path(p) for p in dict.fromkeys(paths)],
@@ -308,7 +309,7 @@ def _validate(results: list[str]) -> dict:
 def _gate(statistical_results: str | None) -> dict:
     from bem_tasks.fleet.promotion import gate_results, path_within_artifact_root
 
-    ctx, cfg, out = _statistics_run()
+    ctx, cfg, layout = _statistics_run()
     path = statistical_results
     if path:
         path = path_within_artifact_root(cfg.artifact_root, "params.statistical_results", path)
@@ -320,6 +321,7 @@ def _gate(statistical_results: str | None) -> dict:
             "nothing to gate: no triggering statistics asset event and no "
             "`statistical_results` param"
         )
+    out = layout.claim()
     stats = cfg.arch.statistics
     report = gate_results(
         Path(path),
