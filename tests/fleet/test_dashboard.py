@@ -267,3 +267,17 @@ def test_a_refresh_reads_only_the_files_that_changed(tmp_path: Path, monkeypatch
     atomic_write_json(b / "metrics.json", {"em": 2.0})  # the corrupt file fixed
     page = client.get("/").text
     assert reads == [b / "metrics.json"] and "em=2" in page and "not valid JSON" not in page
+
+
+def test_runs_are_shown_by_their_run_id_not_their_folder_name(tmp_path: Path, monkeypatch) -> None:
+    from bem_tasks.fleet.runs import RunLayout
+
+    layout = RunLayout(tmp_path, "bem_fleet", "manual__2026-01-01T00:00:00+00:00")
+    phase = layout.phase_dir("mission_a", "evaluate", 0)
+    atomic_write_json(phase / "metrics.json", {"em": 1.0})
+    write_manifest(phase, config_hash="h", seed=0, extra={"mission": "mission_a"})
+    assert layout.run_dir.name == "manual__2026-01-01T00~3a00~3a00~2b00~3a00"
+    client = _client(tmp_path, monkeypatch)
+    (run,) = client.get("/api/overview").json()["runs"]
+    assert run["run_id"] == "manual__2026-01-01T00:00:00+00:00"
+    assert "<h2>bem_fleet / manual__2026-01-01T00:00:00+00:00</h2>" in client.get("/").text
