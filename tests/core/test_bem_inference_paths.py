@@ -250,3 +250,32 @@ def test_merged_path_is_inference_only() -> None:
     y = layer(x)  # eval but with gradient recorded: the plain path, differentiable
     assert y.requires_grad and layer._merged_cache is None
     assert torch.equal(y, ref(x))
+
+
+@pytest.mark.parametrize("routing", ["soft", "straight_through"])
+def test_fused_route_rows_give_the_gradients_of_plain_slicing(
+    routing: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Training: x @ V and the router's chunk-first rows come from one autograd node; the
+    gradients equal those of the plain ops (slice + matmul) up to float32 rounding."""
+    torch.manual_seed(0)
+    layer = BEMLayer(nn.Linear(12, 10), num_experts=3, rank=2, chunk_size=4, routing=routing)  # type: ignore[arg-type]
+    with torch.no_grad():
+        layer.bem_U.normal_()
+    x0 = torch.randn(2, 22, 12)
+
+    def grads(fused: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        monkeypatch.setattr(BEMLayer, "_routes_by_controller", lambda self: fused)
+        layer.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_(True)
+        (layer(x) ** 2).sum().backward()
+        assert x.grad is not None
+        return x.grad, [p.grad.clone() for p in layer.parameters() if p.grad is not None]
+
+    gx, gp = grads(True)
+    rx, rp = grads(False)
+    assert _close(gx, rx, 1e-6)
+    assert len(gp) == len(rp) == 5  # V, U, code, router weight and bias
+    for a, b in zip(gp, rp, strict=True):
+        assert _close(a, b, 1e-6)
+    assert layer.router is not None and float(rp[-1].abs().sum()) > 0
