@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from bem_tasks.eval.records import ExampleRecord, PairedArray, paired_differences, read_records
+from bem_tasks.fleet.runs import MANIFEST, InputMismatch, read_manifest
 from bem_tasks.fleet.summary import read_json_file
 from bem_tasks.gates import (
     Decision,
@@ -32,7 +33,7 @@ from bem_tasks.gates import (
     promote,
     render_report_md,
 )
-from bem_tasks.io import atomic_write_json, atomic_write_text
+from bem_tasks.io import atomic_write_json, atomic_write_text, sha256_file
 from bem_tasks.stats import analyze, plot_forest
 
 RECORDS = "records.jsonl"
@@ -89,8 +90,25 @@ def mission_records(results_path: Path) -> tuple[dict[str, Any], list[ExampleRec
                 f"{results_path}: {results['mission']}.{final} ({seed_key}) wrote no {RECORDS} "
                 f"at {path}; the statistics need per-example records"
             )
+        _check_recorded(path)
         records.extend(read_records(path))
     return results, records
+
+
+def _check_recorded(path: Path) -> None:
+    """The records file must have the sha256 its phase's manifest lists (when the folder has a
+    manifest, as every phase run by the fleet does): statistics of records changed after the
+    phase would judge a candidate on data it never produced."""
+    manifest = read_manifest(path.parent)
+    if manifest is None:
+        return
+    files = manifest.get("files")
+    listed = files.get(path.name) if isinstance(files, dict) else None
+    if not isinstance(listed, dict) or listed.get("sha256") != sha256_file(path):
+        raise InputMismatch(
+            f"{path}: sha256 differs from {path.parent / MANIFEST} (changed after its phase "
+            "wrote it); rerun that phase"
+        )
 
 
 def _comparisons(

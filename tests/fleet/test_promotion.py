@@ -176,6 +176,29 @@ def test_one_missions_error_never_stops_another(tmp_path: Path) -> None:
     assert "## mission_a: ERROR" in md and "wrote no records.jsonl" in md
 
 
+def test_records_changed_after_their_phase_are_refused(tmp_path: Path) -> None:
+    """The final phase's manifest lists records.jsonl; records edited afterwards make that
+    mission ERROR naming the file, and the other mission is judged as usual."""
+    from bem_tasks.fleet.runs import write_manifest
+
+    a = make_results(tmp_path / "a", em_gain=0.3)
+    seed_1 = tmp_path / "a" / "mission_a" / "evaluate" / "seed_1"
+    for seed_dir in seed_1.parent.iterdir():
+        write_manifest(seed_dir, config_hash="h", seed=int(seed_dir.name[5:]))
+    c = make_mission_c(tmp_path / "c")
+    doc, _ = run(tmp_path, a, c)
+    assert "error" not in doc["missions"]["mission_a"]  # intact: analysed
+    records = seed_1 / "records.jsonl"
+    lines = records.read_text().splitlines()
+    records.write_text("\n".join(lines[:-1]) + "\n")  # one record dropped
+    doc, report = run(tmp_path, a, c)
+    assert doc["missions"]["mission_a"]["error"] == (
+        f"InputMismatch: {records}: sha256 differs from {seed_1 / 'manifest.json'} (changed "
+        "after its phase wrote it); rerun that phase"
+    )
+    assert _decisions(report)["mission_c"]["decision"] != "ERROR"
+
+
 def test_rare_zero_one_baseline_does_not_stop_the_statistics(tmp_path: Path) -> None:
     doc, report = run(tmp_path, make_mission_c(tmp_path), make_results(tmp_path, em_gain=0.3))
     assert not any("error" in m for m in doc["missions"].values())
