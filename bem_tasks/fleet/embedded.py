@@ -49,8 +49,16 @@ class Embedded:
         return self.project / ".airflow"
 
     @property
+    def host(self) -> str:
+        """The address the API server binds: loopback, so the UI and its API are not offered
+        to the network (Airflow's own default is 0.0.0.0). BEM_FLEET_HOST=0.0.0.0 opens it."""
+        return os.environ.get("BEM_FLEET_HOST") or "127.0.0.1"
+
+    @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        # A wildcard bind answers on loopback too; any other address only on itself.
+        connect = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host  # noqa: S104
+        return f"http://{connect}:{self.port}"
 
     @property
     def pid_file(self) -> Path:
@@ -78,8 +86,12 @@ class Embedded:
                 "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
                 "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
                 "AIRFLOW__CORE__PARALLELISM": "4",
+                "AIRFLOW__API__HOST": self.host,
                 "AIRFLOW__API__PORT": str(self.port),
                 "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
+                # Task logs for this user only (Airflow's default is group-writable 0o664/0o775).
+                "AIRFLOW__LOGGING__FILE_TASK_HANDLER_NEW_FILE_PERMISSIONS": "0o600",
+                "AIRFLOW__LOGGING__FILE_TASK_HANDLER_NEW_FOLDER_PERMISSIONS": "0o700",
                 "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
                 "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "10",
                 "BEM_FLEET_CONFIG": str(self.project / "configs" / "bem_fleet_architecture.yml"),
@@ -120,6 +132,11 @@ class Embedded:
             env=self.env(),
             check=True,
         )
+        # The admin password and the log (which can carry tokens and connection strings) are
+        # for this user only. Standalone opens the password file in append mode, so creating it
+        # first with 0600 means the password is never on disk with wider permissions.
+        _private(self.password_file)
+        _private(self.log_file)
         say(f"Starting `airflow standalone` in the background; log: {self.log_file}")
         with open(self.log_file, "ab") as log:
             proc = subprocess.Popen(
@@ -159,8 +176,8 @@ class Embedded:
         while True:
             try:
                 health(self.url)
-                if self.password_file.exists():
-                    break
+                if self.password_file.exists() and self.password_file.stat().st_size:
+                    break  # start() creates it empty; standalone writes the password into it
             except (httpx.HTTPError, AirflowApiError):
                 pass
             if time.monotonic() > deadline:
@@ -172,6 +189,12 @@ class Embedded:
                 raise RuntimeError(f"airflow standalone exited; see {self.log_file}")
             time.sleep(2)
         return self.api()
+
+
+def _private(path: Path) -> None:
+    """Create ``path`` if missing (empty) and make it readable and writable by its owner only."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    os.chmod(path, 0o600)  # an existing file keeps its mode in os.open
 
 
 def _wait_for_dag(api: AirflowApi, dag_id: str, timeout_s: float = 180) -> None:

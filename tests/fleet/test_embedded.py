@@ -353,3 +353,43 @@ def test_following_stops_at_the_overall_deadline_naming_the_unfinished_tasks(
     assert "bem_fleet run manual__1 still running at the deadline" in str(err.value)
     assert "{'mission_a.fit[0]': 'running'}" in str(err.value)
     assert 600 <= clock.now <= 600 + 3  # one poll interval past the deadline at most
+
+
+def test_binds_loopback_unless_bem_fleet_host_says_otherwise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("BEM_FLEET_HOST", raising=False)
+    emb = Embedded(tmp_path, port=8123)
+    assert emb.env()["AIRFLOW__API__HOST"] == "127.0.0.1"
+    assert emb.url == "http://127.0.0.1:8123"
+    monkeypatch.setenv("BEM_FLEET_HOST", "0.0.0.0")
+    assert emb.env()["AIRFLOW__API__HOST"] == "0.0.0.0"
+    assert emb.url == "http://127.0.0.1:8123"  # a wildcard bind answers on loopback too
+    monkeypatch.setenv("BEM_FLEET_HOST", "10.1.2.3")
+    assert emb.url == "http://10.1.2.3:8123"
+
+
+def test_start_makes_the_password_file_and_the_logs_private(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import stat
+
+    emb = Embedded(tmp_path)
+    emb.home.mkdir()
+    emb.log_file.write_text("an earlier run's log\n")
+    os.chmod(emb.log_file, 0o644)  # as a umask of 022 leaves it
+    monkeypatch.setattr(embedded.subprocess, "run", lambda *a, **k: None)
+    monkeypatch.setattr(
+        embedded.subprocess, "Popen", lambda *a, **k: type("P", (), {"pid": 4242})()
+    )
+    monkeypatch.setattr(Embedded, "running_pid", lambda self: None)
+    emb.start(lambda _: None)
+
+    for path in (emb.password_file, emb.log_file):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert emb.password_file.read_text() == ""  # standalone writes the password into it
+    assert emb.log_file.read_text() == "an earlier run's log\n"  # appended to, not truncated
+    env = emb.env()
+    assert env["AIRFLOW__LOGGING__FILE_TASK_HANDLER_NEW_FILE_PERMISSIONS"] == "0o600"
+    assert env["AIRFLOW__LOGGING__FILE_TASK_HANDLER_NEW_FOLDER_PERMISSIONS"] == "0o700"
