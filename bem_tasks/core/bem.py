@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _torch_module
 
 RoutingMode = Literal["soft", "straight_through", "gumbel"]
 ROUTING_MODES: tuple[str, ...] = ("soft", "straight_through", "gumbel")
@@ -131,6 +132,21 @@ def spectral_upper_bound(core: Tensor, *, squarings: int = 8, floor: float = 1e-
         a = a / c[:, None, None]
     # float32 rounding can put the bound a few ulps under the truth; keep it an upper bound.
     return torch.exp(log_bound) * (1.0 + 1e-5)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run any hook (its own or a global one)."""
+    g = _torch_module
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or g._global_forward_hooks
+        or g._global_forward_pre_hooks
+        or g._global_backward_hooks
+        or g._global_backward_pre_hooks
+    )
 
 
 class _CodeAndRouteRows(torch.autograd.Function):
@@ -299,6 +315,12 @@ class BEMLayer(nn.Module):
             raise ValueError(f"BEMLayer temperature must be > 0, got {temperature}")
 
         self.base = base
+        # Exactly nn.Linear or transformers' Conv1D: forward is known, so the layer may run
+        # it itself (no module call) or with merged weights. Subclasses keep their forward.
+        self._plain_base = type(base) is nn.Linear or (
+            type(base).__name__ == "Conv1D"
+            and type(base).__module__ == "transformers.pytorch_utils"
+        )
         for p in self.base.parameters():
             p.requires_grad_(False)
         self.in_features, self.out_features = d_in, d_out
@@ -353,7 +375,9 @@ class BEMLayer(nn.Module):
         self.merge_experts = False
         self.merge_min_tokens = 256
         self.merge_max_minority = 0.3
-        self._merged_cache: tuple[tuple[Tensor, Tensor], tuple[int, int], Tensor] | None = None
+        self._merged_cache: tuple[tuple[Tensor, Tensor], tuple[int, int], list[Tensor]] | None = (
+            None
+        )
         self._plan_cache: (
             tuple[Tensor, int, tuple[int, Tensor | None, Tensor | None] | None] | None
         ) = None
@@ -446,14 +470,13 @@ class BEMLayer(nn.Module):
         recorded and no parameter has changed."""
         if torch.is_grad_enabled():
             return self._solve_expert_weights()
-        params = (self.bem_U, self.bem_V, self.bem_code)
-        key = tuple((p._version, p.data_ptr()) for p in params) + (
-            self.trust_budget,
-            self.trust_budget_fro,
-        )
-        if self._eval_cache is None or self._eval_cache[0] != key:
-            self._eval_cache = (key, self._solve_expert_weights())
-        return self._eval_cache[1]
+        u, v, c = self.bem_U, self.bem_V, self.bem_code  # spelled out: runs every forward
+        key: tuple[Any, ...] = (u._version, v._version, c._version, u.data_ptr(), v.data_ptr())
+        key += (c.data_ptr(), self.trust_budget, self.trust_budget_fro)
+        cached = self._eval_cache
+        if cached is None or cached[0] != key:
+            cached = self._eval_cache = (key, self._solve_expert_weights())
+        return cached[1]
 
     def _solve_expert_weights(self) -> tuple[Tensor, Tensor]:
         w = self.col_own_scale * self.bem_code  # [K, R]
@@ -525,6 +548,10 @@ class BEMLayer(nn.Module):
             xb = x
         else:
             xb = x[None] if x.dim() == 2 else x.reshape(-1, x.shape[-2], x.shape[-1])
+        if self.streaming and self._routes_by_controller():
+            step = self._mid_chunk_step(x, xb)
+            if step is not None:
+                return step
         code: Tensor | None = None
         rows: Tensor | None = None
         v = self.bem_V
@@ -537,21 +564,76 @@ class BEMLayer(nn.Module):
             merged = self._merged_forward(x, xb, w, dec)
             if merged is not None:
                 return merged
-        out = self.base(x)
+        return self._delta_forward(x, xb, w, code)
+
+    def _mid_chunk_step(self, x: Tensor, xb: Tensor) -> Tensor | None:
+        """Decoding inside a chunk whose expert is decided: the decision's [B, 1] views were
+        made at the chunk boundary, so bookkeeping adds no tensor op, and the statistics fold
+        the chunk's steps into one record. None: not such a step (the general path)."""
+        pos0, n, length = self._stream_pos, self.chunk_size, xb.shape[1]
+        w_col, dec_col, cur = self._stream_w_col, self._stream_dec_col, self._stream_cur
+        if pos0 % n == 0 or (-pos0) % n < length or w_col is None or dec_col is None:
+            return None
+        if cur is None or cur.shape[0] != xb.shape[0]:
+            return None  # the general path raises the error
+        # Plain attributes: nn.Module.__setattr__ costs microseconds per call (type checks).
+        state = self.__dict__
+        state["_stream_pos"] = pos0 + length
+        self.routing_stats.add(dec_col, [length])
+        state["last_decisions"], state["last_weights"] = dec_col, w_col
+        if torch.is_grad_enabled():
+            return self._delta_forward(x, xb, w_col, None)
+        if self.merge_experts:
+            merged = self._merged_forward(x, xb, w_col, dec_col)
+            if merged is not None:
+                return merged
+        weight, w_rows, v = cast(Tensor, self.base.weight), self._stream_w, self.bem_V
+        if (
+            length != 1
+            or w_rows is None
+            or not self._plain_base
+            or _has_hooks(self.base)
+            or not x.dtype == weight.dtype == v.dtype == w_rows.dtype
+            or not x.is_contiguous()
+        ):
+            return self._delta_forward(x, xb, w_col, None)
+        # One token per row: the unmerged path's ops on [B, d] directly, h scaled in place.
+        flat = x.view(-1, self.in_features)
+        out = self._linear(flat, weight)
+        h = (flat @ v).mul_(w_rows)
+        return out.addmm_(h, self.bem_U.t()).view(*x.shape[:-1], self.out_features)
+
+    def _delta_forward(self, x: Tensor, xb: Tensor, w: Tensor, code: Tensor | None) -> Tensor:
+        """The base output plus ((x @ V) * w) @ U^T (the unmerged path)."""
+        out, private = self._base_forward(x)
         h = self._weighted_code(xb, w, code).reshape(-1, self.total_rank)
         flat_out = out.reshape(-1, self.out_features)
         if out.dtype != h.dtype:
             return out + (h @ self.bem_U.t()).view(out.shape).to(out.dtype)
-        if not torch.is_grad_enabled() and self._base_output_is_private():
+        if private and not torch.is_grad_enabled():
             # Inference: accumulate into the base output in place (one copy of it fewer).
             return flat_out.addmm_(h, self.bem_U.t()).view(out.shape)
         # One fused add+matmul: the cheapest way to put the delta on the base output.
         return torch.addmm(flat_out, h, self.bem_U.t()).view(out.shape)
 
-    def _base_output_is_private(self) -> bool:
+    def _base_forward(self, x: Tensor) -> tuple[Tensor, bool]:
+        """(base output, whether nobody else can hold it). A plain Linear / Conv1D without
+        hooks is computed here with the ops its forward runs (same result, no module call)."""
+        base = self.base
+        if self._plain_base and not _has_hooks(base):
+            return self._linear(x, cast(Tensor, base.weight)), True
         # A forward hook may keep the base output; never change a tensor somebody else holds.
-        hooks = getattr(nn.modules.module, "_global_forward_hooks", None)
-        return not self.base._forward_hooks and not hooks
+        return base(x), not _has_hooks(base)
+
+    def _linear(self, x: Tensor, weight: Tensor) -> Tensor:
+        """The base layer's own computation with ``weight`` (its weight, or a merged one)."""
+        bias = cast(Tensor | None, self.base.bias)
+        if isinstance(self.base, nn.Linear):  # weight [out, in]
+            return F.linear(x, weight, bias)
+        # Conv1D, weight [in, out]: what Conv1D.forward computes
+        flat = x.view(-1, x.shape[-1])
+        mm = flat @ weight if bias is None else torch.addmm(bias, flat, weight)
+        return mm.view(*x.shape[:-1], self.out_features)
 
     def _routes_by_controller(self) -> bool:
         return self._external is None and self.num_experts > 1
@@ -590,7 +672,7 @@ class BEMLayer(nn.Module):
         else:
             w, dec = self._controller_weights(x, pos0, rows)
         if self.streaming:
-            self._stream_pos = pos0 + length
+            self.__dict__["_stream_pos"] = pos0 + length  # see _mid_chunk_step
         return w, dec
 
     def _fused_weights(self, batch: int, length: int) -> tuple[Tensor, Tensor]:
@@ -680,20 +762,15 @@ class BEMLayer(nn.Module):
         base matmul with the majority expert's merged weight, plus a low-rank correction
         D_j - D_k on the rows routed elsewhere. None: use the unmerged path."""
         weight = cast(Tensor, self.base.weight)
+        if not self._plain_base or _has_hooks(self.base):
+            return None  # a subclass or a hooked base must run its own forward
         if not (x.dtype == weight.dtype == self.bem_V.dtype):
             return None
         plan = self._merge_plan(w, dec, xb.shape[1])
         if plan is None:
             return None
         major, rows, w_diff = plan
-        merged = self._merged_weights()[major]
-        bias = cast(Tensor | None, self.base.bias)
-        if isinstance(self.base, nn.Linear):  # weight [out, in]
-            out = F.linear(x, merged, bias)
-        else:  # Conv1D, weight [in, out]: what Conv1D.forward computes
-            flat = x.reshape(-1, self.in_features)
-            mm = flat @ merged if bias is None else torch.addmm(bias, flat, merged)
-            out = mm.view(*x.shape[:-1], self.out_features)
+        out = self._linear(x, self._merged_weights()[major])
         if rows is None or w_diff is None:
             return out
         flat_out = out.view(-1, self.out_features)
@@ -740,8 +817,8 @@ class BEMLayer(nn.Module):
         w_diff = tok_w.reshape(-1, rr).index_select(0, rows) - self.expert_weights()[major]
         return major, rows, w_diff
 
-    def _merged_weights(self) -> Tensor:
-        """W0 + D_k for every expert k [K, *base.weight.shape], cached with the expert
+    def _merged_weights(self) -> list[Tensor]:
+        """W0 + D_k for every expert k (K tensors shaped like the base weight), cached with the expert
         solution (so, like it, rebuilt when a BEM parameter changes) and the base weight's
         version and storage."""
         sol = self._expert_solution()
@@ -754,7 +831,7 @@ class BEMLayer(nn.Module):
                 deltas = [(u * wk) @ v.t() for wk in sol[0]]  # [out, in]
             else:
                 deltas = [(v * wk) @ u.t() for wk in sol[0]]  # Conv1D: [in, out]
-            merged = torch.stack([weight + d.to(weight.dtype) for d in deltas])
+            merged = [weight + d.to(weight.dtype) for d in deltas]
             cached = (sol, key, merged)
             self._merged_cache = cached
         return cached[2]
