@@ -1,7 +1,12 @@
 """Airflow plugin: the BEM Fleet dashboard, a page in the Airflow UI at /bem-fleet/.
 
 The api-server mounts this FastAPI app without Airflow's login in front of it, so every route
-depends on Airflow's own `get_user` (bearer token or the UI's `_token` cookie).
+depends on `can_read_fleet`: Airflow's own `requires_access_dag`, which authenticates the caller
+(bearer token or the UI's `_token` cookie; none is 401, a bad one 403) and then asks the
+configured auth manager whether that user may read the `bem_fleet` DAG (FAB: "can read" on
+"DAG:bem_fleet" or on all DAGs), 403 if not. Any valid identity is not enough: the page shows the
+fleet's artifacts (metrics, reports, plots), which are the DAG's data. The OpenAPI schema and its
+/docs and /redoc pages are off: they would describe the routes to anyone, without a token.
 """
 
 from __future__ import annotations
@@ -9,7 +14,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from airflow.api_fastapi.core_api.security import get_user
+from airflow.api_fastapi.core_api.security import requires_access_dag
 from airflow.plugins_manager import AirflowPlugin
 from fastapi import Depends, FastAPI, HTTPException, Query
 from fastapi.responses import FileResponse, HTMLResponse, Response
@@ -22,7 +27,7 @@ from bem_tasks.fleet.dashboard import (
     render_html,
     render_mission_html,
 )
-from bem_tasks.fleet.runs import GATES_DAG_ID
+from bem_tasks.fleet.runs import FLEET_DAG_ID, GATES_DAG_ID
 
 
 @functools.cache
@@ -34,7 +39,15 @@ def _artifact_root() -> Path:
     return _config().artifact_root  # BEM_FLEET_ARTIFACT_ROOT, else the config's
 
 
-app = FastAPI(title="BEM Fleet dashboard", dependencies=[Depends(get_user)])
+can_read_fleet = requires_access_dag("GET", param_dag_id=FLEET_DAG_ID)
+
+app = FastAPI(
+    title="BEM Fleet dashboard",
+    dependencies=[Depends(can_read_fleet)],
+    openapi_url=None,
+    docs_url=None,
+    redoc_url=None,
+)
 
 
 @app.get("/", response_class=HTMLResponse)

@@ -36,6 +36,14 @@ def test_requires_an_airflow_token(tmp_path: Path, monkeypatch) -> None:
     ).status_code in (401, 403)
 
 
+def test_publishes_no_openapi_schema_or_docs_pages(tmp_path: Path, monkeypatch) -> None:
+    # They answered without a token (FastAPI serves them outside the app's dependencies).
+    monkeypatch.setenv("BEM_FLEET_ARTIFACT_ROOT", str(tmp_path))
+    client = TestClient(load_plugin().app)
+    for path in ("/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect"):
+        assert client.get(path).status_code == 404, path
+
+
 def test_shows_phases_from_the_artifacts(tmp_path: Path, monkeypatch) -> None:
     phase = tmp_path / "bem_fleet" / "run1" / "mission_a" / "evaluate" / "seed_0"
     atomic_write_json(phase / "metrics.json", {"router_em": 42.0})
@@ -47,7 +55,7 @@ def test_shows_phases_from_the_artifacts(tmp_path: Path, monkeypatch) -> None:
     )
     monkeypatch.setenv("BEM_FLEET_ARTIFACT_ROOT", str(tmp_path))
     plugin = load_plugin()
-    plugin.app.dependency_overrides[plugin.get_user] = lambda: "admin"
+    plugin.app.dependency_overrides[plugin.can_read_fleet] = lambda: None
     client = TestClient(plugin.app)
     data = client.get("/api/overview").json()
     (run,) = data["runs"]
@@ -83,7 +91,7 @@ def test_promotion_decisions_are_shown_gate_by_gate(tmp_path: Path, monkeypatch)
     atomic_write_json(report, {"decisions": [decision.to_json()]})
     monkeypatch.setenv("BEM_FLEET_ARTIFACT_ROOT", str(tmp_path))
     plugin = load_plugin()
-    plugin.app.dependency_overrides[plugin.get_user] = lambda: "admin"
+    plugin.app.dependency_overrides[plugin.can_read_fleet] = lambda: None
     client = TestClient(plugin.app)
     page = client.get("/").text
     assert "<span class='REJECTED'>REJECTED</span>" in page
@@ -126,7 +134,7 @@ def test_mission_page_shows_curves_forest_plot_and_trends(tmp_path: Path, monkey
         )
     monkeypatch.setenv("BEM_FLEET_ARTIFACT_ROOT", str(tmp_path))
     plugin = load_plugin()
-    plugin.app.dependency_overrides[plugin.get_user] = lambda: "admin"
+    plugin.app.dependency_overrides[plugin.can_read_fleet] = lambda: None
     client = TestClient(plugin.app)
     page = client.get("/mission/mission_a")
     assert page.status_code == 200
@@ -158,7 +166,7 @@ def _phase(root: Path, run: str, mission: str, phase: str, seed: int, metrics: d
 def _client(tmp_path: Path, monkeypatch) -> TestClient:
     monkeypatch.setenv("BEM_FLEET_ARTIFACT_ROOT", str(tmp_path))
     plugin = load_plugin()
-    plugin.app.dependency_overrides[plugin.get_user] = lambda: "admin"
+    plugin.app.dependency_overrides[plugin.can_read_fleet] = lambda: None
     return TestClient(plugin.app)
 
 

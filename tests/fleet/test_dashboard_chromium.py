@@ -129,7 +129,7 @@ def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, P
     assert spec is not None and spec.loader is not None
     plugin = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(plugin)
-    plugin.app.dependency_overrides[plugin.get_user] = lambda: "admin"
+    plugin.app.dependency_overrides[plugin.can_read_fleet] = lambda: None
     server_app = FastAPI()
     server_app.mount(PREFIX, plugin.app)  # what the api-server does with fastapi_apps
     port = _free_port()
