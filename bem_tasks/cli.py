@@ -67,6 +67,14 @@ def cmd_pools(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_users(args: argparse.Namespace) -> int:
+    from bem_tasks.fleet.users import sync_users
+
+    for line in sync_users():
+        print(line)
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from bem_tasks.fleet.dags import resolve_plan
     from bem_tasks.fleet.embedded import run_fleet
@@ -682,6 +690,9 @@ def build_parser() -> argparse.ArgumentParser:
     pools = add("pools", cmd_pools, "Airflow pools: one per device class")
     pools.add_argument("action", choices=["sync"])
     pools.add_argument("--dry-run", action="store_true")
+
+    users = add("users", cmd_users, "cluster users and the CI role from .env (FAB auth manager)")
+    users.add_argument("action", choices=["sync"])
 
     run = add("run", cmd_run, "run the fleet on the embedded Airflow (what `make run` does)")
     run.add_argument("--profile", default="smoke")
