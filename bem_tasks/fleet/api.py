@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 
 API_PREFIX = "/api/v2"
-# The cluster's convention (docker-compose.yaml, .env.example): the SimpleAuthManager admin.
+# The cluster's convention (docker-compose.yaml, .env.example): the admin user (FAB role Admin).
 USER_ENV = "BEM_FLEET_ADMIN_USERNAME"
 PASSWORD_ENV = "BEM_FLEET_ADMIN_PASSWORD"  # noqa: S105 (the variable's name, not a secret)
 BODY_LIMIT = 4000  # characters of a response body quoted in an error

@@ -11,7 +11,6 @@ forms the file uses. airflow-init's script is run for real with stand-ins for `a
 from __future__ import annotations
 
 import base64
-import json
 import re
 import stat
 import subprocess
@@ -36,6 +35,8 @@ REQUIRED_SECRETS = {
     "POSTGRES_PASSWORD",
     "REDIS_PASSWORD",
     "BEM_FLEET_ADMIN_PASSWORD",
+    "BEM_FLEET_CI_USERNAME",
+    "BEM_FLEET_CI_PASSWORD",
     "AIRFLOW__CORE__FERNET_KEY",
     "AIRFLOW__API_AUTH__JWT_SECRET",
     "AIRFLOW__API__SECRET_KEY",
@@ -184,12 +185,31 @@ def test_every_airflow_container_shares_executor_connections_and_secrets(
         mounts = [v for v in services[name]["volumes"] if v.split(":")[1] == root]
         assert len(mounts) == 1, f"service {name}: no artifacts volume at {root}"
         assert mounts[0].split(":")[0] in compose["volumes"]
-    # The admin password reaches only airflow-init, which writes the api-server's password file.
-    holders = [n for n, env in envs.items() if "BEM_FLEET_ADMIN_PASSWORD" in env]
-    assert holders == ["airflow-init"]
-    auth = "airflow-auth:/opt/airflow/auth"
-    assert auth in services["airflow-init"]["volumes"]
-    assert auth in services["airflow-apiserver"]["volumes"]
+    # The users' passwords reach only airflow-init, which stores them in the metadata DB.
+    for secret in ("BEM_FLEET_ADMIN_PASSWORD", "BEM_FLEET_CI_PASSWORD"):
+        holders = [n for n, env in envs.items() if secret in env]
+        assert holders == ["airflow-init"], secret
+
+
+def test_every_airflow_container_uses_the_fab_auth_manager(compose: dict[str, Any]) -> None:
+    fab = "airflow.providers.fab.auth_manager.fab_auth_manager.FabAuthManager"
+    services = compose["services"]
+    for name in [n for n in services if n.startswith("airflow-") or n == "flower"]:
+        env = services[name]["environment"]
+        assert env["AIRFLOW__CORE__AUTH_MANAGER"] == fab, name
+        assert not [k for k in env if "SIMPLE_AUTH_MANAGER" in k], name
+    # The provider is pinned where the images get their packages.
+    pins = (ROOT / "requirements.txt").read_text().splitlines()
+    assert "apache-airflow-providers-fab==3.10.2" in pins
+    assert "apache-airflow-providers-fab==3.10.2" in (ROOT / "constraints.txt").read_text().split()
+
+
+def test_no_password_on_a_command_line(compose: dict[str, Any]) -> None:
+    # `airflow users create --password X` would show X to anyone running `ps` in the container.
+    for name, svc in compose["services"].items():
+        cmd = " ".join(command_list(svc)) if isinstance(svc.get("command"), list) else ""
+        cmd += " " + str(svc.get("command", "")) + " " + str(svc.get("entrypoint", ""))
+        assert "--password" not in cmd and "users create" not in cmd, name
 
 
 def test_one_worker_per_device_class(
@@ -348,30 +368,40 @@ def _run_init(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProces
     )
 
 
-def test_airflow_init_script_checks_settings_and_writes_the_password_file(
+def test_readme_shell_examples_keep_passwords_and_tokens_off_command_lines() -> None:
+    # An argument of a command is visible to every user of the machine (`ps`); the examples
+    # pass the password through jq's env and curl's stdin, the token through a file descriptor.
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    assert len(blocks) >= 3
+    for block in blocks:
+        for line in block.splitlines():
+            assert not re.search(r"\$\{?[A-Z_]*PASSWORD", line), line
+            assert not re.search(r"Bearer \$", line), line
+    assert "env.BEM_FLEET_CI_PASSWORD" in text
+
+
+def test_airflow_init_script_checks_settings_and_creates_the_users(
     tmp_path: Path, compose: dict[str, Any]
 ) -> None:
     init_env = compose["services"]["airflow-init"]["environment"]
-    auth = tmp_path / "auth"
-    auth.mkdir()
     env = {
         **{k: str(v) for k, v in init_env.items()},
         # a real Fernet key: 32 bytes, url-safe base64
         "AIRFLOW__CORE__FERNET_KEY": base64.urlsafe_b64encode(bytes(range(32))).decode(),
-        "BEM_FLEET_ADMIN_PASSWORD": 'p"w\\d',
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(auth / "passwords.json"),
         "AIRFLOW_HOME": str(tmp_path),
     }
+    assert env["BEM_FLEET_ADMIN_USERNAME"] == "admin"  # the default when .env names none
     done = _run_init(tmp_path, env)
     assert done.returncode == 0, done.stderr
-    pw_file = auth / "passwords.json"
-    assert json.loads(pw_file.read_text()) == {"admin": 'p"w\\d'}
-    assert stat.S_IMODE(pw_file.stat().st_mode) == 0o600
     calls = (tmp_path / "calls.log").read_text().splitlines()
     assert calls[0] == "airflow version"
     assert calls[1] == "airflow db migrate"
-    assert calls[2] == f"bem-fleet pools sync (cwd {tmp_path})"
-    assert calls[3] == "airflow pools list"
+    # after the migration, which makes FAB's tables; it reads the passwords from the
+    # environment (tests/deploy/test_fab_auth.py runs the real one against FAB)
+    assert calls[2].startswith("bem-fleet users sync (cwd ")
+    assert calls[3] == f"bem-fleet pools sync (cwd {tmp_path})"
+    assert calls[4] == "airflow pools list"
 
     bad_key = _run_init(tmp_path, {**env, "AIRFLOW__CORE__FERNET_KEY": "not-a-key"})
     assert bad_key.returncode != 0
@@ -379,6 +409,9 @@ def test_airflow_init_script_checks_settings_and_writes_the_password_file(
     no_secret = _run_init(tmp_path, {**env, "AIRFLOW__API__SECRET_KEY": ""})
     assert no_secret.returncode == 1
     assert "empty required setting(s): AIRFLOW__API__SECRET_KEY" in no_secret.stderr
+    no_ci = _run_init(tmp_path, {**env, "BEM_FLEET_CI_USERNAME": "", "BEM_FLEET_CI_PASSWORD": ""})
+    assert no_ci.returncode == 1
+    assert "setting(s): BEM_FLEET_CI_USERNAME BEM_FLEET_CI_PASSWORD" in no_ci.stderr
 
 
 def test_compose_builds_from_repository_files(compose: dict[str, Any]) -> None:

@@ -12,7 +12,9 @@ About 30 s on two cores (five Airflow processes start one after the other), henc
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -175,3 +177,35 @@ def test_the_dashboard_publishes_no_schema_or_docs(api: str) -> None:
     admin = _token(api, "admin")
     for path in ("/openapi.json", "/docs", "/redoc"):
         assert httpx.get(f"{api}/bem-fleet{path}", headers=admin).status_code == 404, path
+
+
+def test_the_readme_ci_example_triggers_as_the_ci_user(api: str) -> None:
+    """The README's token() and api() shell functions, run as they are, against this server."""
+    if not (shutil.which("jq") and shutil.which("curl")):
+        pytest.skip("the README's example needs jq and curl")
+    text = (ROOT / "README.md").read_text()
+    block = text.split("### Trigger a run from CI")[1].split("```bash\n")[1].split("```")[0]
+    functions = block.split("RUN_ID=")[0]  # AIRFLOW=..., token(), api()
+    script = f"""{functions}
+AIRFLOW={api}
+api -X POST "$AIRFLOW/api/v2/dags/bem_fleet/dagRuns" -d '{{"logical_date": null}}'
+"""
+    env = {"PATH": os.environ["PATH"], "BEM_FLEET_CI_USERNAME": "ci"}
+    done = subprocess.run(
+        ["bash", "-c", script],
+        env={**env, "BEM_FLEET_CI_PASSWORD": PASSWORDS["ci"]},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["dag_id"] == "bem_fleet"
+    # With a wrong password there is no token, and the API refuses (curl -f: exit 22).
+    refused = subprocess.run(
+        ["bash", "-c", script],
+        env={**env, "BEM_FLEET_CI_PASSWORD": "wrong"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 22 and refused.stdout == ""
