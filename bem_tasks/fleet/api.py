@@ -116,7 +116,10 @@ class AirflowApi:
     def from_password_file(cls, url: str, path: Path, **kwargs: Any) -> AirflowApi:
         """The first user of a SimpleAuthManager password file (``{"admin": "..."}``)."""
         try:
-            users = json.loads(path.read_text())
+            text = path.read_text()
+            if not text.strip():  # `make run` creates it empty (0600) before Airflow fills it
+                raise FileNotFoundError
+            users = json.loads(text)
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"{path}: no SimpleAuthManager password file (Airflow writes it when it first "

@@ -194,6 +194,9 @@ def test_credentials_from_the_password_file(tmp_path) -> None:
     path = tmp_path / "simple_auth_manager_passwords.json.generated"
     with pytest.raises(FileNotFoundError, match="run `make run`, or give --url"):
         AirflowApi.from_password_file("http://a.test", path)
+    path.write_text("")  # created by `make run` before Airflow writes the password into it
+    with pytest.raises(FileNotFoundError, match="run `make run`, or give --url"):
+        AirflowApi.from_password_file("http://a.test", path)
     path.write_text("[]")
     with pytest.raises(ValueError, match=r"expected a JSON object \{user: password\}"):
         AirflowApi.from_password_file("http://a.test", path)
