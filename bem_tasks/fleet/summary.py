@@ -73,7 +73,7 @@ def _looks_numeric(v: str) -> bool:
 
 def check_metrics(metrics: Any, path: Path) -> dict[str, Any]:
     """``metrics.json`` as a mapping, or ArtifactError naming the key of the wrong type: the
-    keys its ``headline`` list names must hold numbers, and no value may be a number written as
+    keys its ``headline`` list names must hold numbers (or null: not computed), and no value may be a number written as
     a string (``"42"``: the headline and the statistics would silently skip it)."""
     if not isinstance(metrics, dict):
         raise ArtifactError(f"{path}: expected a JSON object of metrics, got {_kind(metrics)}")
@@ -83,7 +83,7 @@ def check_metrics(metrics: Any, path: Path) -> dict[str, Any]:
     for key, value in metrics.items():
         if isinstance(value, str) and _looks_numeric(value):
             raise ArtifactError(f"{path}:{key}: expected a number, got the string {value!r}")
-        if key in keys and not _is_number(value):
+        if key in keys and not (_is_number(value) or value is None):  # None: not computed
             raise ArtifactError(
                 f"{path}:{key}: a headline metric must be a number, got {value!r} ({_kind(value)})"
             )
