@@ -32,7 +32,7 @@ SEEDS = [0]
 # The two missions with no upstream mission: between them they route phases to every device
 # class and worker, map a phase over (seed, variant), and emit the assets that start the
 # statistics and gates DAGs. The other missions' tasks are selected out (skipped), which is
-# checked too; each mission's own phases run end to end in tests/e2e and tests/missions.
+# checked too. This is C's and D's end-to-end run in the suite (tests/e2e runs A and B).
 MISSIONS = ["mission_c", "mission_d"]
 CONF = {"profile": "smoke", "seeds": SEEDS, "missions": MISSIONS}
 RUN_TIMEOUT_S = 25 * 60
