@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal, cast
+from typing import Any, Literal, NamedTuple, cast
 
 import numpy as np
 import torch
@@ -147,6 +147,28 @@ def _has_hooks(module: nn.Module) -> bool:
         or g._global_backward_hooks
         or g._global_backward_pre_hooks
     )
+
+
+def _versions(tensors: tuple[Tensor, ...]) -> tuple[int, ...]:
+    return tuple([t._version for t in tensors])
+
+
+class _StepPlan(NamedTuple):
+    """A decoding chunk's one-token step, prepared at its first step (BEMLayer._mid_chunk_step):
+    valid while ``dec`` is the stream's decision, ``merge`` the layer's flag and ``tensors``
+    (U, V, codes, base weight) keep ``versions`` (an in-place change makes a new plan)."""
+
+    dec: Tensor
+    merge: bool
+    tensors: tuple[Tensor, ...]
+    versions: tuple[int, ...]
+    kind: str | None
+    linear: bool  # nn.Linear (weight [out, in]) or Conv1D (weight [in, out])
+    weight: Tensor  # the base weight, or the chunk expert's merged weight
+    bias: Tensor | None
+    v: Tensor
+    u_t: Tensor
+    w_rows: Tensor | None
 
 
 class _CodeAndRouteRows(torch.autograd.Function):
@@ -375,6 +397,7 @@ class BEMLayer(nn.Module):
         self.merge_experts = False
         self.merge_min_tokens = 256
         self.merge_max_minority = 0.3
+        self._step_plan: _StepPlan | None = None
         self._merged_cache: tuple[tuple[Tensor, Tensor], tuple[int, int], list[Tensor]] | None = (
             None
         )
@@ -442,6 +465,7 @@ class BEMLayer(nn.Module):
         self._stream_dec_col = None
         self._stream_w_col = None
         self._plan_cache = None
+        self._step_plan = None
 
     def reset_stats(self) -> None:
         self.routing_stats = RoutingStats(self.num_experts)
@@ -583,25 +607,61 @@ class BEMLayer(nn.Module):
         state["last_decisions"], state["last_weights"] = dec_col, w_col
         if torch.is_grad_enabled():
             return self._delta_forward(x, xb, w_col, None)
-        if self.merge_experts:
-            merged = self._merged_forward(x, xb, w_col, dec_col)
-            if merged is not None:
-                return merged
-        weight, w_rows, v = cast(Tensor, self.base.weight), self._stream_w, self.bem_V
+        sp = self._step_plan
         if (
-            length != 1
-            or w_rows is None
-            or not self._plain_base
-            or _has_hooks(self.base)
-            or not x.dtype == weight.dtype == v.dtype == w_rows.dtype
-            or not x.is_contiguous()
+            sp is None
+            or sp.dec is not dec_col
+            or sp.merge != self.merge_experts
+            or sp.versions != _versions(sp.tensors)
         ):
+            sp = state["_step_plan"] = self._make_step_plan(x, w_col, dec_col)
+        if sp.kind is None or length != 1 or not x.is_contiguous():
+            if self.merge_experts:
+                merged = self._merged_forward(x, xb, w_col, dec_col)
+                if merged is not None:
+                    return merged
             return self._delta_forward(x, xb, w_col, None)
-        # One token per row: the unmerged path's ops on [B, d] directly, h scaled in place.
+        # One token per row, every op prepared at the chunk's first step: the merged matmul,
+        # or the unmerged path's ops on [B, d] with h scaled in place.
         flat = x.view(-1, self.in_features)
-        out = self._linear(flat, weight)
-        h = (flat @ v).mul_(w_rows)
-        return out.addmm_(h, self.bem_U.t()).view(*x.shape[:-1], self.out_features)
+        if sp.linear:
+            out = F.linear(flat, sp.weight, sp.bias)
+        else:
+            out = flat @ sp.weight if sp.bias is None else torch.addmm(sp.bias, flat, sp.weight)
+        if sp.kind == "delta":
+            out.addmm_((flat @ sp.v).mul_(cast(Tensor, sp.w_rows)), sp.u_t)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def _make_step_plan(self, x: Tensor, w_col: Tensor, dec_col: Tensor) -> _StepPlan:
+        """What every one-token step of this chunk computes (see _mid_chunk_step): kind
+        "merged" (one matmul with the chunk's expert merged into the base weight), "delta"
+        (base matmul + low-rank delta) or None (the general paths)."""
+        u, v, c = self.bem_U, self.bem_V, self.bem_code
+        w0, bias = cast(Tensor, self.base.weight), cast(Tensor | None, self.base.bias)
+        w_rows = self._stream_w
+        ok = self._plain_base and not _has_hooks(self.base) and x.dtype == w0.dtype == v.dtype
+        kind: str | None = None
+        weight = w0
+        if ok and self.merge_experts:
+            plan = self._merge_plan(w_col, dec_col, 1)
+            if plan is not None and plan[1] is None:  # every row on one expert
+                kind, weight = "merged", self._merged_weights()[plan[0]]
+        if ok and kind is None and w_rows is not None and w_rows.dtype == v.dtype:
+            kind = "delta"
+        tensors = (u, v, c, w0)
+        return _StepPlan(
+            dec_col,
+            self.merge_experts,
+            tensors,
+            _versions(tensors),
+            kind,
+            isinstance(self.base, nn.Linear),
+            weight,
+            bias,
+            v,
+            u.t(),
+            w_rows,
+        )
 
     def _delta_forward(self, x: Tensor, xb: Tensor, w: Tensor, code: Tensor | None) -> Tensor:
         """The base output plus ((x @ V) * w) @ U^T (the unmerged path)."""
@@ -745,8 +805,10 @@ class BEMLayer(nn.Module):
         self.last_weights = w_chunks.detach()
         if self.streaming:
             self._set_stream_state(all_dec, w_chunks.detach())
-        if not carry and length % n == 0:
-            return w_chunks, all_dec  # whole chunks: _weighted_code broadcasts them
+        if not carry and (length % n == 0 or length < n):
+            # Whole chunks (_weighted_code broadcasts them) or one chunk's start (a decoding
+            # step at a chunk boundary): no per-token gather.
+            return w_chunks, all_dec
         # Chunk index of every token, relative to the chunk that holds position pos0.
         rel = (torch.arange(length, device=x.device) + pos0) // n - pos0 // n
         return w_chunks[:, rel], all_dec[:, rel]
