@@ -62,7 +62,7 @@ QUICK: dict[str, dict[str, Any]] = {
                "steps": 8, "rounds": 1},
 }  # fmt: skip
 DECODE_BATCHES = (1, 8)
-SWEEP_SEQS = (256, 1024, 4096)
+SWEEP_SEQS = {256: 15, 1024: 7, 4096: 3}  # sequence length -> rounds (about 5-30 s each)
 SWEEP_EXPERTS = (1, 2, 4, 8)
 
 
@@ -314,9 +314,8 @@ def run_size(
 def sweep(args: argparse.Namespace, device: torch.device) -> None:
     """BEM / base inference time at batch 1 over sequence lengths and numbers of experts."""
     timed = _timer(device)
-    rounds = args.rounds or 3
     size = SIZES["6x256"]
-    seqs = (64, 128) if args.quick else SWEEP_SEQS
+    seqs = {64: 1, 128: 1} if args.quick else SWEEP_SEQS
     base = _gpt2(size, max(seqs)).to(device).eval()
     variants: dict[str, nn.Module] = {"base": base}
     for experts in SWEEP_EXPERTS:
@@ -324,8 +323,8 @@ def sweep(args: argparse.Namespace, device: torch.device) -> None:
             bem, _ = bem_variant(base, SITES, experts, args.rank, merge=merge)
             variants[f"K{experts}{'m' if merge else ''}"] = bem.to(device).eval()
     print(
-        f"sweep: GPT-2 6x256 on {device}, batch 1, threads {torch.get_num_threads()}, {rounds} "
-        f"rounds; BEM total rank {args.rank} split over K experts; ratio = median of "
+        f"sweep: GPT-2 6x256 on {device}, batch 1, threads {torch.get_num_threads()}, rounds "
+        f"{seqs}; BEM total rank {args.rank} split over K experts; ratio = median of "
         "within-round BEM / base (merged: merge_experts on)"
     )
     print(
@@ -333,7 +332,8 @@ def sweep(args: argparse.Namespace, device: torch.device) -> None:
         + "".join(f"{f'K={k}':>9s}{'merged':>8s}" for k in SWEEP_EXPERTS)
     )
     gen = torch.Generator().manual_seed(0)
-    for seq in seqs:
+    for seq, seq_rounds in seqs.items():
+        rounds = args.rounds or seq_rounds
         ids = torch.randint(0, base.config.vocab_size, (1, seq), generator=gen).to(device)
         times: dict[str, list[float]] = {k: [] for k in variants}
         names = list(variants)
