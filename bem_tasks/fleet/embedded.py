@@ -88,6 +88,9 @@ class Embedded:
                 "AIRFLOW__CORE__PARALLELISM": "4",
                 "AIRFLOW__API__HOST": self.host,
                 "AIRFLOW__API__PORT": str(self.port),
+                # The scheduler's log server listens on 8793 by default; on the API's port it
+                # would take the port first and the API server would exit ("address in use").
+                "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": "8794" if self.port == 8793 else "8793",
                 "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
                 # Task logs for this user only (Airflow's default is group-writable 0o664/0o775).
                 "AIRFLOW__LOGGING__FILE_TASK_HANDLER_NEW_FILE_PERMISSIONS": "0o600",

@@ -393,3 +393,8 @@ def test_start_makes_the_password_file_and_the_logs_private(
     env = emb.env()
     assert env["AIRFLOW__LOGGING__FILE_TASK_HANDLER_NEW_FILE_PERMISSIONS"] == "0o600"
     assert env["AIRFLOW__LOGGING__FILE_TASK_HANDLER_NEW_FOLDER_PERMISSIONS"] == "0o700"
+
+
+def test_the_log_server_never_takes_the_api_port(tmp_path: Path) -> None:
+    assert Embedded(tmp_path, port=8080).env()["AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT"] == "8793"
+    assert Embedded(tmp_path, port=8793).env()["AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT"] == "8794"
