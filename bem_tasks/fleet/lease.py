@@ -344,3 +344,58 @@ def _warn_if_cuda_initialized(lease: Lease) -> None:
             lease.indices,
             lease.device_class,
         )
+
+
+# ----------------------------------------------------------------------------- checking a record
+
+
+@dataclass(frozen=True)
+class Hold:
+    """One phase's hold of one device, as its manifest records it.
+
+    ``[start, end]`` is ``[lease acquired_at, manifest created_at]``: the manifest is written
+    while the lease is still held, so the span lies within the time the device was held.
+    """
+
+    device_class: str
+    index: int
+    start: datetime
+    end: datetime
+    holder: str
+
+
+def manifest_holds(manifest: dict[str, Any], holder: str) -> list[Hold]:
+    """The holds a phase manifest records, one per leased device (none for a CPU phase)."""
+    lease = manifest["lease"]
+    start = datetime.fromisoformat(lease["acquired_at"])
+    end = datetime.fromisoformat(manifest["created_at"])
+    return [Hold(lease["device_class"], i, start, end, holder) for i in lease["indices"]]
+
+
+def _overlapping(holds: Sequence[Hold], same_device: bool) -> list[tuple[Hold, Hold]]:
+    out = []
+    for i, a in enumerate(holds):
+        for b in holds[i + 1 :]:
+            if a.device_class != b.device_class or a.holder == b.holder:
+                continue
+            # Touching spans (one ends as the next starts) are a hand-over, not an overlap.
+            if (a.index == b.index) == same_device and a.start < b.end and b.start < a.end:
+                out.append((a, b))
+    return out
+
+
+def shared_devices(holds: Sequence[Hold]) -> list[tuple[Hold, Hold]]:
+    """Pairs of holders that held the same device at the same time: each pair is a lease broken.
+
+    The exclusivity check of a run's record; empty means no device was ever shared.
+    """
+    return _overlapping(holds, same_device=True)
+
+
+def concurrent_holds(holds: Sequence[Hold]) -> list[tuple[Hold, Hold]]:
+    """Pairs of holders of one class that held different devices at the same time.
+
+    Without such a pair the exclusivity check had nothing to catch: every device was taken one
+    phase at a time, so a lease that hands out index 0 to everyone would pass it too.
+    """
+    return _overlapping(holds, same_device=False)
