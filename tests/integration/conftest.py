@@ -133,6 +133,7 @@ def celery_cluster(
         lock_dir=base / "locks",
         deployment_profile="full",
         extra_env=FAST,
+        triggerer=True,
     )
     cluster.prepare()
     try:
