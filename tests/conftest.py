@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +11,14 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def unavailable(reason: str) -> None:
+    """Skip a test whose service or tool is missing, except on CI (BEM_FLEET_REQUIRE_SERVICES=1,
+    set by .ci/run), where a missing one is a failure: CI must never pass by skipping."""
+    if os.environ.get("BEM_FLEET_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"BEM_FLEET_REQUIRE_SERVICES=1 but {reason}", pytrace=False)
+    pytest.skip(f"{reason} (set BEM_FLEET_REQUIRE_SERVICES=1 to make this a failure)")
 
 
 @pytest.fixture

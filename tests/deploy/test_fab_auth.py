@@ -26,6 +26,7 @@ import httpx
 import pytest
 
 from bem_tasks.fleet.cluster import free_port
+from tests.conftest import unavailable
 
 pytestmark = pytest.mark.e2e
 
@@ -182,7 +183,7 @@ def test_the_dashboard_publishes_no_schema_or_docs(api: str) -> None:
 def test_the_readme_ci_example_triggers_as_the_ci_user(api: str) -> None:
     """The README's token() and api() shell functions, run as they are, against this server."""
     if not (shutil.which("jq") and shutil.which("curl")):
-        pytest.skip("the README's example needs jq and curl")
+        unavailable("the README's example needs jq and curl")
     text = (ROOT / "README.md").read_text()
     block = text.split("### Trigger a run from CI")[1].split("```bash\n")[1].split("```")[0]
     functions = block.split("RUN_ID=")[0]  # AIRFLOW=..., token(), api()

@@ -29,18 +29,13 @@ import pytest
 
 from bem_tasks.fleet.runs import write_manifest
 from bem_tasks.io import atomic_write_json
+from tests.conftest import unavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "/bem-fleet"
 CURVE = "bem_fleet/run1/mission_a/train_experts/seed_0/loss.png"
 FOREST = "bem_promotion_gates/g2/forest_mission_a.png"
 WEEK = 7 * 24 * 3600.0
-
-
-def _unavailable(reason: str) -> None:
-    if os.environ.get("BEM_FLEET_REQUIRE_SERVICES") == "1":
-        pytest.fail(f"BEM_FLEET_REQUIRE_SERVICES=1 but {reason}", pytrace=False)
-    pytest.skip(f"{reason} (set BEM_FLEET_REQUIRE_SERVICES=1 to make this a failure)")
 
 
 def screenshot_dir() -> Path:
@@ -158,7 +153,7 @@ def browser() -> Iterator[Any]:
     chromium = shutil.which("chromium")
     driver_bin = shutil.which("chromedriver")
     if not chromium or not driver_bin:
-        _unavailable(
+        unavailable(
             "no headless Chromium: /usr/bin/chromium and /usr/bin/chromedriver come with "
             "`apt-get install -y chromium chromium-driver` (.ci/run does it)"
         )
@@ -166,7 +161,7 @@ def browser() -> Iterator[Any]:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
     except ImportError:
-        _unavailable("selenium is not installed (requirements-dev.txt: `make install`)")
+        unavailable("selenium is not installed (requirements-dev.txt: `make install`)")
     options = webdriver.ChromeOptions()
     options.binary_location = str(chromium)
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from bem_tasks.fleet.cluster import CeleryCluster, WorkerSpec, free_port
+from tests.conftest import unavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 PG_URL = os.environ.get("BEM_FLEET_IT_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -37,12 +38,6 @@ FAST = {
     "AIRFLOW__SCHEDULER__POOL_METRICS_INTERVAL": "2",
     "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
 }
-
-
-def _unavailable(reason: str) -> None:
-    if os.environ.get("BEM_FLEET_REQUIRE_SERVICES") == "1":
-        pytest.fail(f"BEM_FLEET_REQUIRE_SERVICES=1 but {reason}", pytrace=False)
-    pytest.skip(f"{reason} (set BEM_FLEET_REQUIRE_SERVICES=1 to make this a failure)")
 
 
 def _pg_admin():  # type: ignore[no-untyped-def]
@@ -69,7 +64,7 @@ def postgres_db() -> Iterator[str]:
     try:
         admin = _pg_admin()
     except Exception as exc:
-        _unavailable(f"PostgreSQL is unreachable at {PG_URL}: {exc}".strip())
+        unavailable(f"PostgreSQL is unreachable at {PG_URL}: {exc}".strip())
     name = f"bem_fleet_it_{os.getpid()}_{secrets.token_hex(4)}"
     with admin.cursor() as cur:
         cur.execute(f'CREATE DATABASE "{name}"')
@@ -97,7 +92,7 @@ def redis_db() -> Iterator[str]:
         probe.ping()
         n_dbs = int(probe.config_get("databases").get("databases") or 16)
     except Exception as exc:
-        _unavailable(f"Redis is unreachable at {REDIS_URL}: {exc}".strip())
+        unavailable(f"Redis is unreachable at {REDIS_URL}: {exc}".strip())
     # DB 0 is the usual default of other users; take the first empty index after it. SET NX
     # makes the claim atomic, so two sessions never share one.
     for index in range(1, n_dbs):
