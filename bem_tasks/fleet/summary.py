@@ -73,8 +73,9 @@ def _looks_numeric(v: str) -> bool:
 
 def check_metrics(metrics: Any, path: Path) -> dict[str, Any]:
     """``metrics.json`` as a mapping, or ArtifactError naming the key of the wrong type: the
-    keys its ``headline`` list names must hold numbers (or null: not computed), and no value may be a number written as
-    a string (``"42"``: the headline and the statistics would silently skip it)."""
+    keys its ``headline`` list names must hold numbers (or null: not computed), and no value
+    may be a number written as a string (``"42"``: the headline and the statistics would
+    silently skip it)."""
     if not isinstance(metrics, dict):
         raise ArtifactError(f"{path}: expected a JSON object of metrics, got {_kind(metrics)}")
     keys = metrics.get("headline", [])
