@@ -85,9 +85,12 @@ def bem_variant(
         trust_budget=1.0,
         seed=0,
     )
+    # Its own generator: every call gives the same experts, so `bem` and `bem_merged` (two calls)
+    # time the same weights and routing (attach_bem restores the global generator it seeds).
+    gen = torch.Generator(device=next(bem.parameters()).device).manual_seed(0)
     for name, p in bem.named_parameters():
         if name.endswith("bem_U"):
-            nn.init.normal_(p, std=0.02)
+            nn.init.normal_(p, std=0.02, generator=gen)
     for _, layer in bem_layers(bem):
         layer.merge_experts = merge
     return bem, report

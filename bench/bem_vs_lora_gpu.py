@@ -77,6 +77,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bem_vs_lora import (  # noqa: E402
     _cpu_threads,
     _infer,
+    _sync,
     _train_step,
     bem_variant,
 )
@@ -146,11 +147,6 @@ SIZES: dict[str, dict[str, Any]] = {
 
 def log(msg: str) -> None:
     print(f"[{time.perf_counter() - T_START:7.1f}s] {msg}", flush=True)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _env(device: torch.device) -> dict[str, Any]:
