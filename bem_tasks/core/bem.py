@@ -765,15 +765,8 @@ class BEMLayer(nn.Module):
                 "enter bem_streaming() before the first token"
             )
         first = (-pos0) % n
-        if carry and first >= length:
-            # Mid-chunk decoding step: the chunk's expert is already decided. The [B, 1]
-            # views were made once at the chunk boundary, so a step adds no tensor ops and
-            # the statistics fold the steps of one chunk into one record.
-            w_col, dec_col = self._stream_w_col, self._stream_dec_col
-            assert w_col is not None and dec_col is not None
-            self.routing_stats.add(dec_col, [length])
-            self.last_decisions, self.last_weights = dec_col, w_col
-            return w_col, dec_col
+        # A step inside a decided chunk never gets here: forward hands it to _mid_chunk_step.
+        assert not (carry and first >= length), "mid-chunk step outside _mid_chunk_step"
 
         # Causal: each chunk is routed on the hidden state of its own first token.
         logits = self._router_logits(x[:, first::n] if rows is None else rows)  # [B, C_new, K]
