@@ -8,6 +8,7 @@ write ``metrics.json`` and the manifest, and return small JSON for XCom.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib
 import json
@@ -15,6 +16,8 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,7 @@ from pydantic import BaseModel
 from bem_tasks.config.loader import FleetConfig, load_fleet
 from bem_tasks.fleet.runs import RunLayout, is_complete, require_intact, write_manifest
 from bem_tasks.fleet.tracking import Tracker, open_tracker
-from bem_tasks.io import atomic_write_json
+from bem_tasks.io import atomic_write_json, utc_now
 from bem_tasks.missions.registry import IMPLEMENTED
 
 log = logging.getLogger("bem_fleet.phase")
@@ -115,9 +118,42 @@ def phase_function(mission: str, phase: str) -> Any:
     return getattr(importlib.import_module(impl.module), phase)
 
 
+@contextmanager
+def phase_lock(out_dir: Path, who: str) -> Iterator[None]:
+    """One process at a time in a phase folder (an exclusive ``flock`` on ``.phase.lock``).
+
+    A task process can outlive its attempt: when the supervisor that forked it is killed, Airflow
+    retries the task while the orphan goes on training. The retry then waits here instead of
+    writing the same checkpoints beside it, and reuses what the orphan finished (or resumes from
+    its checkpoints if it died: the kernel drops a dead holder's lock)."""
+    path = out_dir / ".phase.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "unknown"
+            log.warning("%s: %s is held by %s; waiting for it to finish", who, path, holder)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            log.warning("%s: %s released; going on", who, path)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {utc_now()}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
 def execute(ctx: PhaseContext, *, config_hash: str, extra: dict[str, Any] | None = None) -> dict:
     """Run the phase function in ``ctx.out_dir`` unless a matching complete result is there."""
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    label = f"{ctx.phase}[{ctx.variant}]" if ctx.variant else ctx.phase
+    with phase_lock(ctx.out_dir, f"{ctx.mission}.{label}"):
+        return _execute(ctx, label, config_hash=config_hash, extra=extra)
+
+
+def _execute(
+    ctx: PhaseContext, label: str, *, config_hash: str, extra: dict[str, Any] | None
+) -> dict:
     metrics_path = ctx.out_dir / "metrics.json"
     config_hash = options_hash(config_hash, ctx.options)
     if is_complete(ctx.out_dir, config_hash, ctx.seed):
@@ -132,7 +168,6 @@ def execute(ctx: PhaseContext, *, config_hash: str, extra: dict[str, Any] | None
         metrics = json.loads(metrics_path.read_text())
         return _xcom(ctx, metrics, reused=True)
     started = time.monotonic()
-    label = f"{ctx.phase}[{ctx.variant}]" if ctx.variant else ctx.phase
     ctx.log.info(
         "%s.%s seed=%s profile=%s -> %s", ctx.mission, label, ctx.seed, ctx.profile, ctx.out_dir
     )

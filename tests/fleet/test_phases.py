@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -81,7 +87,9 @@ def test_a_changed_input_fails_the_downstream_phase_naming_the_file(toy_env: Pat
 
     kw = {"profile": "smoke", "dag_id": "d", "run_id": "r5"}
     prep = Path(run_phase("mission_toy", "prepare", **kw)["dir"])
-    (changed,) = [p for p in prep.iterdir() if p.name not in ("manifest.json", "metrics.json")]
+    (changed,) = [
+        p for p in prep.iterdir() if p.name not in ("manifest.json", "metrics.json", ".phase.lock")
+    ]
     changed.write_text(changed.read_text() + " ")
     with pytest.raises(InputMismatch) as err:
         run_phase("mission_toy", "fit", **kw, seed=0)
@@ -212,3 +220,56 @@ def test_phase_spec_variants_are_validated() -> None:
     ):
         with pytest.raises(ValidationError, match=msg):
             PhaseSpec(device_class="cpu", **bad)
+
+
+def _orphan_fit(kw: dict, ready: Path, go: Path) -> None:
+    """An earlier attempt's task process that outlived its supervisor: it holds the fit folder
+    (the lock is taken before the phase function runs) and finishes when ``go`` appears."""
+    from bem_tasks.fleet import phases
+
+    real = phases.phase_function
+
+    def slow(mission: str, phase: str):  # type: ignore[no-untyped-def]
+        ready.touch()
+        while not go.exists():
+            time.sleep(0.01)
+        return real(mission, phase)
+
+    phases.phase_function = slow  # type: ignore[assignment]
+    phases.run_phase("mission_toy", "fit", **kw, seed=0)
+
+
+@pytest.mark.parametrize("holder_ends", ["finishes", "is_killed"])
+def test_a_retry_waits_for_a_live_process_in_its_phase_folder(
+    toy_env: Path, caplog: pytest.LogCaptureFixture, tmp_path: Path, holder_ends: str
+) -> None:
+    """Two processes never write one phase folder: a retry started while an orphan of the earlier
+    attempt runs waits, then reuses the orphan's result, or computes it if the orphan died."""
+    kw = {"profile": "smoke", "dag_id": "d", "run_id": "r_lock"}
+    run_phase("mission_toy", "prepare", **kw)
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    orphan = multiprocessing.get_context("fork").Process(target=_orphan_fit, args=(kw, ready, go))
+    orphan.start()
+    while not ready.exists():
+        assert orphan.is_alive(), "the orphan died before taking the folder"
+        time.sleep(0.01)
+    results: list[dict] = []
+    retry = threading.Thread(target=lambda: results.append(run_phase("mission_toy", "fit", **kw, seed=0)))  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="bem_fleet.phase"):
+        retry.start()
+        time.sleep(0.5)
+        assert retry.is_alive() and not results  # waiting, not writing beside the orphan
+        fit_dir = RunLayout(toy_env, "d", "r_lock").phase_dir("mission_toy", "fit", 0)
+        assert not (fit_dir / "manifest.json").exists()
+        if holder_ends == "finishes":
+            go.touch()
+        else:
+            os.kill(orphan.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        retry.join(30)
+    orphan.join(30)
+    assert not retry.is_alive()
+    assert results[0]["reused"] is (holder_ends == "finishes")
+    assert results[0]["metrics"]["mean"] == 4.5
+    assert verify_manifest(fit_dir) == []
+    held = [r.getMessage() for r in caplog.records if "waiting for it to finish" in r.getMessage()]
+    assert len(held) == 1 and f"held by pid {orphan.pid} on " in held[0], held
