@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +29,19 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def remove_tree(path: str | os.PathLike[str]) -> None:
+    """Delete a folder so that it is never visible half-deleted: it first leaves its name by an
+    atomic rename to a hidden ``.trash-<name>-<ns>`` beside it, then that is deleted. A crash in
+    between leaves only the hidden folder (names starting with '.' are never read as results)."""
+    path = Path(path)
+    trash = path.with_name(f".trash-{path.name}-{time.time_ns()}")
+    try:
+        os.rename(path, trash)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:

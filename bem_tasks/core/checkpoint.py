@@ -36,7 +36,7 @@ from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 from torch import nn
 
-from bem_tasks.io import atomic_write_json, file_digests, sha256_file
+from bem_tasks.io import atomic_write_json, file_digests, remove_tree, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -359,9 +359,10 @@ class CheckpointManager:
 
     def _prune(self) -> None:
         for _, path in self.checkpoints()[: -self.keep]:
-            shutil.rmtree(path, ignore_errors=True)
-        for p in self.directory.glob(".tmp-step-*"):
-            shutil.rmtree(p, ignore_errors=True)
+            remove_tree(path)  # a half-deleted checkpoint would be visible to readers
+        for pattern in (".tmp-step-*", ".trash-step-*"):  # left by a crash
+            for p in self.directory.glob(pattern):
+                shutil.rmtree(p, ignore_errors=True)
 
     def load(
         self,

@@ -26,7 +26,7 @@ from bem_tasks.config.loader import FleetConfig
 from bem_tasks.config.schema import Retention
 from bem_tasks.fleet.runs import GATES_DAG_ID, MANIFEST, STATS_DAG_ID, safe_component
 from bem_tasks.fleet.summary import format_table
-from bem_tasks.io import atomic_write_json, utc_now
+from bem_tasks.io import atomic_write_json, remove_tree, utc_now
 
 REPORT_DAGS = (STATS_DAG_ID, GATES_DAG_ID)
 DAY_S = 86_400.0
@@ -257,11 +257,9 @@ def apply_retention(plan: RetentionPlan) -> None:
         )
         atomic_write_json(manifest_path, manifest)  # before the files go
         for folder in action.folders:
-            shutil.rmtree(action.path / folder, ignore_errors=True)
+            remove_tree(action.path / folder)
     for action in plan.delete:
-        trash = action.path.with_name(f".trash-{action.path.name}-{time.time_ns()}")
-        action.path.rename(trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        remove_tree(action.path)
         run_dir = action.path.parent
         if run_dir.is_dir() and not any(p for p in run_dir.iterdir() if not p.name.startswith(".")):
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,7 +23,7 @@ from torch import nn
 
 from bem_tasks.config.schema import ModelSpec, TrainingSpec
 from bem_tasks.core import CheckpointManager, build_model
-from bem_tasks.io import atomic_write_bytes, atomic_write_json, sha256_file
+from bem_tasks.io import atomic_write_bytes, atomic_write_json, remove_tree, sha256_file
 from bem_tasks.missions.planner import make_batch
 
 P = TypeVar("P")
@@ -81,7 +80,9 @@ def fingerprinted_checkpoints(
     """A CheckpointManager whose folder only ever holds checkpoints of this exact setup."""
     stamp = directory / "fingerprint.json"
     if stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") != fingerprint:
-        shutil.rmtree(directory)  # left by a different config or seed: not ours to resume
+        # Left by a different config or seed: not ours to resume. Removed by a rename first, so
+        # a crash cannot leave its steps without this stamp (they would then look like ours).
+        remove_tree(directory)
     atomic_write_json(stamp, {"fingerprint": fingerprint})
     return CheckpointManager(directory, keep=keep, trainable_only=trainable_only)
 

@@ -137,6 +137,58 @@ def test_keep_n_and_latest_pointer(tmp_path: Path) -> None:
     assert loaded is not None and loaded.step == 15 and loaded.extra == {"again": True}
 
 
+def test_a_crash_while_pruning_leaves_no_half_deleted_checkpoint_in_view(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pruning deletes a checkpoint by renaming it out of view first (found by the kill trials:
+    a SIGKILL inside the old rmtree left a step folder whose manifest listed deleted files)."""
+    import bem_tasks.io
+
+    model, opt = _fresh()
+    manager = CheckpointManager(tmp_path, keep=2)
+    manager.save(5, model, opt)
+    manager.save(10, model, opt)
+
+    def crash(path: object, ignore_errors: bool = False) -> None:
+        raise KeyboardInterrupt  # the process dies between the rename and the delete
+
+    with monkeypatch.context() as m:
+        m.setattr(bem_tasks.io.shutil, "rmtree", crash)
+        with pytest.raises(KeyboardInterrupt):
+            manager.save(15, model, opt)
+    assert [s for s, _ in manager.checkpoints()] == [10, 15]
+    for _, path in manager.checkpoints():
+        verify_checkpoint(path)
+    assert [p.name.rsplit("-", 1)[0] for p in tmp_path.glob(".trash-*")] == [".trash-step-00000005"]
+    manager.save(20, model, opt)  # the next prune clears what the crash left
+    assert not list(tmp_path.glob(".*-step-*"))
+
+
+def test_a_foreign_checkpoint_folder_is_never_adopted_after_a_crash_in_its_removal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint folder of another config is removed by a rename first: a crash while
+    deleting it cannot leave its steps without their fingerprint stamp under the folder's name,
+    where the next run would resume them as its own."""
+    import bem_tasks.io
+    from bem_tasks.missions.common import fingerprinted_checkpoints
+
+    model, opt = _fresh()
+    folder = tmp_path / "ckpt" / "base"
+    fingerprinted_checkpoints(folder, 2, "config-a", trainable_only=False).save(5, model, opt)
+
+    def crash(path: object, ignore_errors: bool = False) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(bem_tasks.io.shutil, "rmtree", crash)
+        with pytest.raises(KeyboardInterrupt):
+            fingerprinted_checkpoints(folder, 2, "config-b", trainable_only=False)
+    manager = fingerprinted_checkpoints(folder, 2, "config-b", trainable_only=False)
+    assert manager.checkpoints() == []
+    assert json.loads((folder / "fingerprint.json").read_text()) == {"fingerprint": "config-b"}
+
+
 def test_save_load_weights(tmp_path: Path) -> None:
     model, _ = _fresh()
     with torch.no_grad():
