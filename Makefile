@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 DURATION ?= 5m
 SEED ?= 0
 
-.PHONY: install run status stop test lint format typecheck pytest validate bench soak constraints clean
+.PHONY: install run status stop test lint format typecheck pytest validate bench load-test soak constraints clean
 
 install: $(STAMP)
 
@@ -61,6 +61,10 @@ bench: $(STAMP)
 	$(BIN)/python bench/stats_bench.py
 	$(BIN)/python bench/router_overhead.py
 	$(BIN)/python bench/long_context.py
+
+## N bem_fleet runs at once through the REST API of a throwaway embedded Airflow (bench/README.md).
+load-test: $(STAMP)
+	$(BIN)/python bench/load_test.py
 
 ## Regenerate constraints.txt from a clean install of requirements-dev.txt (runtime + dev tools).
 constraints:

@@ -38,7 +38,8 @@ def params_for(cfg: FleetConfig, missions_default: list[str]) -> dict[str, Param
         "profile": Param(
             cfg.arch.fleet.default_profile,
             enum=sorted(cfg.arch.profiles),
-            description="smoke: CPU, tiny models, minutes. full: GPU, real sizes.",
+            description="smoke: CPU, tiny models, minutes. full: GPU, real sizes. load: every "
+            "mission disabled, trains nothing (bench/load_test.py: the orchestration path only).",
         ),
         "missions": Param(
             missions_default,

@@ -37,16 +37,24 @@ DEFAULT_TIMEOUT_S = 24 * 3600.0
 class Embedded:
     project: Path
     port: int = 8080
+    # None: the project's `.airflow/`. A caller that must not touch `make run`'s state (the load
+    # test: bench/load_test.py) passes a folder of its own.
+    airflow_home: Path | None = None
+    # The scheduler's log server port; None: 8793 (8794 when the API is on 8793). A second
+    # standalone beside `make run`'s needs another one, or its scheduler cannot bind it.
+    log_server_port: int | None = None
 
     @property
     def home(self) -> Path:
-        """Always the project's `.airflow/`, whatever AIRFLOW_HOME the shell exports.
+        """The project's `.airflow/` (or ``airflow_home`` when given), whatever AIRFLOW_HOME the
+        shell exports.
 
         A shell's AIRFLOW_HOME usually belongs to another Airflow (``~/airflow``): `make run`
         would migrate its database and leave a standalone there that `make stop` and
-        `make clean` (which know only `.airflow/`) do not find. There is no override.
+        `make clean` (which know only `.airflow/`) do not find. The shell's AIRFLOW_HOME is
+        never used; only a caller's explicit ``airflow_home`` replaces `.airflow/`.
         """
-        return self.project / ".airflow"
+        return self.airflow_home if self.airflow_home is not None else self.project / ".airflow"
 
     @property
     def host(self) -> str:
@@ -59,6 +67,14 @@ class Embedded:
         # A wildcard bind answers on loopback too; any other address only on itself.
         connect = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host  # noqa: S104
         return f"http://{connect}:{self.port}"
+
+    @property
+    def log_port(self) -> int:
+        """The scheduler's log server port: ``log_server_port``, else 8793, or 8794 when the API
+        is on 8793 (the log server would take the port first and the API server would exit)."""
+        if self.log_server_port is not None:
+            return self.log_server_port
+        return 8794 if self.port == 8793 else 8793
 
     @property
     def pid_file(self) -> Path:
@@ -88,9 +104,7 @@ class Embedded:
                 "AIRFLOW__CORE__PARALLELISM": "4",
                 "AIRFLOW__API__HOST": self.host,
                 "AIRFLOW__API__PORT": str(self.port),
-                # The scheduler's log server listens on 8793 by default; on the API's port it
-                # would take the port first and the API server would exit ("address in use").
-                "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": "8794" if self.port == 8793 else "8793",
+                "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(self.log_port),
                 "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
                 # Task logs for this user only (Airflow's default is group-writable 0o664/0o775).
                 "AIRFLOW__LOGGING__FILE_TASK_HANDLER_NEW_FILE_PERMISSIONS": "0o600",
@@ -119,9 +133,14 @@ class Embedded:
         try:
             pid = int(self.pid_file.read_text().strip())
             os.kill(pid, 0)
-            return pid
         except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
             return None
+        try:  # a standalone started by this process (the load test) lingers as a zombie
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return None
+        except ChildProcessError:
+            pass  # not our child (`make run` started it and exited): os.kill said enough
+        return pid
 
     def start(self, say: Callable[[str], None]) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
