@@ -76,8 +76,10 @@ def cmd_users(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import httpx
+
     from bem_tasks.fleet.dags import resolve_plan
-    from bem_tasks.fleet.embedded import run_fleet
+    from bem_tasks.fleet.embedded import Embedded, run_fleet
 
     conf: dict[str, Any] = {"profile": args.profile}
     if args.missions:
@@ -89,7 +91,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     timeout_s = parse_duration(args.timeout)
     # The plan task would refuse these params too, but only after Airflow has started.
     resolve_plan(load_fleet(args.config), conf)
-    return run_fleet(_project_root(), conf, port=args.port, timeout_s=timeout_s)
+    try:
+        return run_fleet(_project_root(), conf, port=args.port, timeout_s=timeout_s)
+    except httpx.TransportError as exc:
+        emb = Embedded(_project_root(), args.port)
+        print(f"run: the Airflow API at {emb.url} stopped answering ({exc}); Airflow is "
+              f"{'still' if emb.running_pid() else 'no longer'} running: see {emb.log_file}",
+              file=sys.stderr)  # fmt: skip
+        return 1
 
 
 def _int_arg(flag: str, text: str) -> int:

@@ -1,4 +1,5 @@
-"""`bem-fleet data validate` and `bem-fleet devices`: the manual's data and GPU checks."""
+"""`bem-fleet data validate` and `bem-fleet devices` (the manual's data and GPU checks), and
+`run`'s error when the Airflow API goes away."""
 
 from __future__ import annotations
 
@@ -99,3 +100,22 @@ def test_log_level_from_the_environment(monkeypatch: pytest.MonkeyPatch, capsys)
     assert "BEM_FLEET_LOG_LEVEL='CHATTY': expected DEBUG" in capsys.readouterr().err
     logging.getLogger("bem_tasks").setLevel(logging.NOTSET)
     logging.getLogger("bem_fleet").setLevel(logging.NOTSET)
+
+
+def test_run_says_so_when_the_airflow_api_stops_answering(
+    project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import httpx
+
+    from bem_tasks.fleet import embedded
+
+    def api_gone(*args: object, **kwargs: object) -> int:
+        raise httpx.ConnectError("[Errno 111] Connection refused")
+
+    monkeypatch.chdir(project)
+    monkeypatch.setattr(embedded, "run_fleet", api_gone)
+    assert main(["run", "--port", "8123"]) == 1
+    err = capsys.readouterr().err
+    assert "run: the Airflow API at http://127.0.0.1:8123 stopped answering" in err
+    assert "Connection refused" in err
+    assert f"Airflow is no longer running: see {project / '.airflow' / 'standalone.log'}" in err
