@@ -8,9 +8,11 @@ then print a summary. `make stop` calls ``stop``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -149,6 +151,7 @@ class Embedded:
             return
         say(f"Initialising AIRFLOW_HOME={self.home} (SQLite, LocalExecutor)")
         self.airflow("db", "migrate")
+        sqlite_wal(self.home / "airflow.db")
         subprocess.run(
             [str(Path(sys.executable).parent / "bem-fleet"), "pools", "sync"],
             env=self.env(),
@@ -211,6 +214,21 @@ class Embedded:
                 raise RuntimeError(f"airflow standalone exited; see {self.log_file}")
             time.sleep(2)
         return self.api()
+
+
+def sqlite_wal(db: Path) -> None:
+    """Put the metadata database in SQLite's write-ahead-log mode.
+
+    Airflow leaves SQLite in its rollback-journal mode, where a writer locks out every reader:
+    the API server, scheduler, dag-processor and triggerer all share the file, and a burst of
+    20 triggers through the REST API failed requests and once stopped the scheduler with
+    "database is locked" (bench/load_test.py; D39). In WAL mode readers and the one writer do
+    not block each other. The mode is stored in the file, so once set it holds for every
+    later connection; setting it again is a no-op."""
+    with contextlib.closing(sqlite3.connect(db, timeout=30)) as con:
+        mode = con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if mode != "wal":
+        raise RuntimeError(f"{db}: SQLite refused the WAL journal mode (got {mode!r})")
 
 
 def _private(path: Path) -> None:

@@ -398,3 +398,26 @@ def test_start_makes_the_password_file_and_the_logs_private(
 def test_the_log_server_never_takes_the_api_port(tmp_path: Path) -> None:
     assert Embedded(tmp_path, port=8080).env()["AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT"] == "8793"
     assert Embedded(tmp_path, port=8793).env()["AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT"] == "8794"
+
+
+def test_start_puts_the_metadata_database_in_wal_mode_for_every_later_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rollback-journal SQLite failed a burst of 20 REST triggers with "database is locked"."""
+    import sqlite3
+
+    emb = Embedded(tmp_path)
+    emb.home.mkdir()
+    with sqlite3.connect(emb.home / "airflow.db") as con:  # as `airflow db migrate` leaves it
+        con.execute("CREATE TABLE dag_run (id INTEGER)")
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    monkeypatch.setattr(embedded.subprocess, "run", lambda *a, **k: None)
+    monkeypatch.setattr(
+        embedded.subprocess, "Popen", lambda *a, **k: type("P", (), {"pid": 4242})()
+    )
+    monkeypatch.setattr(Embedded, "running_pid", lambda self: None)
+    emb.start(lambda _: None)
+    emb.start(lambda _: None)  # a restart sets it again: a no-op
+    later = sqlite3.connect(emb.home / "airflow.db")
+    assert later.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    later.close()
