@@ -28,6 +28,7 @@ from bem_tasks.fleet.dashboard import (
     render_mission_html,
 )
 from bem_tasks.fleet.runs import FLEET_DAG_ID, GATES_DAG_ID
+from bem_tasks.fleet.sqlite_writes import SerializeSqliteWrites
 
 
 @functools.cache
@@ -106,6 +107,11 @@ def artifact_file(relative: str) -> FileResponse:
 class BemFleetPlugin(AirflowPlugin):
     name = "bem_fleet"
     fastapi_apps = [{"app": app, "url_prefix": "/bem-fleet", "name": "BEM Fleet dashboard"}]
+    # Not the dashboard's, but this is the project's one plugin: with SQLite (the embedded
+    # engine) the API server runs state-changing requests one at a time (the module says why).
+    fastapi_root_middlewares = [
+        {"middleware": SerializeSqliteWrites, "args": [], "kwargs": {}, "name": "sqlite_writes"}
+    ]
     external_views = [
         {"name": "BEM Fleet", "href": "/bem-fleet/", "destination": "nav", "url_route": "bem-fleet"}
     ]
