@@ -15,39 +15,14 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from bem_tasks.fleet.api import AirflowApi
+from load_test import ROOT, fire  # the load test's burst: one barrier, one client per trigger
+
 from bem_tasks.fleet.cluster import free_port
-from bem_tasks.fleet.embedded import Embedded
+from bem_tasks.fleet.embedded import Embedded, _wait_for_dag
 from bem_tasks.fleet.runs import FLEET_DAG_ID
-
-ROOT = Path(__file__).resolve().parents[1]
-CONF = {"profile": "load", "missions": []}
-
-
-def burst(clients: list[AirflowApi]) -> list[tuple[str, float]]:
-    """Every client posts one trigger at the same moment; (outcome, seconds) per client."""
-    barrier = threading.Barrier(len(clients))
-    results: list[tuple[str, float]] = [("not run", 0.0)] * len(clients)
-
-    def trigger(i: int) -> None:
-        barrier.wait()
-        started = time.monotonic()
-        try:
-            clients[i].post(f"/dags/{FLEET_DAG_ID}/dagRuns", {"logical_date": None, "conf": CONF})
-            results[i] = ("ok", time.monotonic() - started)
-        except Exception as exc:  # noqa: BLE001 (every failure is counted and shown)
-            results[i] = (f"{type(exc).__name__}: {str(exc)[:120]}", time.monotonic() - started)
-
-    threads = [threading.Thread(target=trigger, args=(i,)) for i in range(len(clients))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results
 
 
 def main() -> int:
@@ -64,19 +39,17 @@ def main() -> int:
         emb.start(print)
         failed, slowest = 0, 0.0
         try:
-            api = emb.client()
-            while not api.exists(f"/dags/{FLEET_DAG_ID}"):
-                time.sleep(2)
+            _wait_for_dag(emb.client(), FLEET_DAG_ID)
             clients = [emb.api() for _ in range(args.n)]
             for c in clients:
                 c.token()  # logged in before the burst: the burst is triggers only
             for r in range(args.rounds):
-                results = burst(clients)
-                bad = [o for o, _ in results if o != "ok"]
-                took = max(s for _, s in results)
+                triggers = fire(clients, None)
+                bad = [t.error for t in triggers if t.error]
+                took = max(t.answered_s for t in triggers)
                 failed, slowest = failed + len(bad), max(slowest, took)
                 print(f"burst {r}: {args.n - len(bad)} ok, {len(bad)} failed, slowest {took:.2f} s"
-                      + (f"; e.g. {bad[0]}" if bad else ""), flush=True)  # fmt: skip
+                      + (f"; e.g. {bad[0][:160]}" if bad else ""), flush=True)  # fmt: skip
                 time.sleep(1)
         finally:
             emb.stop(print)

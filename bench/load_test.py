@@ -38,14 +38,13 @@ import argparse
 import math
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +52,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
+import numpy as np  # noqa: E402
 
 from bem_tasks.fleet.api import AirflowApi, AirflowApiError  # noqa: E402
+from bem_tasks.fleet.cluster import free_port  # noqa: E402
+from bem_tasks.fleet.embedded import pending_tick, ti_key  # noqa: E402
 from bem_tasks.fleet.runs import FLEET_DAG_ID  # noqa: E402
 
 CONF = {"profile": "load", "missions": []}
@@ -75,17 +77,11 @@ UNPAUSE_S = 300.0
 
 
 def percentile(values: Iterable[float], q: float) -> float:
-    """The ``q``-th percentile (0..100) with linear interpolation between order statistics
-    (numpy's default); nan for no values."""
-    xs = sorted(values)
+    """The ``q``-th percentile (0..100), numpy's linear interpolation; nan for no values."""
+    xs = list(values)
     if not 0 <= q <= 100:
         raise ValueError(f"percentile: q must be within [0, 100], got {q}")
-    if not xs:
-        return math.nan
-    pos = (len(xs) - 1) * q / 100
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+    return float(np.percentile(xs, q)) if xs else math.nan
 
 
 def seconds_between(start: str | None, end: str | None) -> float | None:
@@ -225,24 +221,6 @@ def table(records: Sequence[RunRecord]) -> list[str]:
 # ----------------------------------------------------------------------------- the real run
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def pending_tick(api: AirflowApi) -> str | None:
-    """The logical date of `bem_fleet`'s due scheduled run while it is paused, else None (as
-    ``trigger_fleet`` in bem_tasks/fleet/embedded.py reads it)."""
-    dag = api.get(f"/dags/{FLEET_DAG_ID}")
-    due = dag.get("next_dagrun_run_after")
-    if dag.get("is_paused") and due and datetime.fromisoformat(due) <= datetime.now(UTC):
-        tick: str | None = dag.get("next_dagrun_logical_date")
-        return tick
-    return None
-
-
 def fire(clients: Sequence[AirflowApi], tick: str | None) -> list[Trigger]:
     """One POST per client, all released at once by a barrier; the first takes ``tick``."""
     triggers = [Trigger(i, logical_date=tick if i == 0 else None) for i in range(len(clients))]
@@ -280,11 +258,7 @@ def list_runs(api: AirflowApi) -> dict[str, dict[str, Any]]:
 
 def task_states(api: AirflowApi, run_id: str) -> dict[str, str]:
     tis = api.get(f"/dags/{FLEET_DAG_ID}/dagRuns/{run_id}/taskInstances", {"limit": 500})
-    out = {}
-    for ti in tis["task_instances"]:
-        key = f"{ti['task_id']}[{ti['map_index']}]" if ti["map_index"] >= 0 else ti["task_id"]
-        out[key] = ti.get("state") or "none"
-    return out
+    return {ti_key(ti): ti.get("state") or "none" for ti in tis["task_instances"]}
 
 
 API_ERRORS = (AirflowApiError, httpx.HTTPError)
@@ -367,7 +341,7 @@ def run(args: argparse.Namespace, say: Callable[[str], None] = print) -> int:
             _wait_for_dag(api, FLEET_DAG_ID)
             ready_s = time.monotonic() - t_start
             say(f"Airflow up and bem_fleet parsed after {ready_s:.0f} s ({emb.url})")
-            tick = pending_tick(api)
+            tick = pending_tick(api, FLEET_DAG_ID)
             # One client per thread, each with its token already fetched: the burst is the
             # N triggers alone.
             clients = [emb.api() for _ in range(args.runs)]

@@ -254,15 +254,21 @@ def trigger_fleet(api: AirflowApi, dag_id: str, conf: dict[str, Any]) -> dict[st
     params, every seed), which would run before ours under max_active_runs=1. Taking that tick's
     logical date makes the scheduler see the run as existing and move on to the next tick.
     """
-    dag = api.get(f"/dags/{dag_id}")
-    logical_date = None
-    due = dag.get("next_dagrun_run_after")
-    if dag.get("is_paused") and due and datetime.fromisoformat(due) <= datetime.now(UTC):
-        logical_date = dag["next_dagrun_logical_date"]
+    logical_date = pending_tick(api, dag_id)
     return api.post(f"/dags/{dag_id}/dagRuns", {"logical_date": logical_date, "conf": conf})
 
 
-def _ti_key(ti: dict[str, Any]) -> str:
+def pending_tick(api: AirflowApi, dag_id: str) -> str | None:
+    """The logical date of ``dag_id``'s due scheduled run while it is paused, else None."""
+    dag = api.get(f"/dags/{dag_id}")
+    due = dag.get("next_dagrun_run_after")
+    if dag.get("is_paused") and due and datetime.fromisoformat(due) <= datetime.now(UTC):
+        tick: str | None = dag["next_dagrun_logical_date"]
+        return tick
+    return None
+
+
+def ti_key(ti: dict[str, Any]) -> str:
     return f"{ti['task_id']}[{ti['map_index']}]" if ti["map_index"] >= 0 else ti["task_id"]
 
 
@@ -286,7 +292,7 @@ def follow_run(
             "task_instances"
         ]
         for ti in sorted(tis, key=lambda t: (t.get("start_date") or "", t["task_id"])):
-            key = _ti_key(ti)
+            key = ti_key(ti)
             state = ti.get("state") or "none"
             if seen.get(key) != state:
                 seen[key] = state

@@ -22,7 +22,7 @@ import pytest
 from bem_tasks.config.loader import FleetConfig, load_fleet
 from bem_tasks.fleet.api import AirflowApi
 from bem_tasks.fleet.cluster import CeleryCluster
-from bem_tasks.fleet.embedded import trigger_fleet
+from bem_tasks.fleet.embedded import ti_key, trigger_fleet
 from bem_tasks.fleet.lease import Hold, concurrent_holds, manifest_holds, shared_devices
 from bem_tasks.fleet.runs import RunLayout
 from tests.integration.conftest import ROOT, WORKERS
@@ -69,10 +69,6 @@ class Outcome:
         return f"{message}\n\n{tasks}\n{self.cluster.log_tails(40)}"
 
 
-def _ti_key(ti: dict[str, Any]) -> str:
-    return f"{ti['task_id']}[{ti['map_index']}]" if ti["map_index"] >= 0 else ti["task_id"]
-
-
 def _task_log_tail(cluster: CeleryCluster, ti: dict[str, Any], lines: int = 40) -> str:
     """The end of a task's own log (Airflow's default layout; JSON lines shown as text)."""
     path = cluster.home / "logs" / f"dag_id={ti['dag_id']}" / f"run_id={ti['dag_run_id']}"
@@ -81,7 +77,7 @@ def _task_log_tail(cluster: CeleryCluster, ti: dict[str, Any], lines: int = 40) 
         path /= f"map_index={ti['map_index']}"
     path /= f"attempt={max(ti['try_number'], 1)}.log"
     if not path.exists():
-        return f"----- task {_ti_key(ti)}: no log at {path} -----"
+        return f"----- task {ti_key(ti)}: no log at {path} -----"
     shown = []
     for line in path.read_text(errors="replace").splitlines()[-lines:]:
         try:
@@ -90,7 +86,7 @@ def _task_log_tail(cluster: CeleryCluster, ti: dict[str, Any], lines: int = 40) 
         except (ValueError, AttributeError):
             pass
         shown.append(line)
-    return f"----- task {_ti_key(ti)} ({path.name}) -----\n" + "\n".join(shown)
+    return f"----- task {ti_key(ti)} ({path.name}) -----\n" + "\n".join(shown)
 
 
 def _wait_for_dags(cluster: CeleryCluster, api: AirflowApi, timeout_s: float = 240) -> None:
@@ -140,7 +136,7 @@ def _follow(
         if run["state"] in FINISHED:
             return run
         if time.monotonic() > deadline:
-            states = {_ti_key(t): t["state"] for t in _tis(api, dag_id, run_id)}
+            states = {ti_key(t): t["state"] for t in _tis(api, dag_id, run_id)}
             pytest.fail(
                 f"{dag_id} run {run_id} still {run['state']} after {timeout_s:.0f}s; "
                 f"tasks: {states}\n{cluster.log_tails(40)}"
@@ -184,7 +180,7 @@ def _intervals(api: AirflowApi, tis: list[dict[str, Any]]) -> list[dict[str, Any
             if t.get("start_date"):
                 out.append(
                     {
-                        "key": f"{_ti_key(t)}#{t['try_number']}",
+                        "key": f"{ti_key(t)}#{t['try_number']}",
                         "pool": t["pool"],
                         "slots": t["pool_slots"],
                         "start": t["start_date"],
@@ -271,7 +267,7 @@ def _expected_states(ti: dict[str, Any]) -> set[str]:
 
 def test_every_task_succeeded(outcome: Outcome) -> None:
     bad = [t for t in outcome.tis if t["state"] not in _expected_states(t)]
-    not_ok = {_ti_key(t): t["state"] for t in bad}
+    not_ok = {ti_key(t): t["state"] for t in bad}
     assert outcome.run["state"] == "success" and not not_ok, outcome.fail(
         f"{FLEET} run {outcome.run['dag_run_id']} is {outcome.run['state']}; tasks not "
         f"successful: {not_ok}",
@@ -415,7 +411,7 @@ def test_downstream_dags_ran_from_the_assets(outcome: Outcome) -> None:
         )
         run, tis = found
         bad = [t for t in tis if t["state"] != "success"]
-        not_ok = {_ti_key(t): t["state"] for t in bad}
+        not_ok = {ti_key(t): t["state"] for t in bad}
         assert run["state"] == "success" and not not_ok, outcome.fail(
             f"{dag_id} run {run['dag_run_id']} is {run['state']}; tasks not successful: {not_ok}",
             [t for t in bad if t["state"] == "failed"],
