@@ -575,6 +575,8 @@ class BEMLayer(nn.Module):
             xb = x[None] if x.dim() == 2 else x.reshape(-1, x.shape[-2], x.shape[-1])
         if self.streaming and self._routes_by_controller():
             step = self._mid_chunk_step(x, xb)
+            if step is None:
+                step = self._chunk_start_step(x, xb)
             if step is not None:
                 return step
         code: Tensor | None = None
@@ -616,7 +618,42 @@ class BEMLayer(nn.Module):
             or sp.versions != _versions(sp.tensors)
         ):
             sp = state["_step_plan"] = self._make_step_plan(x, w_col, dec_col)
-        if sp.kind is None or length != 1 or not x.is_contiguous():
+        return self._planned_step(x, xb, sp)
+
+    def _chunk_start_step(self, x: Tensor, xb: Tensor) -> Tensor | None:
+        """Decoding at a chunk's first token (one step in ``chunk_size``): route the chunk on
+        this token, then prepare the chunk's step plan and run this step with it, as every
+        later step of the chunk will. The same decisions, statistics and output as the
+        general path, with a handful of ops instead of its bookkeeping (which cost a
+        decoding boundary step several times a mid-chunk one). None: not such a step."""
+        pos0, batch = self._stream_pos, xb.shape[0]
+        prev = self._stream_cur
+        if (
+            pos0 % self.chunk_size != 0
+            or xb.shape[1] != 1
+            or self.training
+            or torch.is_grad_enabled()
+            or (prev is not None and prev.shape[0] != batch)
+        ):
+            return None  # the general path (which also raises the errors)
+        logits = self._router_logits(xb)  # [B, 1, K]: the chunk's first token is this one
+        dec = hysteresis_decisions(logits, self.tau, prev)  # [B, 1]
+        w = self.expert_weights()[dec]  # [B, 1, R]
+        self.routing_stats.add(dec, [1], prev, logits, self.temperature)
+        # Plain attributes: nn.Module.__setattr__ costs microseconds per call (type checks).
+        state = self.__dict__
+        state["_stream_pos"] = pos0 + 1
+        state["last_decisions"], state["last_weights"] = dec, w
+        state["_stream_cur"], state["_stream_w"] = dec[:, 0], w[:, 0]
+        state["_stream_dec_col"], state["_stream_w_col"] = dec, w
+        sp = state["_step_plan"] = self._make_step_plan(x, w, dec)
+        return self._planned_step(x, xb, sp)
+
+    def _planned_step(self, x: Tensor, xb: Tensor, sp: _StepPlan) -> Tensor:
+        """One decoding step of a routed chunk with its step plan (the chunk's [B, 1] decision
+        and weight views are ``sp.dec`` and the stream's ``_stream_w_col``)."""
+        w_col, dec_col = cast(Tensor, self._stream_w_col), sp.dec
+        if sp.kind is None or xb.shape[1] != 1 or not x.is_contiguous():
             if self.merge_experts:
                 merged = self._merged_forward(x, xb, w_col, dec_col)
                 if merged is not None:

@@ -211,6 +211,28 @@ def test_merged_decoding_matches_unmerged_and_falls_back_on_mixed_rows(
     assert sum(p is not None and p[1] is None for p in plans) >= 4 * 3  # boundaries 8, 12, 16
 
 
+@pytest.mark.parametrize("merge", [False, True])
+def test_chunk_start_steps_give_the_general_paths_outputs_and_statistics(
+    monkeypatch: pytest.MonkeyPatch, merge: bool
+) -> None:
+    """A decoding step at a chunk's first token runs _chunk_start_step (route, plan, step);
+    with it switched off the general path runs. Same logits bit for bit, same routing
+    statistics, and the fast path really ran at every boundary (8, 12, 16) of every layer."""
+    model = _gpt2_with_bem(merge)
+    ids = torch.randint(0, 260, (3, 19), generator=torch.Generator().manual_seed(4))
+    starts = _count_calls(monkeypatch, BEMLayer, "_chunk_start_step")
+    fast = _decode(model, ids, 6)
+    fast_stats = [layer.stats() for _, layer in bem_layers(model)]
+    assert sum(s is not None for s in starts) == 3 * len(fast_stats)
+    for _, layer in bem_layers(model):
+        layer.reset_stats()
+    monkeypatch.setattr(BEMLayer, "_chunk_start_step", lambda self, x, xb: None)
+    general = _decode(model, ids, 6)
+    assert torch.equal(fast, general)
+    assert [layer.stats() for _, layer in bem_layers(model)] == fast_stats
+    assert any(s["flip_rate"] > 0 for s in fast_stats)  # tau 0: the routing really changes
+
+
 def test_one_token_steps_match_the_full_forward_and_fold_their_statistics() -> None:
     layer = _layer(nn.Linear(6, 5), experts=3, chunk=4)
     x = torch.randn(2, 23, 6)
