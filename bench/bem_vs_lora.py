@@ -21,7 +21,10 @@ ratio is the median over rounds of the within-round ratio. Per-size lines, then 
 serving path, with the unmerged path's ratios after them):
   bem_vs_lora: train_step_ratio=<BEM/LoRA> inference_ratio_vs_base=<BEM/base>
   decode_ratio_vs_base=<BEM/base per token, worst of b1/b8> inference_ratio_unmerged=..
-  decode_ratio_unmerged=..
+  decode_ratio_unmerged=.. inference_flops_vs_base=<FLOPs of BEM merged's prefill / base's>
+The last field is counted, not timed (torch.utils.flop_counter): the time ratio a machine
+running every matmul at one efficiency would give, so no timing of an unmerged rank-R adapter
+can beat it.
 
 ``--sweep`` instead times BEM vs base inference at batch 1 as the sequence length (256, 1024,
 4096) and the number of experts (1, 2, 4, 8; total rank R) grow, on the 6 x 256 model.
@@ -176,6 +179,29 @@ def _cpu_threads() -> int:
     return os.cpu_count() or 1
 
 
+def counted_flops(
+    models: dict[str, nn.Module], infer_ids: torch.Tensor, train_ids: torch.Tensor
+) -> dict[str, dict[str, int]]:
+    """FLOPs each variant's prefill and training step execute, counted op by op by
+    ``torch.utils.flop_counter`` (matmuls and attention; elementwise ops are not counted).
+    Their ratio is what the time ratio would be if every matmul ran at one efficiency."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flops: dict[str, dict[str, int]] = {"infer": {}, "train": {}}
+    for k, m in models.items():
+        m.eval()
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            m(input_ids=infer_ids)
+        flops["infer"][k] = counter.get_total_flops()
+        if k != "bem_merged":  # its training step is bem's
+            m.train()
+            with FlopCounterMode(display=False) as counter:
+                m(input_ids=train_ids, labels=train_ids).loss.backward()
+            m.zero_grad(set_to_none=True)
+            flops["train"][k] = counter.get_total_flops()
+    return flops
+
+
 def _paired(xs: list[float], ys: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(xs, ys, strict=True))
 
@@ -236,6 +262,13 @@ def run_size(
         f"trainable params: base {trainable['base']:,}  lora {trainable['lora']:,}  "
         f"bem {trainable['bem']:,} (count_bem_parameters={count_bem_parameters(bem):,})"
     )
+    flops = counted_flops(models, infer_ids, train_ids)
+    infer_flops = {k: flops["infer"][k] / flops["infer"]["base"] for k in models}
+    print(
+        "counted FLOPs: prefill vs base "
+        + " ".join(f"{k} {v:.4f}" for k, v in infer_flops.items())
+        + f"; train step bem/lora {flops['train']['bem'] / flops['train']['lora']:.4f}"
+    )
 
     def decoder(b: int) -> Callable[[str, bool], float]:
         def fn(k: str, warm: bool) -> float:
@@ -295,6 +328,7 @@ def run_size(
         "decode_ratio_vs_base": max(ratio(p, "bem_merged", "base") for p in decode),
         "inference_ratio_unmerged": ratio("infer", "bem", "base"),
         "decode_ratio_unmerged": max(ratio(p, "bem", "base") for p in decode),
+        "inference_flops_vs_base": infer_flops["bem_merged"],
     }
     print(
         "paired ratios: "

@@ -35,6 +35,7 @@ def test_quick_run_prints_every_ratio() -> None:
         "decode_ratio_vs_base",
         "inference_ratio_unmerged",
         "decode_ratio_unmerged",
+        "inference_flops_vs_base",
     }
     assert set(fields) == want
     assert all(float(v) > 0 for v in fields.values())
@@ -49,3 +50,38 @@ def test_quick_sweep_prints_a_row_per_length() -> None:
     rows = [line.split() for line in lines[header + 1 :]]
     assert [int(r[0]) for r in rows] == [64, 128]
     assert all(len(r) == 2 + 2 * 4 and all(float(v) > 0 for v in r[1:]) for r in rows)
+
+
+def test_counted_flops_add_exactly_the_adapters_matmuls() -> None:
+    """LoRA of rank r on a site adds x @ A and (x A) @ B: 2 * tokens * r * (d_in + d_out)
+    FLOPs per site in the prefill; BEM adds the same two matmuls plus its router (a few
+    FLOPs more, never fewer). No timing involved: the counts are exact."""
+    import copy
+    import importlib.util
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    spec = importlib.util.spec_from_file_location("bem_vs_lora_bench", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    size = {"d": 64, "layers": 2, "heads": 2}
+    base = bench._gpt2(size, 64)
+    rank = 4
+    cfg = LoraConfig(r=rank, lora_alpha=8, target_modules=bench.SITES, fan_in_fan_out=True)
+    lora = get_peft_model(copy.deepcopy(base), cfg)
+    bem, _ = bench.bem_variant(base, bench.SITES, 2, rank)
+    ids = torch.randint(0, base.config.vocab_size, (2, 64), generator=torch.Generator())
+    flops = bench.counted_flops({"base": base, "lora": lora, "bem": bem}, ids, ids[:1])
+
+    d, tokens, layers = 64, 2 * 64, 2
+    per_layer = rank * ((d + d) + (4 * d + d))  # attn.c_proj 64->64, mlp.c_proj 256->64
+    lora_extra = 2 * tokens * layers * per_layer
+    assert flops["infer"]["lora"] - flops["infer"]["base"] == lora_extra
+    bem_extra = flops["infer"]["bem"] - flops["infer"]["base"]
+    assert lora_extra < bem_extra < 1.05 * lora_extra
+    # Training counts forward and backward: LoRA and BEM cost about the same, full fine-tuning
+    # (base) more, because it needs every weight's gradient.
+    assert flops["train"]["base"] > flops["train"]["bem"] > flops["train"]["lora"]
