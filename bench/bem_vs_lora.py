@@ -330,10 +330,19 @@ def run_size(
         "decode_ratio_unmerged": max(ratio(p, "bem", "base") for p in decode),
         "inference_flops_vs_base": infer_flops["bem_merged"],
     }
+
+    def quartiles(phase: str, a: str, b: str) -> str:
+        # The spread of the within-round ratios: how far one run on this machine can be trusted.
+        rs = [x / y for x, y in zip(times[phase][a], times[phase][b], strict=True)]
+        if len(rs) < 2:
+            return ""
+        q1, _, q3 = statistics.quantiles(rs, n=4)
+        return f" [{q1:.3f}, {q3:.3f}]"
+
     print(
-        "paired ratios: "
+        "paired ratios (median [quartiles] over rounds): "
         + ", ".join(
-            f"{phase} {a}/{b} {ratio(phase, a, b):.3f}"
+            f"{phase} {a}/{b} {ratio(phase, a, b):.3f}{quartiles(phase, a, b)}"
             for phase, pairs in (
                 ("train", [("lora", "base"), ("bem", "base"), ("bem", "lora")]),
                 *(
