@@ -360,7 +360,9 @@ class CheckpointManager:
     def _prune(self) -> None:
         for _, path in self.checkpoints()[: -self.keep]:
             remove_tree(path)  # a half-deleted checkpoint would be visible to readers
-        for pattern in (".tmp-step-*", ".trash-step-*"):  # left by a crash
+        # Left by a crash: a save's temp folder, a prune's renamed-away step, or the step a
+        # re-save of the same step moved aside (atomic_directory) before deleting it.
+        for pattern in (".tmp-step-*", ".trash-step-*", ".old-step-*"):
             for p in self.directory.glob(pattern):
                 shutil.rmtree(p, ignore_errors=True)
 

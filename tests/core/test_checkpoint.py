@@ -124,12 +124,13 @@ def test_keep_n_and_latest_pointer(tmp_path: Path) -> None:
     manager = CheckpointManager(tmp_path, keep=2)
     assert manager.load_latest(model, opt) is None
     (tmp_path / ".tmp-step-00000099-leftover").mkdir()  # a save killed mid-way
+    (tmp_path / ".old-step-00000015-leftover").mkdir()  # a re-save killed before its cleanup
     for step in (5, 10, 15):
         path = manager.save(step, model, opt)
         pointer = json.loads((tmp_path / "latest.json").read_text())
         assert pointer == {"step": step, "path": path.name}
     assert [s for s, _ in manager.checkpoints()] == [10, 15]
-    assert not list(tmp_path.glob(".tmp-*"))
+    assert not list(tmp_path.glob(".tmp-*")) and not list(tmp_path.glob(".old-*"))
     # Re-saving an existing step replaces it atomically.
     manager.save(15, model, opt, extra={"again": True})
     fresh, fresh_opt = _fresh()
