@@ -168,7 +168,7 @@ class _StepPlan(NamedTuple):
     bias: Tensor | None
     v: Tensor
     u_t: Tensor
-    w_rows: Tensor | None
+    w_rows: Tensor  # [B, R]
 
 
 class _CodeAndRouteRows(torch.autograd.Function):
@@ -384,10 +384,10 @@ class BEMLayer(nn.Module):
 
         self._external: Tensor | None = None
         self._stream_pos = 0
-        self._stream_cur: Tensor | None = None
+        # The last routing unit's expert [B, 1] and column weights [B, 1, R], carried to the
+        # next streaming call (the same objects for every step of a decoding chunk).
+        self._stream_dec: Tensor | None = None
         self._stream_w: Tensor | None = None
-        self._stream_dec_col: Tensor | None = None  # [B, 1] views of the two above
-        self._stream_w_col: Tensor | None = None
         # Merged inference (hard routing, no gradient): W0 + D_k per expert, materialised once
         # per parameter version; K extra copies of the base weight, hence off by default.
         # A forward whose units mostly pick one expert k runs the base matmul with W0 + D_k and
@@ -461,10 +461,8 @@ class BEMLayer(nn.Module):
 
     def reset_stream(self) -> None:
         self._stream_pos = 0
-        self._stream_cur = None
+        self._stream_dec = None
         self._stream_w = None
-        self._stream_dec_col = None
-        self._stream_w_col = None
         self._plan_cache = None
         self._step_plan = None
 
@@ -598,10 +596,10 @@ class BEMLayer(nn.Module):
         made at the chunk boundary, so bookkeeping adds no tensor op, and the statistics fold
         the chunk's steps into one record. None: not such a step (the general path)."""
         pos0, n, length = self._stream_pos, self.chunk_size, xb.shape[1]
-        w_col, dec_col, cur = self._stream_w_col, self._stream_dec_col, self._stream_cur
+        w_col, dec_col = self._stream_w, self._stream_dec
         if pos0 % n == 0 or (-pos0) % n < length or w_col is None or dec_col is None:
             return None
-        if cur is None or cur.shape[0] != xb.shape[0]:
+        if dec_col.shape[0] != xb.shape[0]:
             return None  # the general path raises the error
         # Plain attributes: nn.Module.__setattr__ costs microseconds per call (type checks).
         state = self.__dict__
@@ -627,15 +625,16 @@ class BEMLayer(nn.Module):
         general path, with a handful of ops instead of its bookkeeping (which cost a
         decoding boundary step several times a mid-chunk one). None: not such a step."""
         pos0, batch = self._stream_pos, xb.shape[0]
-        prev = self._stream_cur
+        prev_col = self._stream_dec
         if (
             pos0 % self.chunk_size != 0
             or xb.shape[1] != 1
             or self.training
             or torch.is_grad_enabled()
-            or (prev is not None and prev.shape[0] != batch)
+            or (prev_col is not None and prev_col.shape[0] != batch)
         ):
             return None  # the general path (which also raises the errors)
+        prev = None if prev_col is None else prev_col[:, 0]
         logits = self._router_logits(xb)  # [B, 1, K]: the chunk's first token is this one
         dec = hysteresis_decisions(logits, self.tau, prev)  # [B, 1]
         w = self.expert_weights()[dec]  # [B, 1, R]
@@ -644,15 +643,14 @@ class BEMLayer(nn.Module):
         state = self.__dict__
         state["_stream_pos"] = pos0 + 1
         state["last_decisions"], state["last_weights"] = dec, w
-        state["_stream_cur"], state["_stream_w"] = dec[:, 0], w[:, 0]
-        state["_stream_dec_col"], state["_stream_w_col"] = dec, w
+        state["_stream_dec"], state["_stream_w"] = dec, w
         sp = state["_step_plan"] = self._make_step_plan(x, w, dec)
         return self._planned_step(x, xb, sp)
 
     def _planned_step(self, x: Tensor, xb: Tensor, sp: _StepPlan) -> Tensor:
-        """One decoding step of a routed chunk with its step plan (the chunk's [B, 1] decision
-        and weight views are ``sp.dec`` and the stream's ``_stream_w_col``)."""
-        w_col, dec_col = cast(Tensor, self._stream_w_col), sp.dec
+        """One decoding step of a routed chunk with its step plan (the chunk's decisions
+        [B, 1] are ``sp.dec``, its weights [B, 1, R] the stream's ``_stream_w``)."""
+        w_col, dec_col = cast(Tensor, self._stream_w), sp.dec
         if sp.kind is None or xb.shape[1] != 1 or not x.is_contiguous():
             if self.merge_experts:
                 merged = self._merged_forward(x, xb, w_col, dec_col)
@@ -667,7 +665,7 @@ class BEMLayer(nn.Module):
         else:
             out = flat @ sp.weight if sp.bias is None else torch.addmm(sp.bias, flat, sp.weight)
         if sp.kind == "delta":
-            out.addmm_((flat @ sp.v).mul_(cast(Tensor, sp.w_rows)), sp.u_t)
+            out.addmm_((flat @ sp.v).mul_(sp.w_rows), sp.u_t)
         return out.view(*x.shape[:-1], self.out_features)
 
     def _make_step_plan(self, x: Tensor, w_col: Tensor, dec_col: Tensor) -> _StepPlan:
@@ -676,7 +674,7 @@ class BEMLayer(nn.Module):
         (base matmul + low-rank delta) or None (the general paths)."""
         u, v, c = self.bem_U, self.bem_V, self.bem_code
         w0, bias = cast(Tensor, self.base.weight), cast(Tensor | None, self.base.bias)
-        w_rows = self._stream_w
+        w_rows = w_col[:, 0]  # [B, R]: one token per row
         ok = self._plain_base and not _has_hooks(self.base) and x.dtype == w0.dtype == v.dtype
         kind: str | None = None
         weight = w0
@@ -684,7 +682,7 @@ class BEMLayer(nn.Module):
             plan = self._merge_plan(w_col, dec_col, 1)
             if plan is not None and plan[1] is None:  # every row on one expert
                 kind, weight = "merged", self._merged_weights()[plan[0]]
-        if ok and kind is None and w_rows is not None and w_rows.dtype == v.dtype:
+        if ok and kind is None and w_rows.dtype == v.dtype:
             kind = "delta"
         tensors = (u, v, c, w0)
         return _StepPlan(
@@ -757,10 +755,11 @@ class BEMLayer(nn.Module):
         input rows (every chunk's first token), when already taken from x."""
         batch, length, _ = x.shape
         pos0 = self._stream_pos if self.streaming else 0
-        if self.streaming and self._stream_cur is not None and self._stream_cur.shape[0] != batch:
+        prev = self._stream_dec
+        if self.streaming and prev is not None and prev.shape[0] != batch:
             raise ValueError(
                 f"BEM {self.site_name}: streaming batch size changed from "
-                f"{self._stream_cur.shape[0]} to {batch}; call reset_stream() between sequences"
+                f"{prev.shape[0]} to {batch}; call reset_stream() between sequences"
             )
         dec: Tensor | None
         if self._external is not None:
@@ -778,7 +777,7 @@ class BEMLayer(nn.Module):
         decisions = torch.zeros(batch, 1, dtype=torch.long, device=w.device)
         self.routing_stats.add(decisions, [length])
         if self.streaming:
-            self._stream_cur = decisions[:, 0]
+            self._stream_dec = decisions
         self.last_decisions = decisions
         self.last_weights = w.detach()
         return w, decisions
@@ -795,7 +794,7 @@ class BEMLayer(nn.Module):
         batch, length, _ = x.shape
         n = self.chunk_size
         carry = pos0 % n != 0
-        prev_w, prev_dec = self._stream_w, self._stream_cur
+        prev_w, prev_dec = self._stream_w, self._stream_dec  # [B, 1, R], [B, 1]
         if carry and (prev_w is None or prev_dec is None):
             raise RuntimeError(
                 f"BEM {self.site_name}: streaming resumed mid-chunk without routing state; "
@@ -810,7 +809,7 @@ class BEMLayer(nn.Module):
         if self.training and self.routing == "gumbel":
             u = torch.rand_like(logits).clamp_(1e-9, 1.0 - 1e-9)
             logits = logits - torch.log(-torch.log(u))
-        prev = prev_dec if self.streaming else None
+        prev = prev_dec[:, 0] if self.streaming and prev_dec is not None else None
         decisions = hysteresis_decisions(logits.detach(), self.tau, prev)
         if not self.training:
             w_new = self.expert_weights()[decisions]
@@ -826,8 +825,8 @@ class BEMLayer(nn.Module):
         stats_logits, temp = logits.detach(), self.temperature
         if carry:
             assert prev_w is not None and prev_dec is not None
-            w_chunks = torch.cat([prev_w[:, None].to(w_new.dtype), w_new], dim=1)
-            all_dec = torch.cat([prev_dec[:, None], decisions], dim=1)
+            w_chunks = torch.cat([prev_w.to(w_new.dtype), w_new], dim=1)
+            all_dec = torch.cat([prev_dec, decisions], dim=1)
             self.routing_stats.add(all_dec, [first, *lengths], None, stats_logits, temp)
         else:
             w_chunks, all_dec = w_new, decisions
@@ -846,8 +845,7 @@ class BEMLayer(nn.Module):
 
     def _set_stream_state(self, dec: Tensor, w: Tensor) -> None:
         """Carry the last routing unit's expert [B, U] and weights [B, U, R] to the next call."""
-        self._stream_cur, self._stream_w = dec[:, -1], w[:, -1]
-        self._stream_dec_col, self._stream_w_col = dec[:, -1:], w[:, -1:]
+        self._stream_dec, self._stream_w = dec[:, -1:], w[:, -1:]
 
     # ------------------------------------------------------------------ merged inference
     def _merged_forward(self, x: Tensor, xb: Tensor, w: Tensor, dec: Tensor) -> Tensor | None:
@@ -968,7 +966,7 @@ class BEMLayer(nn.Module):
         if decisions.shape[1] != length:
             decisions = decisions.expand(batch, length)
             g = g.expand(batch, length, k)
-        prev = self._stream_cur if self.streaming else None
+        prev = self._stream_dec[:, 0] if self.streaming and self._stream_dec is not None else None
         self.routing_stats.add(decisions, None, prev, g)
         self.last_decisions = decisions
         self.last_weights = w.detach()
