@@ -152,11 +152,16 @@ def _read_weights(path: Path, model: nn.Module, trainable_only: bool) -> None:
     # file nor what to do about it.
     wanted = model.state_dict()
     with safe_open(str(path), framework="pt") as fh:
-        wrong = [
-            f"{k}: checkpoint {list(fh.get_slice(k).get_shape())}, model {list(wanted[k].shape)}"
+        shapes = {
+            k: list(fh.get_slice(k).get_shape())
             for k in fh.keys()  # noqa: SIM118 - safe_open is not a mapping
-            if k in wanted and list(fh.get_slice(k).get_shape()) != list(wanted[k].shape)
-        ]
+            if k in wanted
+        }
+    wrong = [
+        f"{k}: checkpoint {shape}, model {list(wanted[k].shape)}"
+        for k, shape in shapes.items()
+        if shape != list(wanted[k].shape)
+    ]
     if wrong:
         raise WeightsMismatch(
             f"{path}: weights do not fit {type(model).__name__} (a checkpoint of another config?): "
