@@ -675,7 +675,7 @@ class BEMLayer(nn.Module):
         u, v, c = self.bem_U, self.bem_V, self.bem_code
         w0, bias = cast(Tensor, self.base.weight), cast(Tensor | None, self.base.bias)
         w_rows = w_col[:, 0]  # [B, R]: one token per row
-        ok = self._plain_base and not _has_hooks(self.base) and x.dtype == w0.dtype == v.dtype
+        ok = self._may_replace_base(x)
         kind: str | None = None
         weight = w0
         if ok and self.merge_experts:
@@ -720,6 +720,18 @@ class BEMLayer(nn.Module):
             return self._linear(x, cast(Tensor, base.weight)), True
         # A forward hook may keep the base output; never change a tensor somebody else holds.
         return base(x), not _has_hooks(base)
+
+    def _may_replace_base(self, x: Tensor) -> bool:
+        """Whether the base layer's matmul may be run with another weight (merged, or beside
+        prepared delta operands): a plain Linear / Conv1D without hooks (a subclass or a hooked
+        base must run its own forward) and one dtype for x, the base weight and the experts."""
+        base = self.base
+        weight = cast(Tensor, base.weight)
+        return (
+            self._plain_base
+            and not _has_hooks(base)
+            and x.dtype == weight.dtype == self.bem_V.dtype
+        )
 
     def _linear(self, x: Tensor, weight: Tensor) -> Tensor:
         """The base layer's own computation with ``weight`` (its weight, or a merged one)."""
@@ -852,10 +864,7 @@ class BEMLayer(nn.Module):
         """Hard routing at inference on merged weights W0 + D_k (see ``merge_experts``): the
         base matmul with the majority expert's merged weight, plus a low-rank correction
         D_j - D_k on the rows routed elsewhere. None: use the unmerged path."""
-        weight = cast(Tensor, self.base.weight)
-        if not self._plain_base or _has_hooks(self.base):
-            return None  # a subclass or a hooked base must run its own forward
-        if not (x.dtype == weight.dtype == self.bem_V.dtype):
+        if not self._may_replace_base(x):
             return None
         plan = self._merge_plan(w, dec, xb.shape[1])
         if plan is None:
