@@ -21,7 +21,7 @@ from pathlib import Path
 from load_test import ROOT, fire  # the load test's burst: one barrier, one client per trigger
 
 from bem_tasks.fleet.cluster import free_port
-from bem_tasks.fleet.embedded import Embedded, _wait_for_dag
+from bem_tasks.fleet.embedded import Embedded, wait_for_dag
 from bem_tasks.fleet.runs import FLEET_DAG_ID
 
 
@@ -39,7 +39,7 @@ def main() -> int:
         emb.start(print)
         failed, slowest = 0, 0.0
         try:
-            _wait_for_dag(emb.client(), FLEET_DAG_ID)
+            wait_for_dag(emb.client(), FLEET_DAG_ID)
             clients = [emb.api() for _ in range(args.n)]
             for c in clients:
                 c.token()  # logged in before the burst: the burst is triggers only

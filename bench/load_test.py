@@ -317,7 +317,7 @@ def follow(
 
 
 def run(args: argparse.Namespace, say: Callable[[str], None] = print) -> int:
-    from bem_tasks.fleet.embedded import Embedded, _wait_for_dag
+    from bem_tasks.fleet.embedded import Embedded, wait_for_dag
     from bem_tasks.io import atomic_write_json
 
     tmp = Path(tempfile.mkdtemp(prefix="bem-load-"))
@@ -338,7 +338,7 @@ def run(args: argparse.Namespace, say: Callable[[str], None] = print) -> int:
         t_start = time.monotonic()
         emb.start(say)
         with emb.client() as api:
-            _wait_for_dag(api, FLEET_DAG_ID)
+            wait_for_dag(api, FLEET_DAG_ID)
             ready_s = time.monotonic() - t_start
             say(f"Airflow up and bem_fleet parsed after {ready_s:.0f} s ({emb.url})")
             tick = pending_tick(api, FLEET_DAG_ID)

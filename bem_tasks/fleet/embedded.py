@@ -237,7 +237,7 @@ def _private(path: Path) -> None:
     os.chmod(path, 0o600)  # an existing file keeps its mode in os.open
 
 
-def _wait_for_dag(api: AirflowApi, dag_id: str, timeout_s: float = 180) -> None:
+def wait_for_dag(api: AirflowApi, dag_id: str, timeout_s: float = 180) -> None:
     deadline = time.monotonic() + timeout_s
     while not api.exists(f"/dags/{dag_id}"):
         if time.monotonic() > deadline:
@@ -382,7 +382,7 @@ def _run_and_follow(
 ) -> int:
     from bem_tasks.fleet.summary import print_summary
 
-    _wait_for_dag(api, FLEET_DAG_ID)
+    wait_for_dag(api, FLEET_DAG_ID)
     run = trigger_fleet(api, FLEET_DAG_ID, conf)
     deadline = time.monotonic() + timeout_s
     deployed = [d for d, _ in DOWNSTREAM if api.exists(f"/dags/{d}")]

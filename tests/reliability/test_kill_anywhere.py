@@ -42,7 +42,7 @@ from safetensors.torch import load_file
 from bem_tasks.core.checkpoint import verify_checkpoint
 from bem_tasks.fleet.api import AirflowApi
 from bem_tasks.fleet.cluster import _ours, free_port
-from bem_tasks.fleet.embedded import Embedded, _wait_for_dag
+from bem_tasks.fleet.embedded import Embedded, wait_for_dag
 from bem_tasks.fleet.runs import RunLayout, verify_manifest
 from tests.missions.conftest import write_micro_project
 
@@ -136,7 +136,7 @@ class Airflow:
     def start(self) -> None:
         self.emb.start(lambda line: None)
         self.api = self.emb.client()
-        _wait_for_dag(self.api, DAG_ID)
+        wait_for_dag(self.api, DAG_ID)
 
 
 @pytest.fixture(scope="module")
