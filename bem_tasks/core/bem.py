@@ -114,24 +114,124 @@ def _host_array(tensors: list[Tensor], *, stack: bool) -> np.ndarray:
     return (joined.float() if joined.dtype in half else joined).cpu().numpy()
 
 
-def spectral_upper_bound(core: Tensor, *, squarings: int = 8, floor: float = 1e-30) -> Tensor:
+def spectral_upper_bound(
+    core: Tensor, *, squarings: int = 8, floor: float = 1e-30, powers: list[Tensor] | None = None
+) -> Tensor:
     """Upper bound on the largest eigenvalue of each PSD matrix in ``core`` [n, R, R].
 
     lambda_max <= trace(S^p)^(1/p) for p = 2^squarings, within a factor R^(1/p) of the truth
     (< 1.1% for R <= 16). Repeated squaring of the trace-normalised matrix needs only batched
     matmuls: no eigen-solver, so no host synchronisation on a GPU and a stable gradient.
+    ``powers``: receives the normalised S^(2^j), j < squarings (their product is S^(p-1) up to
+    a factor: the bound's gradient direction).
     """
     c = core.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(floor)
-    log_bound = torch.log(c)
-    a = core / c[:, None, None]
-    for j in range(1, squarings + 1):
+    traces, a = [c], core
+    for _ in range(squarings):
+        a = a / c[:, None, None]
+        if powers is not None:
+            powers.append(a)
         a = a @ a
         # trace(A^2) >= 1/R^2 for a trace-1 PSD A, so the clamp only acts on an all-zero core.
         c = a.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-30)
-        log_bound = log_bound + torch.log(c) * 2.0**-j
-        a = a / c[:, None, None]
+        traces.append(c)
+    # log bound = log c_0 + sum_j 2^-j log c_j (one op for the sum, not three per squaring)
+    weights = torch.logspace(
+        0, -squarings, squarings + 1, 2.0, device=core.device, dtype=core.dtype
+    )
+    log_bound = torch.stack(traces, -1).log() @ weights
     # float32 rounding can put the bound a few ulps under the truth; keep it an upper bound.
     return torch.exp(log_bound) * (1.0 + 1e-5)
+
+
+def _uses_eigen_solver(device: torch.device) -> bool:
+    """Exact spectral norms on CPU; elsewhere an eigen-solver would synchronise with the host
+    on every call, so the sync-free upper bound is used."""
+    return device.type == "cpu"
+
+
+def _core_spectrum(
+    w: Tensor, u: Tensor, v: Tensor, exact: bool | None, floor: float, *, for_backward: bool
+) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+    """(largest eigenvalue [n] with a 1e-5 margin, trace [n], what the backward needs) of
+    core_n = L^T diag(w_n) U^T U diag(w_n) L with L L^T = V^T V (+ jitter), which has the
+    non-zero eigenvalues of D_n^T D_n for D_n = U diag(w_n) V^T: R x R, never d x d.
+    ``exact``: an eigen-solve (True), the sync-free upper bound (False) or no spectral norm
+    (None: zeros). ``for_backward``: also the top eigenvector or the bound's powers."""
+    gram_u = u.t() @ u
+    gram_v = v.t() @ v
+    # V is random-initialised so its Gram is positive definite; the jitter only makes the
+    # computed norms a hair larger than the true ones (the bound stays safe).
+    eye = torch.eye(w.shape[-1], device=w.device, dtype=gram_v.dtype)
+    jitter = 1e-6 * gram_v.diagonal().mean() + 1e-12
+    gram_v = gram_v + jitter * eye
+    chol = torch.linalg.cholesky_ex(gram_v).L  # no host sync on GPU
+    lw = w[:, :, None] * chol  # diag(w) L
+    core = lw.transpose(1, 2) @ gram_u @ lw
+    fro2 = core.diagonal(dim1=1, dim2=2).sum(-1)
+    powers: list[Tensor] = []
+    if exact is None:
+        lam = torch.zeros_like(fro2)
+    elif exact and for_backward:
+        values, vectors = torch.linalg.eigh(core)  # what eigvalsh runs under autograd
+        lam, powers = values[:, -1] * (1.0 + 1e-5), [vectors[:, :, -1:]]
+    elif exact:
+        lam = torch.linalg.eigvalsh(core)[:, -1] * (1.0 + 1e-5)
+    else:
+        lam = spectral_upper_bound(core, floor=floor, powers=powers if for_backward else None)
+    saved = (w, u, v, gram_u, gram_v, chol, core, lam, *powers)
+    return lam, fro2, saved if for_backward else ()
+
+
+class _CoreSpectrum(torch.autograd.Function):
+    """``_core_spectrum`` with a closed-form backward: a dozen R x R products per call instead
+    of autograd through the Gram matrices, the Cholesky factor and the eigen-solve or the
+    squarings (about a hundred small ops per site and training step, on a GPU a kernel launch
+    each).
+
+    With M_n = diag(w_n) U^T U diag(w_n) and G = V^T V + jitter (a constant), core_n is similar
+    to M_n G, so a spectral function F of it has dF = tr(X dM_n) + tr(Y dG) with X = L S L^T
+    and Y = L^-T core S L^-1, where S = dF/dcore; the trace adds G to X and M_n to Y.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, w: Tensor, u: Tensor, v: Tensor, exact: bool | None, floor: float
+    ) -> tuple[Tensor, Tensor]:
+        lam, fro2, saved = _core_spectrum(w, u, v, exact, floor, for_backward=True)
+        ctx.save_for_backward(*saved)
+        return lam, fro2
+
+    @staticmethod
+    def backward(ctx: Any, grad_lam: Tensor, grad_fro2: Tensor) -> tuple[Tensor | None, ...]:
+        w, u, v, gram_u, gram_v, chol, core, lam, *powers = ctx.saved_tensors
+        # S = dlam/dcore = lam P / tr(P core): P = z z^T for the eigenvalue (top eigenvector z),
+        # P = core^(p-1) (the product of the saved powers, up to a factor) for the bound.
+        if powers:
+            p = powers[0] @ powers[0].transpose(1, 2) if len(powers) == 1 else _chain(powers)
+            p_core = core @ p
+            tr = p_core.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-30)
+            k = (grad_lam * lam / tr)[:, None, None]
+            s, s_core = p * k, p_core * k
+        else:
+            s = s_core = torch.zeros_like(core)
+        eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
+        chol_inv = torch.linalg.solve_triangular(chol, eye, upper=False)
+        ww = w[:, :, None] * w[:, None, :]
+        x = chol @ s @ chol.t() + grad_fro2[:, None, None] * gram_v
+        x = x + x.transpose(1, 2)  # dM = dW G_U W + W G_U dW + W dG_U W, dG_U = dU^T U + U^T dU
+        y = (chol_inv.t() @ s_core @ chol_inv + grad_fro2[:, None, None] * ww * gram_u).sum(0)
+        grad_w = (gram_u * w[:, None, :] * x).sum(-1)
+        grad_u = u @ (ww * x).sum(0)
+        grad_v = v @ (y + y.t())
+        return grad_w, grad_u, grad_v, None, None
+
+
+def _chain(mats: Sequence[Tensor]) -> Tensor:
+    out = mats[0]
+    for m in mats[1:]:
+        out = out @ m
+    return out
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -530,32 +630,25 @@ class BEMLayer(nn.Module):
         if self.trust_budget is None and self.trust_budget_fro is None:
             return torch.ones(w.shape[0], device=w.device, dtype=w.dtype)
         with torch.autocast(w.device.type, enabled=False):
-            return self._trust_scale_fp32(w.float()).to(w.dtype)
+            # float32 at least: half-precision Cholesky / eigen-solves are not accurate enough
+            wide = w.to(torch.promote_types(w.dtype, torch.float32))
+            return self._trust_scale_solve(wide).to(w.dtype)
 
-    def _trust_scale_fp32(self, w: Tensor) -> Tensor:
-        u, v = self.bem_U.float(), self.bem_V.float()
-        gram_u = u.t() @ u
-        gram_v = v.t() @ v
-        # V is random-initialised so its Gram is positive definite; the jitter only makes the
-        # computed norms a hair larger than the true ones (the bound stays safe).
-        eye = torch.eye(self.total_rank, device=w.device, dtype=gram_v.dtype)
-        jitter = 1e-6 * gram_v.diagonal().mean().detach() + 1e-12
-        chol = torch.linalg.cholesky_ex(gram_v + jitter * eye).L  # no host sync on GPU
-        lw = w[:, :, None] * chol  # diag(w) L
-        # core = L^T diag(w) U^T U diag(w) L has the non-zero eigenvalues of D^T D.
-        core = lw.transpose(1, 2) @ gram_u @ lw
+    def _trust_scale_solve(self, w: Tensor) -> Tensor:
+        u, v = self.bem_U.to(w.dtype), self.bem_V.to(w.dtype)
+        b = None if self.trust_budget is None else float(self.trust_budget)
+        exact = None if b is None else _uses_eigen_solver(w.device)
+        floor = 1e-12 * (b or 1.0) ** 2
+        if torch.is_grad_enabled() and (w.requires_grad or u.requires_grad or v.requires_grad):
+            lam, fro2 = _CoreSpectrum.apply(w, u, v, exact, floor)
+        else:
+            lam, fro2 = _core_spectrum(w, u, v, exact, floor, for_backward=False)[:2]
         scale = None
-        if self.trust_budget is not None:
-            b = float(self.trust_budget)
-            if core.device.type == "cpu":
-                lam = torch.linalg.eigvalsh(core)[:, -1] * (1.0 + 1e-5)
-            else:  # an eigen-solver would synchronise with the host on every call
-                lam = spectral_upper_bound(core, floor=1e-12 * b * b)
+        if b is not None:
             # Compare squares so sqrt never sees 0 (its gradient there is inf -> NaN).
             scale = b / torch.sqrt(torch.clamp(lam, min=b * b))
         if self.trust_budget_fro is not None:
             bf = float(self.trust_budget_fro)
-            fro2 = core.diagonal(dim1=1, dim2=2).sum(-1)
             if scale is not None:
                 fro2 = fro2 * scale * scale
             fro_scale = bf / torch.sqrt(torch.clamp(fro2, min=bf * bf))
@@ -830,7 +923,8 @@ class BEMLayer(nn.Module):
             if self.routing == "soft":
                 gates = soft
             else:  # straight-through: hard value, soft gradient
-                hard = F.one_hot(decisions, self.num_experts).to(soft.dtype)
+                # Not F.one_hot: it checks the ids' range, a host sync per call on a GPU.
+                hard = torch.zeros_like(soft).scatter_(-1, decisions[..., None], 1.0)
                 gates = hard + soft - soft.detach()
             w_new = self.column_weights(gates, row_trust=False)  # convex mix: in budget
         lengths = [min(n, length - s) for s in range(first, length, n)]
