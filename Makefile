@@ -58,6 +58,7 @@ soak: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bem_vs_lora.py
+	$(BIN)/python bench/op_count.py
 	$(BIN)/python bench/stats_bench.py
 	$(BIN)/python bench/router_overhead.py
 	$(BIN)/python bench/long_context.py

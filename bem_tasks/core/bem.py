@@ -151,70 +151,61 @@ def _uses_eigen_solver(device: torch.device) -> bool:
 
 
 def _core_spectrum(
-    w: Tensor, u: Tensor, v: Tensor, exact: bool | None, floor: float, *, for_backward: bool
+    w: Tensor, u: Tensor, v: Tensor, exact: bool | None, floor: float, powers: list[Tensor] | None
 ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
-    """(largest eigenvalue [n] with a 1e-5 margin, trace [n], what the backward needs) of
-    core_n = L^T diag(w_n) U^T U diag(w_n) L with L L^T = V^T V (+ jitter), which has the
+    """(largest eigenvalue [n] with a 1e-5 margin, trace [n], (U^T U, V^T V + jitter, its
+    Cholesky factor L, the cores)) of core_n = L^T diag(w_n) U^T U diag(w_n) L, which has the
     non-zero eigenvalues of D_n^T D_n for D_n = U diag(w_n) V^T: R x R, never d x d.
-    ``exact``: an eigen-solve (True), the sync-free upper bound (False) or no spectral norm
-    (None: zeros). ``for_backward``: also the top eigenvector or the bound's powers."""
+    ``exact``: an eigen-solve (True), the sync-free upper bound (False, its normalised powers
+    appended to ``powers``) or no spectral norm (None: zeros)."""
     gram_u = u.t() @ u
     gram_v = v.t() @ v
     # V is random-initialised so its Gram is positive definite; the jitter only makes the
     # computed norms a hair larger than the true ones (the bound stays safe).
     eye = torch.eye(w.shape[-1], device=w.device, dtype=gram_v.dtype)
-    jitter = 1e-6 * gram_v.diagonal().mean() + 1e-12
+    jitter = 1e-6 * gram_v.diagonal().mean().detach() + 1e-12
     gram_v = gram_v + jitter * eye
     chol = torch.linalg.cholesky_ex(gram_v).L  # no host sync on GPU
     lw = w[:, :, None] * chol  # diag(w) L
     core = lw.transpose(1, 2) @ gram_u @ lw
     fro2 = core.diagonal(dim1=1, dim2=2).sum(-1)
-    powers: list[Tensor] = []
     if exact is None:
         lam = torch.zeros_like(fro2)
-    elif exact and for_backward:
-        values, vectors = torch.linalg.eigh(core)  # what eigvalsh runs under autograd
-        lam, powers = values[:, -1] * (1.0 + 1e-5), [vectors[:, :, -1:]]
     elif exact:
         lam = torch.linalg.eigvalsh(core)[:, -1] * (1.0 + 1e-5)
     else:
-        lam = spectral_upper_bound(core, floor=floor, powers=powers if for_backward else None)
-    saved = (w, u, v, gram_u, gram_v, chol, core, lam, *powers)
-    return lam, fro2, saved if for_backward else ()
+        lam = spectral_upper_bound(core, floor=floor, powers=powers)
+    return lam, fro2, (gram_u, gram_v, chol, core)
 
 
-class _CoreSpectrum(torch.autograd.Function):
-    """``_core_spectrum`` with a closed-form backward: a dozen R x R products per call instead
-    of autograd through the Gram matrices, the Cholesky factor and the eigen-solve or the
-    squarings (about a hundred small ops per site and training step, on a GPU a kernel launch
-    each).
+class _BoundedSpectrum(torch.autograd.Function):
+    """``_core_spectrum`` on the spectral-bound path with a closed-form backward: a dozen
+    R x R products instead of autograd through the Gram matrices, the Cholesky factor and the
+    eight squarings (about 150 small ops per site and training step, on a GPU a kernel launch
+    each; the eigen-solve's own backward is already short).
 
     With M_n = diag(w_n) U^T U diag(w_n) and G = V^T V + jitter (a constant), core_n is similar
     to M_n G, so a spectral function F of it has dF = tr(X dM_n) + tr(Y dG) with X = L S L^T
-    and Y = L^-T core S L^-1, where S = dF/dcore; the trace adds G to X and M_n to Y.
+    and Y = L^-T core S L^-1, where S = dF/dcore; for the bound trace(core^p)^(1/p),
+    S = bound core^(p-1) / trace(core^p); the trace adds G to X and M_n to Y.
     """
 
     @staticmethod
-    def forward(
-        ctx: Any, w: Tensor, u: Tensor, v: Tensor, exact: bool | None, floor: float
-    ) -> tuple[Tensor, Tensor]:
-        lam, fro2, saved = _core_spectrum(w, u, v, exact, floor, for_backward=True)
-        ctx.save_for_backward(*saved)
+    def forward(ctx: Any, w: Tensor, u: Tensor, v: Tensor, floor: float) -> tuple[Tensor, Tensor]:
+        powers: list[Tensor] = []
+        lam, fro2, parts = _core_spectrum(w, u, v, False, floor, powers)
+        ctx.save_for_backward(w, u, v, lam, *parts, *powers)
         return lam, fro2
 
     @staticmethod
     def backward(ctx: Any, grad_lam: Tensor, grad_fro2: Tensor) -> tuple[Tensor | None, ...]:
-        w, u, v, gram_u, gram_v, chol, core, lam, *powers = ctx.saved_tensors
-        # S = dlam/dcore = lam P / tr(P core): P = z z^T for the eigenvalue (top eigenvector z),
-        # P = core^(p-1) (the product of the saved powers, up to a factor) for the bound.
-        if powers:
-            p = powers[0] @ powers[0].transpose(1, 2) if len(powers) == 1 else _chain(powers)
-            p_core = core @ p
-            tr = p_core.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-30)
-            k = (grad_lam * lam / tr)[:, None, None]
-            s, s_core = p * k, p_core * k
-        else:
-            s = s_core = torch.zeros_like(core)
+        w, u, v, lam, gram_u, gram_v, chol, core, *powers = ctx.saved_tensors
+        p = powers[0]  # the product of the normalised powers: core^(p-1) up to a factor
+        for a in powers[1:]:
+            p = p @ a
+        p_core = core @ p
+        k = grad_lam * lam / p_core.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-30)
+        s, s_core = p * k[:, None, None], p_core * k[:, None, None]
         eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
         chol_inv = torch.linalg.solve_triangular(chol, eye, upper=False)
         ww = w[:, :, None] * w[:, None, :]
@@ -224,14 +215,7 @@ class _CoreSpectrum(torch.autograd.Function):
         grad_w = (gram_u * w[:, None, :] * x).sum(-1)
         grad_u = u @ (ww * x).sum(0)
         grad_v = v @ (y + y.t())
-        return grad_w, grad_u, grad_v, None, None
-
-
-def _chain(mats: Sequence[Tensor]) -> Tensor:
-    out = mats[0]
-    for m in mats[1:]:
-        out = out @ m
-    return out
+        return grad_w, grad_u, grad_v, None
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -639,10 +623,11 @@ class BEMLayer(nn.Module):
         b = None if self.trust_budget is None else float(self.trust_budget)
         exact = None if b is None else _uses_eigen_solver(w.device)
         floor = 1e-12 * (b or 1.0) ** 2
-        if torch.is_grad_enabled() and (w.requires_grad or u.requires_grad or v.requires_grad):
-            lam, fro2 = _CoreSpectrum.apply(w, u, v, exact, floor)
+        grad = torch.is_grad_enabled() and (w.requires_grad or u.requires_grad or v.requires_grad)
+        if exact is False and grad:
+            lam, fro2 = _BoundedSpectrum.apply(w, u, v, floor)
         else:
-            lam, fro2 = _core_spectrum(w, u, v, exact, floor, for_backward=False)[:2]
+            lam, fro2, _ = _core_spectrum(w, u, v, exact, floor, None)
         scale = None
         if b is not None:
             # Compare squares so sqrt never sees 0 (its gradient there is inf -> NaN).

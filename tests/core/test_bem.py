@@ -416,9 +416,9 @@ def _reference_trust_scale(layer: BEMLayer, w: Tensor, exact: bool) -> Tensor:
 def test_trust_scale_closed_form_gradient_matches_autograd(
     exact: bool, budget: float | None, fro: float | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Training runs the trust region's solve with a hand-written backward; its values and
-    gradients for w, U and V equal autograd through the plain ops, with rows inside and outside
-    the budget, on both the eigen-solve (CPU) and the spectral-bound (accelerator) path.
+    """The trust scale's values and gradients for w, U and V equal autograd through the plain
+    ops, with rows inside and outside the budget, on the eigen-solve (CPU) path and on the
+    spectral-bound (accelerator) path, whose training backward is hand-written.
     Budgets: the spectral norm binds (Frobenius 100), only Frobenius, both at 0.5 (the
     Frobenius then binds and the spectral scale cancels out of the result)."""
     monkeypatch.setattr(bem_module, "_uses_eigen_solver", lambda device: exact)

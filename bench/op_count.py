@@ -1,0 +1,142 @@
+"""Dispatched torch ops per adapter site: what BEM adds over peft LoRA, counted, not timed.
+
+On a GPU a small op costs a kernel launch and its host-side dispatch whatever its size, so
+where the device waits for the host (the GPU bench's training step and decoding: see
+bench/README.md) the number of ops is the cost. Counts are exact and the same on every
+machine, so they can be read here on CPU for the GPU path: the GPU bench's Llama in its tiny
+shape, bf16, the same variants (``bench/bem_vs_lora_gpu.py``), with BEM's trust region on the
+accelerator's spectral bound (``accelerator``) and on the CPU's eigen-solve (``cpu``).
+
+Per phase: ops of a training step (forward + loss + backward), of a prefill forward, and of a
+decode step (cached, one token, the mean over 32 steps crossing a chunk boundary), for LoRA and
+BEM, and ``(BEM - LoRA) / sites``. Views (view, transpose, expand, ...) are not counted: they
+launch nothing. Last line (machine-readable):
+  op_count: train_extra_per_site=<accelerator path> train_extra_per_site_cpu=..
+  prefill_extra_per_site=.. decode_extra_per_site=..
+
+Usage: python bench/op_count.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bem_vs_lora import decode_timed  # noqa: E402
+from bem_vs_lora_gpu import SIZES, build_variants  # noqa: E402
+
+from bem_tasks.core import bem as bem_module  # noqa: E402
+
+VIEWS = frozenset(
+    [
+        "view",
+        "_unsafe_view",
+        "_reshape_alias",
+        "alias",
+        "as_strided",
+        "detach",
+        "lift_fresh",
+        "t",
+        "transpose",
+        "permute",
+        "expand",
+        "unsqueeze",
+        "squeeze",
+        "slice",
+        "select",
+        "diagonal",
+    ]
+)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every aten op that reaches the dispatcher's kernels, views excepted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = func.overloadpacket.__name__
+        if name not in VIEWS:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count(fn: Callable[[], object]) -> int:
+    fn()  # warm: caches (the eval trust scale, merged weights) are built outside the count
+    with OpCounter() as counter:
+        fn()
+    return sum(counter.ops.values())
+
+
+def phase_counts(model: torch.nn.Module, bem: bool, size: dict[str, Any]) -> dict[str, float]:
+    ids = torch.randint(0, size["vocab"], (size["train_batch"], size["train_seq"]))
+    prompt = torch.randint(0, size["vocab"], (1, size["prompt"]))
+    device = torch.device("cpu")
+
+    def train() -> None:
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+
+    def prefill() -> None:
+        with torch.inference_mode():
+            model(input_ids=ids)
+
+    def decode(steps: int) -> Callable[[], object]:
+        return lambda: decode_timed(model, prompt, steps, device, bem)
+
+    model.train()
+    counts = {"train": float(count(train))}
+    model.eval()
+    counts["prefill"] = float(count(prefill))
+    counts["decode"] = (count(decode(64)) - count(decode(32))) / 32
+    return counts
+
+
+def main() -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()
+    torch.manual_seed(0)
+    size = dict(SIZES["tiny"])
+    variant_args = argparse.Namespace(rank=16, experts=4)
+    models, _, info = build_variants(variant_args, size, torch.device("cpu"), torch.bfloat16)
+    sites = info["bem_sites"]
+    lora = phase_counts(models["lora"], False, size)
+    bem: dict[str, dict[str, float]] = {}
+    real = bem_module._uses_eigen_solver
+    for path, eigen in (("accelerator", False), ("cpu", True)):
+        bem_module._uses_eigen_solver = lambda device, eigen=eigen: eigen  # type: ignore[assignment]
+        try:
+            bem[path] = phase_counts(models["bem"], True, size)
+        finally:
+            bem_module._uses_eigen_solver = real
+    print(f"Llama tiny (bf16, {sites} BEM sites, K=4 of rank 4; LoRA r=16), ops per call:")
+    print(
+        f"{'phase':10s} {'lora':>9s} {'bem accel':>10s} {'bem cpu':>9s}  extra per site (accel/cpu)"
+    )
+    extra: dict[str, float] = {}
+    for phase in ("train", "prefill", "decode"):
+        acc = (bem["accelerator"][phase] - lora[phase]) / sites
+        cpu = (bem["cpu"][phase] - lora[phase]) / sites
+        extra[phase], extra[phase + "_cpu"] = acc, cpu
+        print(
+            f"{phase:10s} {lora[phase]:9.1f} {bem['accelerator'][phase]:10.1f} "
+            f"{bem['cpu'][phase]:9.1f}  {acc:.1f} / {cpu:.1f}"
+        )
+    print(
+        f"op_count: train_extra_per_site={extra['train']:.1f} "
+        f"train_extra_per_site_cpu={extra['train_cpu']:.1f} "
+        f"prefill_extra_per_site={extra['prefill']:.1f} decode_extra_per_site={extra['decode']:.1f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
