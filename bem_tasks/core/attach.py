@@ -19,7 +19,9 @@ from bem_tasks.core.bem import (
     base_dims,
     bem_layers,
     bem_parameters,
+    clear_presolved,
     count_bem_parameters,
+    presolve_trust_regions,
 )
 
 # Default cache-safe sites per `config.model_type`.
@@ -191,6 +193,9 @@ def attach_bem(
         bem_ids = {id(p) for p in bem_parameters(model)}
         for p in model.parameters():
             p.requires_grad_(id(p) in bem_ids)
+    # Every training forward of the model solves all trust regions in one batched call.
+    model.register_forward_pre_hook(presolve_trust_regions)
+    model.register_forward_hook(clear_presolved, always_call=True)
     return AttachReport(
         count=len(targets),
         names=targets,
@@ -207,4 +212,15 @@ def detach_bem(model: nn.Module) -> int:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, layer.base)
+    _remove_hooks(model)
     return len(layers)
+
+
+def _remove_hooks(model: nn.Module) -> None:
+    # By function, not by handle: a deep copy of the model shares the handle's dict reference.
+    for hooks in (model._forward_pre_hooks, model._forward_hooks):
+        for key in [
+            k for k, fn in hooks.items() if fn in (presolve_trust_regions, clear_presolved)
+        ]:
+            del hooks[key]
+            model._forward_hooks_always_called.pop(key, None)

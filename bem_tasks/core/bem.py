@@ -150,24 +150,51 @@ def _uses_eigen_solver(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+def _per_row(t: Tensor, counts: Sequence[int]) -> Tensor:
+    """Per-site matrices t [S, R, R] repeated for each site's rows: [sum(counts), R, R]. One
+    site's t is [R, R] (the caller broadcasts it), so a single layer pays for no stacking."""
+    if t.dim() == 2:
+        return t
+    return torch.cat([t[i].expand(k, *t.shape[1:]) for i, k in enumerate(counts)])
+
+
+def _grams(factors: Sequence[Tensor]) -> Tensor:
+    grams = [f.t() @ f for f in factors]
+    return grams[0] if len(grams) == 1 else torch.stack(grams)
+
+
+def _per_site_sum(t: Tensor, counts: Sequence[int]) -> list[Tensor]:
+    """Rows [N, ...] summed per site (``counts`` consecutive rows each)."""
+    if len(counts) == 1:
+        return [t.sum(0)]
+    return [part.sum(0) for part in torch.split(t, list(counts))]
+
+
 def _core_spectrum(
-    w: Tensor, u: Tensor, v: Tensor, exact: bool | None, floor: float, powers: list[Tensor] | None
+    w: Tensor,
+    counts: Sequence[int],
+    us: Sequence[Tensor],
+    vs: Sequence[Tensor],
+    exact: bool | None,
+    floor: float,
+    powers: list[Tensor] | None,
 ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
-    """(largest eigenvalue [n] with a 1e-5 margin, trace [n], (U^T U, V^T V + jitter, its
-    Cholesky factor L, the cores)) of core_n = L^T diag(w_n) U^T U diag(w_n) L, which has the
-    non-zero eigenvalues of D_n^T D_n for D_n = U diag(w_n) V^T: R x R, never d x d.
-    ``exact``: an eigen-solve (True), the sync-free upper bound (False, its normalised powers
-    appended to ``powers``) or no spectral norm (None: zeros)."""
-    gram_u = u.t() @ u
-    gram_v = v.t() @ v
+    """(largest eigenvalue [n] with a 1e-5 margin, trace [n], (U^T U, V^T V + jitter and its
+    Cholesky factor L per site, the cores)) of core_n = L^T diag(w_n) U^T U diag(w_n) L, which
+    has the non-zero eigenvalues of D_n^T D_n for D_n = U diag(w_n) V^T: R x R, never d x d.
+    Rows ``w`` [n, R] belong to the sites (U, V) in ``us``/``vs``, ``counts`` rows each, so
+    one call solves every site of a model. ``exact``: an eigen-solve (True), the sync-free
+    upper bound (False, its normalised powers appended to ``powers``) or no spectral norm
+    (None: zeros)."""
+    gram_u, gram_v = _grams(us), _grams(vs)  # [S, R, R], or [R, R] for one site
     # V is random-initialised so its Gram is positive definite; the jitter only makes the
     # computed norms a hair larger than the true ones (the bound stays safe).
     eye = torch.eye(w.shape[-1], device=w.device, dtype=gram_v.dtype)
-    jitter = 1e-6 * gram_v.diagonal().mean().detach() + 1e-12
-    gram_v = gram_v + jitter * eye
+    jitter = 1e-6 * gram_v.diagonal(dim1=-2, dim2=-1).mean(-1).detach() + 1e-12
+    gram_v = gram_v + jitter[..., None, None] * eye
     chol = torch.linalg.cholesky_ex(gram_v).L  # no host sync on GPU
-    lw = w[:, :, None] * chol  # diag(w) L
-    core = lw.transpose(1, 2) @ gram_u @ lw
+    lw = w[:, :, None] * _per_row(chol, counts)  # diag(w) L
+    core = lw.transpose(1, 2) @ _per_row(gram_u, counts) @ lw
     fro2 = core.diagonal(dim1=1, dim2=2).sum(-1)
     if exact is None:
         lam = torch.zeros_like(fro2)
@@ -188,18 +215,25 @@ class _BoundedSpectrum(torch.autograd.Function):
     to M_n G, so a spectral function F of it has dF = tr(X dM_n) + tr(Y dG) with X = L S L^T
     and Y = L^-T core S L^-1, where S = dF/dcore; for the bound trace(core^p)^(1/p),
     S = bound core^(p-1) / trace(core^p); the trace adds G to X and M_n to Y.
+    Inputs: w [n, R], floor, the sites' row counts, then every site's U, then every site's V.
     """
 
     @staticmethod
-    def forward(ctx: Any, w: Tensor, u: Tensor, v: Tensor, floor: float) -> tuple[Tensor, Tensor]:
+    def forward(
+        ctx: Any, w: Tensor, floor: float, counts: tuple[int, ...], *factors: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        us, vs = factors[: len(counts)], factors[len(counts) :]
         powers: list[Tensor] = []
-        lam, fro2, parts = _core_spectrum(w, u, v, False, floor, powers)
-        ctx.save_for_backward(w, u, v, lam, *parts, *powers)
+        lam, fro2, parts = _core_spectrum(w, counts, us, vs, False, floor, powers)
+        ctx.counts = counts
+        ctx.save_for_backward(w, lam, *parts, *powers, *factors)
         return lam, fro2
 
     @staticmethod
     def backward(ctx: Any, grad_lam: Tensor, grad_fro2: Tensor) -> tuple[Tensor | None, ...]:
-        w, u, v, lam, gram_u, gram_v, chol, core, *powers = ctx.saved_tensors
+        counts, sites = ctx.counts, len(ctx.counts)
+        w, lam, gram_u, gram_v, chol, core, *rest = ctx.saved_tensors
+        powers, us, vs = rest[: -2 * sites], rest[-2 * sites : -sites], rest[-sites:]
         p = powers[0]  # the product of the normalised powers: core^(p-1) up to a factor
         for a in powers[1:]:
             p = p @ a
@@ -208,14 +242,47 @@ class _BoundedSpectrum(torch.autograd.Function):
         s, s_core = p * k[:, None, None], p_core * k[:, None, None]
         eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
         chol_inv = torch.linalg.solve_triangular(chol, eye, upper=False)
+        chol_rows, chol_inv_rows = _per_row(chol, counts), _per_row(chol_inv, counts)
+        gram_u_rows, fro = _per_row(gram_u, counts), grad_fro2[:, None, None]
         ww = w[:, :, None] * w[:, None, :]
-        x = chol @ s @ chol.t() + grad_fro2[:, None, None] * gram_v
+        x = chol_rows @ s @ chol_rows.transpose(-1, -2) + fro * _per_row(gram_v, counts)
         x = x + x.transpose(1, 2)  # dM = dW G_U W + W G_U dW + W dG_U W, dG_U = dU^T U + U^T dU
-        y = (chol_inv.t() @ s_core @ chol_inv + grad_fro2[:, None, None] * ww * gram_u).sum(0)
-        grad_w = (gram_u * w[:, None, :] * x).sum(-1)
-        grad_u = u @ (ww * x).sum(0)
-        grad_v = v @ (y + y.t())
-        return grad_w, grad_u, grad_v, None
+        y = chol_inv_rows.transpose(-1, -2) @ s_core @ chol_inv_rows + fro * ww * gram_u_rows
+        grad_w = (gram_u_rows * w[:, None, :] * x).sum(-1)
+        grad_us = [u @ m for u, m in zip(us, _per_site_sum(ww * x, counts), strict=True)]
+        grad_vs = [v @ (m + m.t()) for v, m in zip(vs, _per_site_sum(y, counts), strict=True)]
+        return grad_w, None, None, *grad_us, *grad_vs
+
+
+def _trust_scales(
+    w: Tensor,
+    counts: Sequence[int],
+    us: Sequence[Tensor],
+    vs: Sequence[Tensor],
+    budget: float | None,
+    budget_fro: float | None,
+) -> Tensor:
+    """Scale in (0, 1] per row of column weights ``w`` [n, R] (float32 or wider) that puts
+    D = U diag(w) V^T inside the trust region (spectral norm first, then Frobenius); rows are
+    ``counts[i]`` rows of site i, whose factors are us[i], vs[i] (in w's dtype)."""
+    exact = None if budget is None else _uses_eigen_solver(w.device)
+    floor = 1e-12 * (budget or 1.0) ** 2
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (w, *us, *vs))
+    if exact is False and grad:
+        lam, fro2 = _BoundedSpectrum.apply(w, floor, tuple(counts), *us, *vs)
+    else:
+        lam, fro2, _ = _core_spectrum(w, counts, us, vs, exact, floor, None)
+    scale = None
+    if budget is not None:
+        # Compare squares so sqrt never sees 0 (its gradient there is inf -> NaN).
+        scale = budget / torch.sqrt(torch.clamp(lam, min=budget * budget))
+    if budget_fro is not None:
+        if scale is not None:
+            fro2 = fro2 * scale * scale
+        fro_scale = budget_fro / torch.sqrt(torch.clamp(fro2, min=budget_fro * budget_fro))
+        scale = fro_scale if scale is None else scale * fro_scale
+    assert scale is not None  # callers return early when there is no budget
+    return scale
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -490,6 +557,9 @@ class BEMLayer(nn.Module):
             tuple[Tensor, int, tuple[int, Tensor | None, Tensor | None] | None] | None
         ) = None
         self._eval_cache: tuple[tuple[Any, ...], tuple[Tensor, Tensor]] | None = None
+        # This forward's expert solution, solved with every other layer of the model in one
+        # batched call (presolve_trust_regions); None outside a model forward with gradients.
+        self._presolved: tuple[Tensor, Tensor] | None = None
         self._external_convex = False
         # (expert solution, weights, decisions, gates) of the current external gates at
         # inference: a decoder sets gates once per segment and runs one token per forward.
@@ -576,19 +646,15 @@ class BEMLayer(nn.Module):
         """(expert_weights [K, R], their column-wise sum [R]), cached while no gradient is
         recorded and no parameter has changed."""
         if torch.is_grad_enabled():
-            return self._solve_expert_weights()
+            presolved = self._presolved
+            return presolved if presolved is not None else _solve_experts([self])[0]
         u, v, c = self.bem_U, self.bem_V, self.bem_code  # spelled out: runs every forward
         key: tuple[Any, ...] = (u._version, v._version, c._version, u.data_ptr(), v.data_ptr())
         key += (c.data_ptr(), self.trust_budget, self.trust_budget_fro)
         cached = self._eval_cache
         if cached is None or cached[0] != key:
-            cached = self._eval_cache = (key, self._solve_expert_weights())
+            cached = self._eval_cache = (key, _solve_experts([self])[0])
         return cached[1]
-
-    def _solve_expert_weights(self) -> tuple[Tensor, Tensor]:
-        w = self.col_own_scale * self.bem_code  # [K, R]
-        w = w * self.trust_scale(w)[:, None]
-        return w, w.sum(0)  # experts own disjoint columns: the sum is each column's weight
 
     def column_weights(self, gates: Tensor, *, row_trust: bool = True) -> Tensor:
         """Gates [..., K] -> per-rank-column weights [..., R] inside the trust region.
@@ -613,33 +679,11 @@ class BEMLayer(nn.Module):
         inside the trust region (spectral norm first, then Frobenius)."""
         if self.trust_budget is None and self.trust_budget_fro is None:
             return torch.ones(w.shape[0], device=w.device, dtype=w.dtype)
+        wide = w.dtype if w.dtype == torch.float64 else torch.float32  # half: not accurate enough
         with torch.autocast(w.device.type, enabled=False):
-            # float32 at least: half-precision Cholesky / eigen-solves are not accurate enough
-            wide = w.to(torch.promote_types(w.dtype, torch.float32))
-            return self._trust_scale_solve(wide).to(w.dtype)
-
-    def _trust_scale_solve(self, w: Tensor) -> Tensor:
-        u, v = self.bem_U.to(w.dtype), self.bem_V.to(w.dtype)
-        b = None if self.trust_budget is None else float(self.trust_budget)
-        exact = None if b is None else _uses_eigen_solver(w.device)
-        floor = 1e-12 * (b or 1.0) ** 2
-        grad = torch.is_grad_enabled() and (w.requires_grad or u.requires_grad or v.requires_grad)
-        if exact is False and grad:
-            lam, fro2 = _BoundedSpectrum.apply(w, u, v, floor)
-        else:
-            lam, fro2, _ = _core_spectrum(w, u, v, exact, floor, None)
-        scale = None
-        if b is not None:
-            # Compare squares so sqrt never sees 0 (its gradient there is inf -> NaN).
-            scale = b / torch.sqrt(torch.clamp(lam, min=b * b))
-        if self.trust_budget_fro is not None:
-            bf = float(self.trust_budget_fro)
-            if scale is not None:
-                fro2 = fro2 * scale * scale
-            fro_scale = bf / torch.sqrt(torch.clamp(fro2, min=bf * bf))
-            scale = fro_scale if scale is None else scale * fro_scale
-        assert scale is not None  # trust_scale returns early when there is no budget
-        return scale
+            u, v = self.bem_U.to(wide), self.bem_V.to(wide)
+            budgets = self.trust_budget, self.trust_budget_fro
+            return _trust_scales(w.to(wide), [w.shape[0]], [u], [v], *budgets).to(w.dtype)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
@@ -1077,6 +1121,57 @@ class BEMLayer(nn.Module):
             w = self.column_weights(rows)[inverse]
         w = w.reshape(*g.shape[:2], self.total_rank)
         return w, g.argmax(-1), g.detach().clamp_min(0)
+
+
+# ---------------------------------------------------------------------- batched trust regions
+def _solve_experts(layers: Sequence[BEMLayer]) -> list[tuple[Tensor, Tensor]]:
+    """Every layer's (expert weights [K, R] inside its trust region, their column sum [R]),
+    the layers of one trust-region setting (total rank, budgets, device, dtype) solved in one
+    batched call: the same small ops once for all of them instead of once per layer."""
+    first = layers[0]
+    ws = [layer.col_own_scale * layer.bem_code for layer in layers]  # [K, R] each
+    if first.trust_budget is not None or first.trust_budget_fro is not None:
+        w = ws[0] if len(ws) == 1 else torch.cat(ws)
+        wide = w.dtype if w.dtype == torch.float64 else torch.float32  # half: not accurate enough
+        with torch.autocast(w.device.type, enabled=False):
+            us = [layer.bem_U.to(wide) for layer in layers]
+            vs = [layer.bem_V.to(wide) for layer in layers]
+            counts = [layer.num_experts for layer in layers]
+            budgets = first.trust_budget, first.trust_budget_fro
+            scale = _trust_scales(w.to(wide), counts, us, vs, *budgets).to(w.dtype)
+        w = w * scale[:, None]
+        ws = [w] if len(ws) == 1 else list(torch.split(w, counts))
+    # Experts own disjoint columns: the sum is each column's weight.
+    return [(wk, wk.sum(0)) for wk in ws]
+
+
+def _trust_setting(layer: BEMLayer) -> tuple[Any, ...]:
+    v = layer.bem_V
+    return (layer.total_rank, layer.trust_budget, layer.trust_budget_fro, v.device, v.dtype)
+
+
+def presolve_trust_regions(model: nn.Module, _args: Any = None) -> None:
+    """Solve the trust region of every enabled BEM layer of ``model`` for this forward, in one
+    batched call per trust-region setting. A forward pre-hook of models with BEM (attach_bem):
+    on a GPU a training step is bound by launching small ops, and per layer the solve is most
+    of BEM's. Only while gradients are recorded (inference caches each layer's solution)."""
+    if not torch.is_grad_enabled():
+        return
+    groups: dict[tuple[Any, ...], list[BEMLayer]] = {}
+    for module in model.modules():
+        if isinstance(module, BEMLayer) and module.enabled:
+            groups.setdefault(_trust_setting(module), []).append(module)
+    for layers in groups.values():
+        for layer, solution in zip(layers, _solve_experts(layers), strict=True):
+            layer.__dict__["_presolved"] = solution
+
+
+def clear_presolved(model: nn.Module, _args: Any = None, _output: Any = None) -> None:
+    """Forward hook (always called, also when the forward raised): the presolved solutions
+    belong to that forward's autograd graph only."""
+    for module in model.modules():
+        if isinstance(module, BEMLayer):
+            module.__dict__["_presolved"] = None
 
 
 # ---------------------------------------------------------------------- model-level helpers
