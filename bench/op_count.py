@@ -14,7 +14,11 @@ launch nothing. Last line (machine-readable):
   op_count: train_extra_per_site=<accelerator path> train_extra_per_site_cpu=..
   prefill_extra_per_site=.. decode_extra_per_site=..
 
-Usage: python bench/op_count.py
+Sites share one batched trust-region solve per training forward, so the extra per site falls
+as sites are added: ``--layers 22`` counts at the GPU bench's 44 sites (tiny width: the count
+does not depend on it).
+
+Usage: python bench/op_count.py [--layers N]
 """
 
 from __future__ import annotations
@@ -103,9 +107,16 @@ def phase_counts(model: torch.nn.Module, bem: bool, size: dict[str, Any]) -> dic
 
 
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__.split("\n")[0]).parse_args()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "--layers",
+        type=int,
+        default=SIZES["tiny"]["layers"],
+        help="decoder layers (22: the GPU bench's count of sites, at tiny width)",
+    )
+    args = ap.parse_args()
     torch.manual_seed(0)
-    size = dict(SIZES["tiny"])
+    size = {**SIZES["tiny"], "layers": args.layers}
     variant_args = argparse.Namespace(rank=16, experts=4)
     models, _, info = build_variants(variant_args, size, torch.device("cpu"), torch.bfloat16)
     sites = info["bem_sites"]
@@ -118,7 +129,10 @@ def main() -> None:
             bem[path] = phase_counts(models["bem"], True, size)
         finally:
             bem_module._uses_eigen_solver = real
-    print(f"Llama tiny (bf16, {sites} BEM sites, K=4 of rank 4; LoRA r=16), ops per call:")
+    print(
+        f"Llama tiny width, {args.layers} layers (bf16, {sites} BEM sites, K=4 of rank 4; "
+        "LoRA r=16), ops per call:"
+    )
     print(
         f"{'phase':10s} {'lora':>9s} {'bem accel':>10s} {'bem cpu':>9s}  extra per site (accel/cpu)"
     )
