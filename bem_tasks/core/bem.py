@@ -679,11 +679,7 @@ class BEMLayer(nn.Module):
         inside the trust region (spectral norm first, then Frobenius)."""
         if self.trust_budget is None and self.trust_budget_fro is None:
             return torch.ones(w.shape[0], device=w.device, dtype=w.dtype)
-        wide = w.dtype if w.dtype == torch.float64 else torch.float32  # half: not accurate enough
-        with torch.autocast(w.device.type, enabled=False):
-            u, v = self.bem_U.to(wide), self.bem_V.to(wide)
-            budgets = self.trust_budget, self.trust_budget_fro
-            return _trust_scales(w.to(wide), [w.shape[0]], [u], [v], *budgets).to(w.dtype)
+        return _layer_trust_scales([self], w, [w.shape[0]])
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
@@ -1128,21 +1124,25 @@ def _solve_experts(layers: Sequence[BEMLayer]) -> list[tuple[Tensor, Tensor]]:
     """Every layer's (expert weights [K, R] inside its trust region, their column sum [R]),
     the layers of one trust-region setting (total rank, budgets, device, dtype) solved in one
     batched call: the same small ops once for all of them instead of once per layer."""
-    first = layers[0]
     ws = [layer.col_own_scale * layer.bem_code for layer in layers]  # [K, R] each
-    if first.trust_budget is not None or first.trust_budget_fro is not None:
+    if layers[0].trust_budget is not None or layers[0].trust_budget_fro is not None:
         w = ws[0] if len(ws) == 1 else torch.cat(ws)
-        wide = w.dtype if w.dtype == torch.float64 else torch.float32  # half: not accurate enough
-        with torch.autocast(w.device.type, enabled=False):
-            us = [layer.bem_U.to(wide) for layer in layers]
-            vs = [layer.bem_V.to(wide) for layer in layers]
-            counts = [layer.num_experts for layer in layers]
-            budgets = first.trust_budget, first.trust_budget_fro
-            scale = _trust_scales(w.to(wide), counts, us, vs, *budgets).to(w.dtype)
-        w = w * scale[:, None]
+        counts = [layer.num_experts for layer in layers]
+        w = w * _layer_trust_scales(layers, w, counts)[:, None]
         ws = [w] if len(ws) == 1 else list(torch.split(w, counts))
     # Experts own disjoint columns: the sum is each column's weight.
     return [(wk, wk.sum(0)) for wk in ws]
+
+
+def _layer_trust_scales(layers: Sequence[BEMLayer], w: Tensor, counts: Sequence[int]) -> Tensor:
+    """``_trust_scales`` of rows ``w`` of ``layers`` (one trust-region setting, ``counts``
+    rows each), solved in float32 or wider whatever the layers' dtype or autocast."""
+    wide = w.dtype if w.dtype == torch.float64 else torch.float32  # half: not accurate enough
+    with torch.autocast(w.device.type, enabled=False):
+        us = [layer.bem_U.to(wide) for layer in layers]
+        vs = [layer.bem_V.to(wide) for layer in layers]
+        budgets = layers[0].trust_budget, layers[0].trust_budget_fro
+        return _trust_scales(w.to(wide), counts, us, vs, *budgets).to(w.dtype)
 
 
 def _trust_setting(layer: BEMLayer) -> tuple[Any, ...]:
