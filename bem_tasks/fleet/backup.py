@@ -1,7 +1,8 @@
 """`bem-fleet backup` / `bem-fleet restore`: what a lost artifact root cannot recompute.
 
-A backup holds the registry, every promoted run's mission folder (current and history entries),
-and the configuration (architecture, gates and experiment files), each with its sha256 in
+A backup holds the registry, every promoted run's mission folder (current and history entries;
+without a writer's scratch: phase locks, temporary files, checkpoint staging folders) and the
+configuration (architecture, gates and experiment files), each with its sha256 in
 ``backup_manifest.json``. Runs that were not promoted are left out: they can be rerun from the
 configs. A backup is written beside its destination and renamed into place, so a half-written
 one never exists under that name; a restore verifies every file against the manifest before it
@@ -29,6 +30,17 @@ class BackupError(ValueError):
     """A backup that cannot be written or restored; the message names the file."""
 
 
+def _scratch(rel: Path) -> bool:
+    """What a writer keeps only while it works: the phase lock, an atomic write's temporary
+    file, a checkpoint's staging, replaced or trashed folder. A restore has no use for them."""
+    name = rel.name
+    return (
+        name == ".phase.lock"
+        or (name.startswith(".") and name.endswith(".tmp"))
+        or any(part.startswith((".tmp-", ".old-", ".trash-")) for part in rel.parts)
+    )
+
+
 def _sources(cfg: FleetConfig) -> dict[str, Path]:
     """Backup-relative path -> source file."""
     root = cfg.artifact_root.resolve()
@@ -46,7 +58,8 @@ def _sources(cfg: FleetConfig) -> dict[str, Path]:
                 f"{registry}: promoted run {run} lies outside the artifact root {root}"
             ) from None
         for f in sorted(p for p in run.rglob("*") if p.is_file()):
-            files[f"artifacts/{rel}/{f.relative_to(run)}"] = f
+            if not _scratch(f.relative_to(run)):
+                files[f"artifacts/{rel}/{f.relative_to(run)}"] = f
     project = cfg.root.resolve()
     configs = [cfg.path, cfg.resolve(cfg.arch.statistics.gates)]
     configs += [cfg.resolve(m.experiment) for m in cfg.arch.missions.values()]

@@ -67,6 +67,29 @@ def test_round_trip_restores_the_registry_promoted_runs_and_configs(
     assert (tmp_path / "cfg/experiments/mission_a_agentic_planner.yml").is_file()
 
 
+def test_a_writers_scratch_is_left_out_of_the_backup(fleet: Path, tmp_path: Path) -> None:
+    run = fleet / "bem_fleet/promoted/mission_a/evaluate/seed_0"
+    scratch = [
+        ".phase.lock",
+        ".metrics.json.k3j2x.tmp",
+        ".run_id.8f2a.tmp",
+        "checkpoints/.tmp-step-5-ab12/model.safetensors",
+        "checkpoints/.old-step-4-zz01/model.safetensors",
+        ".trash-checkpoints-1733000000/step-3/model.safetensors",
+    ]
+    for rel in scratch:
+        (run / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run / rel).write_bytes(b"partial")
+    (run / "checkpoints/step-6").mkdir(parents=True)
+    (run / "checkpoints/step-6/model.safetensors").write_bytes(b"kept")
+    assert main(["backup", "--to", str(tmp_path / "bk"), "--config", CONFIG]) == 0
+    files = json.loads((tmp_path / "bk/backup_manifest.json").read_text())["files"]
+    prefix = "artifacts/bem_fleet/promoted/mission_a/evaluate/seed_0/"
+    assert prefix + "checkpoints/step-6/model.safetensors" in files
+    assert prefix + "weights.safetensors" in files
+    assert [k for k in files if any(k == prefix + rel for rel in scratch)] == []
+
+
 def test_a_tampered_backup_is_refused_naming_the_file_and_nothing_is_written(
     fleet: Path,
     tmp_path: Path,
