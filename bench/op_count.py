@@ -116,7 +116,8 @@ def main() -> None:
     )
     args = ap.parse_args()
     torch.manual_seed(0)
-    size = {**SIZES["tiny"], "layers": args.layers}
+    # new_tokens 64: the model's positions cover the prompt and the 64 counted decode steps
+    size = {**SIZES["tiny"], "layers": args.layers, "new_tokens": 64}
     variant_args = argparse.Namespace(rank=16, experts=4)
     models, _, info = build_variants(variant_args, size, torch.device("cpu"), torch.bfloat16)
     sites = info["bem_sites"]
