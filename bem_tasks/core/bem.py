@@ -1164,11 +1164,15 @@ def presolve_trust_regions(model: nn.Module, _args: Any = None) -> None:
     for layers in groups.values():
         for layer, solution in zip(layers, _solve_experts(layers), strict=True):
             layer.__dict__["_presolved"] = solution
+    model.__dict__["_bem_presolved"] = True
 
 
 def clear_presolved(model: nn.Module, _args: Any = None, _output: Any = None) -> None:
     """Forward hook (always called, also when the forward raised): the presolved solutions
-    belong to that forward's autograd graph only."""
+    belong to that forward's autograd graph only. Free when nothing was presolved (a decoding
+    step walks no modules)."""
+    if not model.__dict__.pop("_bem_presolved", False):
+        return
     for module in model.modules():
         if isinstance(module, BEMLayer):
             module.__dict__["_presolved"] = None
