@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -34,7 +35,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
 def remove_tree(path: str | os.PathLike[str]) -> None:
     """Delete a folder so that it is never visible half-deleted: it first leaves its name by an
     atomic rename to a hidden ``.trash-<name>-<ns>`` beside it, then that is deleted. A crash in
-    between leaves only the hidden folder (names starting with '.' are never read as results)."""
+    between leaves only the hidden folder (names starting with '.' are never read as results),
+    which ``clear_trash`` (here, and where a checkpoint folder is opened) deletes later."""
     path = Path(path)
     trash = path.with_name(f".trash-{path.name}-{time.time_ns()}")
     try:
@@ -42,6 +44,15 @@ def remove_tree(path: str | os.PathLike[str]) -> None:
     except FileNotFoundError:
         return
     shutil.rmtree(trash, ignore_errors=True)
+    clear_trash(path)
+
+
+def clear_trash(path: str | os.PathLike[str]) -> None:
+    """Delete what an interrupted ``remove_tree(path)`` left beside ``path`` (its hidden
+    ``.trash-<name>-<ns>`` folders)."""
+    path = Path(path)
+    for left in path.parent.glob(f".trash-{glob.escape(path.name)}-[0-9]*"):
+        shutil.rmtree(left, ignore_errors=True)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:

@@ -23,7 +23,13 @@ from torch import nn
 
 from bem_tasks.config.schema import ModelSpec, TrainingSpec
 from bem_tasks.core import CheckpointManager, build_model
-from bem_tasks.io import atomic_write_bytes, atomic_write_json, remove_tree, sha256_file
+from bem_tasks.io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    clear_trash,
+    remove_tree,
+    sha256_file,
+)
 from bem_tasks.missions.planner import make_batch
 
 P = TypeVar("P")
@@ -83,6 +89,7 @@ def fingerprinted_checkpoints(
         # Left by a different config or seed: not ours to resume. Removed by a rename first, so
         # a crash cannot leave its steps without this stamp (they would then look like ours).
         remove_tree(directory)
+    clear_trash(directory)  # what a crash inside an earlier removal left
     atomic_write_json(stamp, {"fingerprint": fingerprint})
     return CheckpointManager(directory, keep=keep, trainable_only=trainable_only)
 

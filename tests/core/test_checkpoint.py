@@ -185,9 +185,11 @@ def test_a_foreign_checkpoint_folder_is_never_adopted_after_a_crash_in_its_remov
         m.setattr(bem_tasks.io.shutil, "rmtree", crash)
         with pytest.raises(KeyboardInterrupt):
             fingerprinted_checkpoints(folder, 2, "config-b", trainable_only=False)
+    assert len(list(folder.parent.glob(".trash-base-*"))) == 1  # what the crash left
     manager = fingerprinted_checkpoints(folder, 2, "config-b", trainable_only=False)
     assert manager.checkpoints() == []
     assert json.loads((folder / "fingerprint.json").read_text()) == {"fingerprint": "config-b"}
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["base"]  # and the next open cleared
 
 
 def test_save_load_weights(tmp_path: Path) -> None:
