@@ -8,8 +8,8 @@ shape, bf16, the same variants (``bench/bem_vs_lora_gpu.py``), with BEM's trust 
 accelerator's spectral bound (``accelerator``) and on the CPU's eigen-solve (``cpu``).
 
 Per phase: ops of a training step (forward + loss + backward), of a prefill forward, and of a
-decode step (cached, one token, the mean over 32 steps crossing a chunk boundary), for LoRA and
-BEM, and ``(BEM - LoRA) / sites``. Views (view, transpose, expand, ...) are not counted: they
+decode step (cached, one token, the mean over 32 steps crossing a chunk boundary), for the base
+model (its training step is full fine-tuning), LoRA and BEM, and ``(BEM - LoRA) / sites``. Views (view, transpose, expand, ...) are not counted: they
 launch nothing. Last line (machine-readable):
   op_count: train_extra_per_site=<accelerator path> train_extra_per_site_cpu=..
   prefill_extra_per_site=.. decode_extra_per_site=..
@@ -121,6 +121,7 @@ def main() -> None:
     variant_args = argparse.Namespace(rank=16, experts=4)
     models, _, info = build_variants(variant_args, size, torch.device("cpu"), torch.bfloat16)
     sites = info["bem_sites"]
+    base = phase_counts(models["base"], False, size)
     lora = phase_counts(models["lora"], False, size)
     bem: dict[str, dict[str, float]] = {}
     real = bem_module._uses_eigen_solver
@@ -135,7 +136,8 @@ def main() -> None:
         "LoRA r=16), ops per call:"
     )
     print(
-        f"{'phase':10s} {'lora':>9s} {'bem accel':>10s} {'bem cpu':>9s}  extra per site (accel/cpu)"
+        f"{'phase':10s} {'base':>9s} {'lora':>9s} {'bem accel':>10s} {'bem cpu':>9s}  "
+        "BEM's extra over LoRA per site (accel / cpu)"
     )
     extra: dict[str, float] = {}
     for phase in ("train", "prefill", "decode"):
@@ -143,7 +145,7 @@ def main() -> None:
         cpu = (bem["cpu"][phase] - lora[phase]) / sites
         extra[phase], extra[phase + "_cpu"] = acc, cpu
         print(
-            f"{phase:10s} {lora[phase]:9.1f} {bem['accelerator'][phase]:10.1f} "
+            f"{phase:10s} {base[phase]:9.1f} {lora[phase]:9.1f} {bem['accelerator'][phase]:10.1f} "
             f"{bem['cpu'][phase]:9.1f}  {acc:.1f} / {cpu:.1f}"
         )
     print(
