@@ -165,8 +165,6 @@ def _grams(factors: Sequence[Tensor]) -> Tensor:
 
 def _per_site_sum(t: Tensor, counts: Sequence[int]) -> list[Tensor]:
     """Rows [N, ...] summed per site (``counts`` consecutive rows each)."""
-    if len(counts) == 1:
-        return [t.sum(0)]
     return [part.sum(0) for part in torch.split(t, list(counts))]
 
 
@@ -643,8 +641,9 @@ class BEMLayer(nn.Module):
         return self._expert_solution()[0]
 
     def _expert_solution(self) -> tuple[Tensor, Tensor]:
-        """(expert_weights [K, R], their column-wise sum [R]), cached while no gradient is
-        recorded and no parameter has changed."""
+        """(expert_weights [K, R], their column-wise sum [R]). With gradients: this model
+        forward's batched solution (presolve_trust_regions) or a solve of this layer alone;
+        without: cached while no parameter has changed."""
         if torch.is_grad_enabled():
             presolved = self._presolved
             return presolved if presolved is not None else _solve_experts([self])[0]

@@ -58,8 +58,9 @@ def _sources(cfg: FleetConfig) -> dict[str, Path]:
                 f"{registry}: promoted run {run} lies outside the artifact root {root}"
             ) from None
         for f in sorted(p for p in run.rglob("*") if p.is_file()):
-            if not _scratch(f.relative_to(run)):
-                files[f"artifacts/{rel}/{f.relative_to(run)}"] = f
+            inside = f.relative_to(run)
+            if not _scratch(inside):
+                files[f"artifacts/{rel}/{inside}"] = f
     project = cfg.root.resolve()
     configs = [cfg.path, cfg.resolve(cfg.arch.statistics.gates)]
     configs += [cfg.resolve(m.experiment) for m in cfg.arch.missions.values()]
