@@ -1,6 +1,6 @@
 """BEM vs peft LoRA vs the base model on a GPU: a ~1.1B Llama in bf16 (issue 17, point 3).
 
-The GPU counterpart of ``bench/bem_vs_lora.py`` (same three variants, same rounds with a rotated
+The GPU counterpart of ``bench/bem_vs_lora.py`` (same four variants, same rounds with a rotated
 order, ratios = median over rounds of the within-round ratio). Model: a Llama built from config
 with random weights (TinyLlama's shape: hidden 2048, 22 layers, 32 heads, 4 K/V heads,
 intermediate 5632, vocab 32000, untied head: 1,100,048,384 parameters), everything in bf16
@@ -13,6 +13,9 @@ trust-region solve runs in float32 internally).
         tau 0.1, trust budget 1.0 (spectral and Frobenius), base frozen; soft routing in the
         training step, hard (chunk-sticky) at inference; U factors non-zero so routing and
         the trust region do real work
+  bem_merged  the same BEM weights with ``merge_experts`` on (hard routing on W0 + D_k, the
+        serving path): prefill and decoding only, its training step is bem's; its weights
+        count the K merged copies of each site's base weight
 
 Measured per variant (no optimizer step anywhere):
   prefill    inference forward (eval, inference_mode) at batch 8 x seq 2048: tokens/s
@@ -43,6 +46,8 @@ an API difference) is recorded and that measurement is skipped from then on; the
 machine-readable:
   bem_gpu: inference_ratio_vs_base=.. decode_ratio_vs_base_b1=.. decode_ratio_vs_base_b8=..
   train_step_ratio=.. mfu_base_prefill=.. mfu_bem_prefill=.. peak_gb_bem=..
+  merged_inference_ratio_vs_base=.. merged_decode_ratio_vs_base_b1=.. .._b8=..
+(the first ratios are the unmerged ``bem``'s, as in the first recorded run)
 
 Usage (from the repository root):
   PYTHONUNBUFFERED=1 PYTHONPATH=. python3 bench/bem_vs_lora_gpu.py --json out.json
@@ -85,11 +90,13 @@ from bem_vs_lora import decode_timed as _decode  # noqa: E402
 
 from bem_tasks.core import (  # noqa: E402
     DEFAULT_SITES,
+    bem_layers,
     build_model,
     count_bem_parameters,
 )
 
-VARIANTS = ("base", "lora", "bem")
+VARIANTS = ("base", "lora", "bem", "bem_merged")
+TRAINED = ("base", "lora", "bem")  # bem_merged's training step is bem's
 INJECT_FAILURES: set[str] = set()  # "phase/variant" made to fail (--inject-failure, tests)
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, matched on the device name (first hit).
@@ -242,6 +249,17 @@ def _param_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def _merged_weight_bytes(model: nn.Module) -> int:
+    """Builds every BEM layer's merged weights W0 + D_k now (a cache the layer keeps until a
+    parameter changes) and returns their bytes: part of what the merged variant holds."""
+    with torch.inference_mode():
+        return sum(
+            t.numel() * t.element_size()
+            for _, layer in bem_layers(model)
+            for t in layer._merged_weights()
+        )
+
+
 def _matmul_params(model: nn.Module) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
 
@@ -268,7 +286,7 @@ def _rotated(names: tuple[str, ...], rnd: int) -> list[str]:
 
 def run_block(
     title: str,
-    phases: list[tuple[str, Callable[[str, bool], tuple[float, float | None]]]],
+    phases: list[tuple[str, tuple[str, ...], Callable[[str, bool], tuple[float, float | None]]]],
     models: dict[str, nn.Module],
     rounds: int,
     res: Results,
@@ -277,7 +295,7 @@ def run_block(
     budget_s: float,
 ) -> None:
     """Round 0 is a warm-up; then ``rounds`` rounds of every phase for every variant in an order
-    rotated each round. ``phases``: (name, fn(variant, warmup) -> (seconds, extra))."""
+    rotated each round. ``phases``: (name, variants, fn(variant, warmup) -> (seconds, extra))."""
     log(f"block {title}: warm-up + up to {rounds} rounds")
     t_block = time.perf_counter()
     last_round = 0.0
@@ -287,8 +305,8 @@ def run_block(
             log(f"block {title}: stopping after {rnd - 1} rounds (budget {budget_s:.0f} s)")
             break
         t_round = time.perf_counter()
-        for phase, fn in phases:
-            for variant in _rotated(tuple(models), rnd):
+        for phase, variants, fn in phases:
+            for variant in _rotated(variants, rnd):
                 if res.failed(phase, variant):
                     continue
 
@@ -344,8 +362,10 @@ def summarise(res: Results, ctx: dict[str, Any]) -> dict[str, Any]:
     r["train_step_ratio"] = paired("train", "bem", "lora")
     r["lora_train_ratio_vs_base"] = paired("train", "lora", "base")
     r["bem_train_ratio_vs_base"] = paired("train", "bem", "base")
+    r["merged_inference_ratio_vs_base"] = paired("prefill", "bem_merged", "base")
     for b in ctx["decode_batches"]:
         r[f"decode_ratio_vs_base_b{b}"] = paired(f"decode_b{b}", "bem", "base")
+        r[f"merged_decode_ratio_vs_base_b{b}"] = paired(f"decode_b{b}", "bem_merged", "base")
         r[f"lora_decode_ratio_vs_base_b{b}"] = paired(f"decode_b{b}", "lora", "base")
         r[f"bem_vs_lora_decode_b{b}"] = paired(f"decode_b{b}", "bem", "lora")
     bem_peaks = [v["bem"] for v in res.data["peak_gb"].values() if "bem" in v]
@@ -370,7 +390,7 @@ def print_report(res: Results, summary: dict[str, Any], decode_batches: list[int
             )
             gb = res.data["peak_gb"].get(phase, {}).get(variant)
             print(
-                f"{phase:10s} {variant:5s} {unit}  {tps[phase][variant]:10.0f} tok/s  "
+                f"{phase:10s} {variant:10s} {unit}  {tps[phase][variant]:10.0f} tok/s  "
                 f"MFU {_fmt(mfu.get(phase, {}).get(variant))}  peak {_fmt(gb, 2)} GB",
                 flush=True,
             )
@@ -380,15 +400,19 @@ def print_report(res: Results, summary: dict[str, Any], decode_batches: list[int
     print("ratios: " + json.dumps({k: _round(v) for k, v in summary["ratios"].items()}))
     r = summary["ratios"]
     m_pre = mfu.get("prefill", {})
-    decode = " ".join(
-        f"decode_ratio_vs_base_b{b}={_fmt(r.get(f'decode_ratio_vs_base_b{b}'))}"
-        for b in decode_batches
+    decode, merged = (
+        " ".join(
+            f"{prefix}decode_ratio_vs_base_b{b}={_fmt(r.get(f'{prefix}decode_ratio_vs_base_b{b}'))}"
+            for b in decode_batches
+        )
+        for prefix in ("", "merged_")
     )
     print(
         f"bem_gpu: inference_ratio_vs_base={_fmt(r.get('inference_ratio_vs_base'))} {decode} "
         f"train_step_ratio={_fmt(r.get('train_step_ratio'))} "
         f"mfu_base_prefill={_fmt(m_pre.get('base'))} mfu_bem_prefill={_fmt(m_pre.get('bem'))} "
-        f"peak_gb_bem={_fmt(summary['peak_gb_bem'], 2)}",
+        f"peak_gb_bem={_fmt(summary['peak_gb_bem'], 2)} "
+        f"merged_inference_ratio_vs_base={_fmt(r.get('merged_inference_ratio_vs_base'))} {merged}",
         flush=True,
     )
 
@@ -522,7 +546,7 @@ def main() -> None:
                 m = models[variant]
                 m.eval()
                 n = size["warmup_new_tokens"] if warmup else steps
-                pre_s, step_s = _decode(m, prompts[b], n, device, variant == "bem")
+                pre_s, step_s = _decode(m, prompts[b], n, device, variant.startswith("bem"))
                 return step_s, pre_s
 
             return fn
@@ -530,7 +554,7 @@ def main() -> None:
         res.data["status"] = "prefill/train"
         run_block(
             "prefill_train",
-            [("prefill", prefill), ("train", train)],
+            [("prefill", VARIANTS, prefill), ("train", TRAINED, train)],
             models,
             size["rounds"],
             res,
@@ -541,7 +565,7 @@ def main() -> None:
         res.data["status"] = "decode"
         run_block(
             "decode",
-            [(f"decode_b{b}", decoder(b)) for b in decode_batches],
+            [(f"decode_b{b}", VARIANTS, decoder(b)) for b in decode_batches],
             models,
             size["decode_rounds"],
             res,
@@ -605,10 +629,12 @@ def build_variants(
     except TypeError:  # a peft without the argument (< 0.12) keeps the base dtype anyway
         lora = get_peft_model(copy.deepcopy(base), lora_cfg)
     bem, report = bem_variant(base, sites, args.experts, args.rank)
+    merged, _ = bem_variant(base, sites, args.experts, args.rank, merge=True)
     models: dict[str, nn.Module] = {
         "base": base,
         "lora": lora.to(device=device, dtype=dtype),
         "bem": bem.to(device=device, dtype=dtype),
+        "bem_merged": merged.to(device=device, dtype=dtype),
     }
     for k, m in models.items():
         bad = {str(p.dtype) for p in m.parameters() if p.dtype != dtype}
@@ -618,6 +644,7 @@ def build_variants(
         k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, m in models.items()
     }
     weights = {k: _param_bytes(m) for k, m in models.items()}
+    weights["bem_merged"] += _merged_weight_bytes(models["bem_merged"])
     info = {
         "family": "llama",
         "parameters": n_params,

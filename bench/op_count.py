@@ -3,16 +3,20 @@
 On a GPU a small op costs a kernel launch and its host-side dispatch whatever its size, so
 where the device waits for the host (the GPU bench's training step and decoding: see
 bench/README.md) the number of ops is the cost. Counts are exact and the same on every
-machine, so they can be read here on CPU for the GPU path: the GPU bench's Llama in its tiny
+CPU, so they can be read here for the GPU path (except composites CUDA fuses: BEM's router
+``F.rms_norm`` is 18 ops per site in a training step here, 2 kernels on CUDA; see
+bench/README.md): the GPU bench's Llama in its tiny
 shape, bf16, the same variants (``bench/bem_vs_lora_gpu.py``), with BEM's trust region on the
 accelerator's spectral bound (``accelerator``) and on the CPU's eigen-solve (``cpu``).
 
 Per phase: ops of a training step (forward + loss + backward), of a prefill forward, and of a
 decode step (cached, one token, the mean over 32 steps crossing a chunk boundary), for the base
-model (its training step is full fine-tuning), LoRA and BEM, and ``(BEM - LoRA) / sites``. Views (view, transpose, expand, ...) are not counted: they
-launch nothing. Last line (machine-readable):
+model (its training step is full fine-tuning), LoRA, BEM and BEM with ``merge_experts`` (the
+serving path; no training step), and ``(BEM - LoRA) / sites``. Views (view, transpose,
+expand, ...) are not counted: they launch nothing. Last line (machine-readable):
   op_count: train_extra_per_site=<accelerator path> train_extra_per_site_cpu=..
   prefill_extra_per_site=.. decode_extra_per_site=..
+  merged_decode_over_base_per_site=<(BEM merged - base) / sites>
 
 Sites share one batched trust-region solve per training forward, so the extra per site falls
 as sites are added: ``--layers 22`` counts at the GPU bench's 44 sites (tiny width: the count
@@ -82,12 +86,14 @@ def count(fn: Callable[[], object]) -> int:
     return sum(counter.ops.values())
 
 
-def phase_counts(model: torch.nn.Module, bem: bool, size: dict[str, Any]) -> dict[str, float]:
+def phase_counts(
+    model: torch.nn.Module, bem: bool, size: dict[str, Any], *, train: bool = True
+) -> dict[str, float]:
     ids = torch.randint(0, size["vocab"], (size["train_batch"], size["train_seq"]))
     prompt = torch.randint(0, size["vocab"], (1, size["prompt"]))
     device = torch.device("cpu")
 
-    def train() -> None:
+    def train_step() -> None:
         model.zero_grad(set_to_none=True)
         model(input_ids=ids, labels=ids).loss.backward()
 
@@ -98,8 +104,10 @@ def phase_counts(model: torch.nn.Module, bem: bool, size: dict[str, Any]) -> dic
     def decode(steps: int) -> Callable[[], object]:
         return lambda: decode_timed(model, prompt, steps, device, bem)
 
-    model.train()
-    counts = {"train": float(count(train))}
+    counts = {}
+    if train:
+        model.train()
+        counts["train"] = float(count(train_step))
     model.eval()
     counts["prefill"] = float(count(prefill))
     counts["decode"] = (count(decode(64)) - count(decode(32))) / 32
@@ -131,27 +139,31 @@ def main() -> None:
             bem[path] = phase_counts(models["bem"], True, size)
         finally:
             bem_module._uses_eigen_solver = real
+    merged = phase_counts(models["bem_merged"], True, size, train=False)
     print(
         f"Llama tiny width, {args.layers} layers (bf16, {sites} BEM sites, K=4 of rank 4; "
         "LoRA r=16), ops per call:"
     )
     print(
-        f"{'phase':10s} {'base':>9s} {'lora':>9s} {'bem accel':>10s} {'bem cpu':>9s}  "
-        "BEM's extra over LoRA per site (accel / cpu)"
+        f"{'phase':10s} {'base':>9s} {'lora':>9s} {'bem accel':>10s} {'bem cpu':>9s} "
+        f"{'merged':>9s}  BEM's extra over LoRA per site (accel / cpu)"
     )
     extra: dict[str, float] = {}
     for phase in ("train", "prefill", "decode"):
         acc = (bem["accelerator"][phase] - lora[phase]) / sites
         cpu = (bem["cpu"][phase] - lora[phase]) / sites
         extra[phase], extra[phase + "_cpu"] = acc, cpu
+        merged_ops = f"{merged[phase]:9.1f}" if phase in merged else f"{'-':>9s}"
         print(
             f"{phase:10s} {base[phase]:9.1f} {lora[phase]:9.1f} {bem['accelerator'][phase]:10.1f} "
-            f"{bem['cpu'][phase]:9.1f}  {acc:.1f} / {cpu:.1f}"
+            f"{bem['cpu'][phase]:9.1f} {merged_ops}  {acc:.1f} / {cpu:.1f}"
         )
+    merged_decode = (merged["decode"] - base["decode"]) / sites
     print(
         f"op_count: train_extra_per_site={extra['train']:.1f} "
         f"train_extra_per_site_cpu={extra['train_cpu']:.1f} "
-        f"prefill_extra_per_site={extra['prefill']:.1f} decode_extra_per_site={extra['decode']:.1f}"
+        f"prefill_extra_per_site={extra['prefill']:.1f} decode_extra_per_site={extra['decode']:.1f} "
+        f"merged_decode_over_base_per_site={merged_decode:.1f}"
     )
 
 

@@ -35,6 +35,7 @@ def test_gpu_bench_tiny_cpu(tmp_path: Path) -> None:
     assert last.startswith("bem_gpu: inference_ratio_vs_base=")
     fields = dict(kv.split("=") for kv in last.split()[1:])
     assert {"decode_ratio_vs_base_b1", "train_step_ratio", "mfu_bem_prefill"} <= set(fields)
+    assert {"merged_inference_ratio_vs_base", "merged_decode_ratio_vs_base_b2"} <= set(fields)
     assert fields["train_step_ratio"] != "nan"
 
     data = json.loads(out.read_text())
@@ -45,11 +46,22 @@ def test_gpu_bench_tiny_cpu(tmp_path: Path) -> None:
     }
     times = data["times"]
     assert set(times) == {"prefill", "train", "decode_b1", "decode_b2"}
-    assert set(times["decode_b1"]) == {"base", "bem"}  # the failure cost only itself
+    assert set(times["decode_b1"]) == {"base", "bem", "bem_merged"}  # the failure cost only itself
+    assert set(times["prefill"]) == {"base", "lora", "bem", "bem_merged"}
+    assert set(times["train"]) == {"base", "lora", "bem"}  # bem_merged trains as bem
+    # The merged variant holds K merged copies of each site's base weight on top of bem's.
+    weights_gb = data["model"]["weights_gb"]
+    assert weights_gb["bem_merged"] > weights_gb["bem"]
     assert all(len(v) >= 1 for per in times.values() for v in per.values())
     ratios = data["summary"]["ratios"]
     assert ratios["lora_decode_ratio_vs_base_b1"] is None
-    for key in ("inference_ratio_vs_base", "train_step_ratio", "decode_ratio_vs_base_b2"):
+    for key in (
+        "inference_ratio_vs_base",
+        "train_step_ratio",
+        "decode_ratio_vs_base_b2",
+        "merged_inference_ratio_vs_base",
+        "merged_decode_ratio_vs_base_b1",
+    ):
         assert ratios[key] > 0
     assert data["summary"]["mfu"]["prefill"]["bem"] > 0
     assert data["env"]["torch"] and data["env"]["transformers"] and data["env"]["peft"]

@@ -46,6 +46,11 @@ def test_script_prints_every_phase_and_the_last_line() -> None:
         "train_extra_per_site_cpu",
         "prefill_extra_per_site",
         "decode_extra_per_site",
+        "merged_decode_over_base_per_site",
     }
     # The two trust-region paths differ only in training (inference uses the cached solve).
     assert fields["train_extra_per_site"] != fields["train_extra_per_site_cpu"]
+    # Merged decoding inside a chunk is the base's one matmul per site; only the one chunk
+    # boundary in the 32 counted steps (router, decision, plan) adds ops.
+    assert 0 < fields["merged_decode_over_base_per_site"] < 1
+    assert lines[-4].split()[5] == "-"  # the merged variant has no training step
