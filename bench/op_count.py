@@ -2,12 +2,13 @@
 
 On a GPU a small op costs a kernel launch and its host-side dispatch whatever its size, so
 where the device waits for the host (the GPU bench's training step and decoding: see
-bench/README.md) the number of ops is the cost. Counts are exact and the same on every
-CPU, so they can be read here for the GPU path (except composites CUDA fuses: BEM's router
-``F.rms_norm`` is 18 ops per site in a training step here, 2 kernels on CUDA; see
-bench/README.md): the GPU bench's Llama in its tiny
-shape, bf16, the same variants (``bench/bem_vs_lora_gpu.py``), with BEM's trust region on the
-accelerator's spectral bound (``accelerator``) and on the CPU's eigen-solve (``cpu``).
+bench/README.md) the number of ops is the cost. Counts are exact and the same on every CPU, so
+they can be read here for the GPU path (except composites CUDA fuses: BEM's router
+``F.rms_norm`` is 18 ops per site in a training step here, 2 kernels on CUDA): the GPU bench's
+Llama in its tiny shape at its sequence lengths, bf16, the same variants
+(``bench/bem_vs_lora_gpu.py``), with BEM on the accelerator's path (``accelerator``: the trust
+region's spectral bound, the hysteresis scan on the device) and on the CPU's (``cpu``:
+eigen-solve, hysteresis in numpy).
 
 Per phase: ops of a training step (forward + loss + backward), of a prefill forward, and of a
 decode step (cached, one token, the mean over 32 steps crossing a chunk boundary), for the base
@@ -124,22 +125,31 @@ def main() -> None:
     )
     args = ap.parse_args()
     torch.manual_seed(0)
-    # new_tokens 64: the model's positions cover the prompt and the 64 counted decode steps
-    size = {**SIZES["tiny"], "layers": args.layers, "new_tokens": 64}
+    # The GPU bench's sequence lengths (the hysteresis scan's ops grow with the chunks per
+    # sequence); new_tokens 64: the positions cover the prompt and the 64 counted decode steps.
+    full = SIZES["full"]
+    size = {
+        **SIZES["tiny"],
+        "layers": args.layers,
+        "train_seq": full["train_seq"],
+        "prompt": full["prompt"],
+        "new_tokens": 64,
+    }
     variant_args = argparse.Namespace(rank=16, experts=4)
     models, _, info = build_variants(variant_args, size, torch.device("cpu"), torch.bfloat16)
     sites = info["bem_sites"]
     base = phase_counts(models["base"], False, size)
     lora = phase_counts(models["lora"], False, size)
     bem: dict[str, dict[str, float]] = {}
-    real = bem_module._uses_eigen_solver
-    for path, eigen in (("accelerator", False), ("cpu", True)):
-        bem_module._uses_eigen_solver = lambda device, eigen=eigen: eigen  # type: ignore[assignment]
-        try:
+    real = bem_module._uses_eigen_solver, bem_module._decides_on_host
+    try:  # each path's trust-region solve and hysteresis rule (the scan on an accelerator)
+        for path, on_host in (("cpu", True), ("accelerator", False)):
+            host = lambda device, on_host=on_host: on_host  # noqa: E731
+            bem_module._uses_eigen_solver = bem_module._decides_on_host = host  # type: ignore[assignment]
             bem[path] = phase_counts(models["bem"], True, size)
-        finally:
-            bem_module._uses_eigen_solver = real
-    merged = phase_counts(models["bem_merged"], True, size, train=False)
+        merged = phase_counts(models["bem_merged"], True, size, train=False)
+    finally:
+        bem_module._uses_eigen_solver, bem_module._decides_on_host = real
     print(
         f"Llama tiny width, {args.layers} layers (bf16, {sites} BEM sites, K=4 of rank 4; "
         "LoRA r=16), ops per call:"

@@ -64,7 +64,7 @@ def hysteresis_decisions(logits: Tensor, tau: float, initial: Tensor | None = No
     batch, chunks, k = logits.shape
     if chunks == 0:
         return torch.empty(batch, 0, dtype=torch.long, device=logits.device)
-    if logits.device.type == "cpu":
+    if _decides_on_host(logits.device):
         # Tiny tensors: numpy avoids torch's thread pool, whose wake-ups cost milliseconds per
         # op when other processes share the cores (an Airflow worker running several tasks).
         init = None if initial is None else initial.numpy()
@@ -142,6 +142,12 @@ def spectral_upper_bound(
     log_bound = torch.stack(traces, -1).log() @ weights
     # float32 rounding can put the bound a few ulps under the truth; keep it an upper bound.
     return torch.exp(log_bound) * (1.0 + 1e-5)
+
+
+def _decides_on_host(device: torch.device) -> bool:
+    """Hysteresis in a numpy loop on CPU; elsewhere the sync-free scan (bench/op_count.py
+    switches it to count a GPU's ops on CPU)."""
+    return device.type == "cpu"
 
 
 def _uses_eigen_solver(device: torch.device) -> bool:
