@@ -372,8 +372,16 @@ class RoutingStats:
         self.reset()
 
     def reset(self) -> None:
+        # (decisions or None, lengths, prev, gates, temperature, tau): see add
         self._pending: list[
-            tuple[Tensor, list[int] | None, Tensor | None, Tensor | None, float | None]
+            tuple[
+                Tensor | None,
+                list[int] | None,
+                Tensor | None,
+                Tensor | None,
+                float | None,
+                float | None,
+            ]
         ] = []
         self.flips = 0
         self.transitions = 0
@@ -383,15 +391,21 @@ class RoutingStats:
 
     def add(
         self,
-        decisions: Tensor,
+        decisions: Tensor | None,
         lengths: list[int] | None = None,
         prev: Tensor | None = None,
         gates: Tensor | None = None,
         temperature: float | None = None,
+        tau: float | None = None,
     ) -> None:
         """decisions [B, C]: hard expert per routing unit; lengths: tokens per unit (None: 1);
         prev [B]: the unit before this call's first one (streaming); gates [.., K]: the gate
-        distribution of every new decision, as logits when ``temperature`` is given."""
+        distribution of every new decision, as logits when ``temperature`` is given.
+        ``decisions`` None: decided here from the logits ``gates`` [B, C, K] by the hysteresis
+        rule with ``tau`` (no ``prev``) when the statistics are read, on the host."""
+        undecided = decisions is None and (gates is None or temperature is None or tau is None)
+        if undecided or (decisions is None and prev is not None):
+            raise ValueError("undecided routing units need their logits, temperature and tau")
         if prev is None and gates is None and lengths is not None and len(lengths) == 1:
             # Decoding: every mid-chunk step records the chunk's (same) decisions tensor for
             # one more token; fold it into the previous record instead of a new one.
@@ -406,16 +420,33 @@ class RoutingStats:
             ):
                 last[1][0] += lengths[0]
                 return
-        self._pending.append((decisions, lengths, prev, gates, temperature))
+        self._pending.append((decisions, lengths, prev, gates, temperature, tau))
         if len(self._pending) >= self.fold_every:
             self._fold()
 
+    def _decide(self) -> None:
+        """Decide the pending records added without decisions: the logits of each shape and
+        tau go to the host in one copy, and the numpy hysteresis rule decides them (what the
+        forward pass's rule would have given)."""
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for i, (decisions, _, _, gates, _, tau) in enumerate(self._pending):
+            if decisions is None and gates is not None:
+                groups.setdefault((tuple(gates.shape), tau), []).append(i)
+        for (shape, tau), idx in groups.items():
+            logits = _host_array([cast(Tensor, self._pending[i][3]) for i in idx], stack=True)
+            decided = _hysteresis_numpy(logits.reshape(-1, *shape[-2:]), cast(float, tau), None)
+            decided = decided.reshape(len(idx), *shape[:-1])
+            for j, i in enumerate(idx):
+                self._pending[i] = (torch.from_numpy(decided[j]), *self._pending[i][1:])
+
     def _fold(self) -> None:
+        self._decide()
         pending, self._pending = self._pending, []
         k = self.num_experts
         groups: dict[tuple[Any, ...], list[tuple[Tensor, Tensor | None]]] = {}
         dists: dict[float | None, list[Tensor]] = {}
-        for decisions, lengths, prev, gates, temperature in pending:
+        for decisions, lengths, prev, gates, temperature, _ in pending:
+            assert decisions is not None  # _decide decided them
             key = (tuple(decisions.shape), tuple(lengths or ()), prev is None, decisions.device)
             groups.setdefault(key, []).append((decisions, prev))
             if gates is not None:
@@ -885,8 +916,9 @@ class BEMLayer(nn.Module):
 
     def _token_weights(self, x: Tensor, rows: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Column weights per routing unit [B, U, R] (U = 1: every token; U * chunk == T:
-        one row per whole chunk; else one row per token) and, under hard controller routing,
-        the expert of each unit [B, U] (None for external gates). ``rows``: the router's
+        one row per whole chunk; else one row per token) and, under controller routing, the
+        expert of each unit [B, U] (None for external gates, and for soft routing in training
+        on an accelerator, where the statistics decide them). ``rows``: the router's
         input rows (every chunk's first token), when already taken from x."""
         batch, length, _ = x.shape
         pos0 = self._stream_pos if self.streaming else 0
@@ -925,7 +957,7 @@ class BEMLayer(nn.Module):
 
     def _controller_weights(
         self, x: Tensor, pos0: int, rows: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor | None]:
         batch, length, _ = x.shape
         n = self.chunk_size
         carry = pos0 % n != 0
@@ -945,31 +977,40 @@ class BEMLayer(nn.Module):
             u = torch.rand_like(logits).clamp_(1e-9, 1.0 - 1e-9)
             logits = logits - torch.log(-torch.log(u))
         prev = prev_dec[:, 0] if self.streaming and prev_dec is not None else None
-        decisions = hysteresis_decisions(logits.detach(), self.tau, prev)
-        if not self.training:
-            w_new = self.expert_weights()[decisions]
-        else:
+        stats_logits, temp = logits.detach(), self.temperature
+        decisions: Tensor | None = None
+        if self.training and self.routing == "soft":
+            # The hard decisions only feed the statistics here. On an accelerator they are
+            # left to the statistics, which decide them on the host when read, sparing the
+            # device the scan (about 20 small kernels per site and step for 64 chunks);
+            # last_decisions is None then.
+            if self.streaming or _decides_on_host(logits.device):
+                decisions = hysteresis_decisions(stats_logits, self.tau, prev)
             soft = torch.softmax(logits / self.temperature, dim=-1)
-            if self.routing == "soft":
-                gates = soft
-            else:  # straight-through: hard value, soft gradient
+            w_new = self.column_weights(soft, row_trust=False)  # convex mix: in budget
+        else:
+            decisions = hysteresis_decisions(stats_logits, self.tau, prev)
+            if not self.training:
+                w_new = self.expert_weights()[decisions]
+            else:  # straight-through (Gumbel or not): hard value, soft gradient
+                soft = torch.softmax(logits / self.temperature, dim=-1)
                 # Not F.one_hot: it checks the ids' range, a host sync per call on a GPU.
                 hard = torch.zeros_like(soft).scatter_(-1, decisions[..., None], 1.0)
-                gates = hard + soft - soft.detach()
-            w_new = self.column_weights(gates, row_trust=False)  # convex mix: in budget
+                w_new = self.column_weights(hard + soft - soft.detach(), row_trust=False)
         lengths = [min(n, length - s) for s in range(first, length, n)]
-        stats_logits, temp = logits.detach(), self.temperature
+        all_dec: Tensor | None
         if carry:
-            assert prev_w is not None and prev_dec is not None
+            assert prev_w is not None and prev_dec is not None and decisions is not None
             w_chunks = torch.cat([prev_w.to(w_new.dtype), w_new], dim=1)
             all_dec = torch.cat([prev_dec, decisions], dim=1)
             self.routing_stats.add(all_dec, [first, *lengths], None, stats_logits, temp)
         else:
             w_chunks, all_dec = w_new, decisions
-            self.routing_stats.add(all_dec, lengths, prev, stats_logits, temp)
+            self.routing_stats.add(all_dec, lengths, prev, stats_logits, temp, self.tau)
         self.last_decisions = all_dec
         self.last_weights = w_chunks.detach()
         if self.streaming:
+            assert all_dec is not None  # decided above when streaming
             self._set_stream_state(all_dec, w_chunks.detach())
         if not carry and (length % n == 0 or length < n):
             # Whole chunks (_weighted_code broadcasts them) or one chunk's start (a decoding
@@ -977,7 +1018,7 @@ class BEMLayer(nn.Module):
             return w_chunks, all_dec
         # Chunk index of every token, relative to the chunk that holds position pos0.
         rel = (torch.arange(length, device=x.device) + pos0) // n - pos0 // n
-        return w_chunks[:, rel], all_dec[:, rel]
+        return w_chunks[:, rel], None if all_dec is None else all_dec[:, rel]
 
     def _set_stream_state(self, dec: Tensor, w: Tensor) -> None:
         """Carry the last routing unit's expert [B, U] and weights [B, U, R] to the next call."""

@@ -443,3 +443,41 @@ def test_trust_scale_closed_form_gradient_matches_autograd(
     for name, g, r in zip(("w", "U", "V"), got_grads, want_grads, strict=True):
         assert float(r.abs().max()) > 1e-3, name  # the gradient is not vacuously zero
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_soft_training_on_an_accelerator_leaves_decisions_to_the_statistics(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Soft routing in training on an accelerator: the forward pass makes no hard decisions
+    (the device scan is spared), the statistics decide them on the host when read, and they
+    come out as those the forward pass decides on CPU: whole chunks and a ragged last chunk,
+    two sequence lengths, more records than one fold, the same output and gradients."""
+    torch.manual_seed(0)
+    layers = {}
+    for on_host in (True, False):
+        torch.manual_seed(0)
+        layer = BEMLayer(nn.Linear(6, 5), num_experts=3, rank=2, chunk_size=4, tau=0.2)
+        nn.init.normal_(layer.bem_U)
+        layers[on_host] = layer.train()
+    torch.manual_seed(1)
+    inputs = [torch.randn(3, n, 6) for n in (16, 23)] * (RoutingStats.fold_every // 2 + 3)
+    outs, grads = {}, {}
+    for on_host, layer in layers.items():
+        monkeypatch.setattr(bem_module, "_decides_on_host", lambda device, h=on_host: h)
+        outs[on_host] = [layer(x) for x in inputs]
+        assert (layer.last_decisions is None) == (not on_host)
+        sum(o.square().sum() for o in outs[on_host]).backward()
+        grads[on_host] = [p.grad for p in layer.parameters() if p.requires_grad]
+    host, device = layers[True].stats(), layers[False].stats()
+    assert device == host
+    assert 0.05 < host["flip_rate"] < 0.95  # decisions that differ, so the rule matters
+    for a, b in zip(outs[True] + grads[True], outs[False] + grads[False], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_undecided_routing_units_need_their_logits() -> None:
+    stats = RoutingStats(2)
+    with pytest.raises(ValueError, match="logits, temperature and tau"):
+        stats.add(None, [4], None, torch.zeros(1, 1, 2), 1.0)  # no tau
+    with pytest.raises(ValueError, match="logits, temperature and tau"):
+        stats.add(None, [4], torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, 2), 1.0, 0.1)
