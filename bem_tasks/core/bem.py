@@ -403,9 +403,12 @@ class RoutingStats:
         distribution of every new decision, as logits when ``temperature`` is given.
         ``decisions`` None: decided here from the logits ``gates`` [B, C, K] by the hysteresis
         rule with ``tau`` (no ``prev``) when the statistics are read, on the host."""
-        undecided = decisions is None and (gates is None or temperature is None or tau is None)
-        if undecided or (decisions is None and prev is not None):
-            raise ValueError("undecided routing units need their logits, temperature and tau")
+        if decisions is None and (
+            gates is None or temperature is None or tau is None or prev is not None
+        ):
+            raise ValueError(
+                "undecided routing units need their logits, temperature and tau, and no prev"
+            )
         if prev is None and gates is None and lengths is not None and len(lengths) == 1:
             # Decoding: every mid-chunk step records the chunk's (same) decisions tensor for
             # one more token; fold it into the previous record instead of a new one.
@@ -430,8 +433,8 @@ class RoutingStats:
         forward pass's rule would have given)."""
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, (decisions, _, _, gates, _, tau) in enumerate(self._pending):
-            if decisions is None and gates is not None:
-                groups.setdefault((tuple(gates.shape), tau), []).append(i)
+            if decisions is None:  # add checked that its logits came with it
+                groups.setdefault((tuple(cast(Tensor, gates).shape), tau), []).append(i)
         for (shape, tau), idx in groups.items():
             logits = _host_array([cast(Tensor, self._pending[i][3]) for i in idx], stack=True)
             decided = _hysteresis_numpy(logits.reshape(-1, *shape[-2:]), cast(float, tau), None)

@@ -452,7 +452,6 @@ def test_soft_training_on_an_accelerator_leaves_decisions_to_the_statistics(
     (the device scan is spared), the statistics decide them on the host when read, and they
     come out as those the forward pass decides on CPU: whole chunks and a ragged last chunk,
     two sequence lengths, more records than one fold, the same output and gradients."""
-    torch.manual_seed(0)
     layers = {}
     for on_host in (True, False):
         torch.manual_seed(0)
